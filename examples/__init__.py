@@ -1,0 +1,1 @@
+"""Example saga applications."""

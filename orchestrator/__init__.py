@@ -1,0 +1,23 @@
+"""saga-orchestrator: define sagas, run them over RabbitMQ with durable state, test them fast."""
+
+from orchestrator.definition import App, RetryPolicy, Saga, Step, StepKind
+from orchestrator.engine import Decision, decide
+from orchestrator.errors import SagaError
+from orchestrator.runtime import EngineConfig, Orchestrator
+from orchestrator.state import SagaState, SagaStatus, StepStatus
+
+__all__ = [
+    "App",
+    "Decision",
+    "EngineConfig",
+    "Orchestrator",
+    "RetryPolicy",
+    "Saga",
+    "SagaError",
+    "SagaState",
+    "SagaStatus",
+    "Step",
+    "StepKind",
+    "StepStatus",
+    "decide",
+]

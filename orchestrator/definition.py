@@ -1,0 +1,453 @@
+"""The saga definition language: a saga type is an ordered list of steps.
+
+A definition reads top to bottom like its sequence diagram::
+
+    order_fulfillment = Saga(
+        "order_fulfillment",
+        data=OrderData,
+        steps=[
+            Step("reserve_inventory", service="inventory", command=ReserveInventory,
+                 result=InventoryReserved, compensation=ReleaseInventory, timeout=120),
+            Step("process_payment", service="payment", command=ProcessPayment,
+                 result=PaymentProcessed, compensation=RefundPayment, timeout=60),
+            Step("send_confirmation", service="notification", command=SendConfirmation,
+                 kind=StepKind.RETRIABLE, timeout=120),
+        ],
+    )
+
+Step kinds follow Garcia-Molina and Salem: *compensatable* steps can be undone by their
+compensation; the *pivot* is the point of no return (it cannot be undone, and once it completes
+the saga can only go forward); *retriable* steps never fail for good and are retried until they
+succeed. So a definition is ``compensatable* [pivot] retriable*``.
+
+Commands are built from the saga context (the start data plus the results of earlier steps),
+matched by field name. Every mistake that can be seen before a saga runs fails here, with a
+sentence that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from enum import StrEnum
+
+from pydantic import BaseModel
+
+from contracts.messages import Command
+from orchestrator.errors import DefinitionError
+
+MAX_TIMER = timedelta(days=30)
+"""The longest timeout, backoff or deadline: the delay ladder carries up to 30 days."""
+
+MIN_TIMEOUT = timedelta(seconds=1)
+"""Timers have one-second granularity; a shorter timeout would always fire late."""
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+Duration = timedelta | float | int
+"""A duration as a ``timedelta`` or a number of seconds."""
+
+
+def _duration(value: Duration, what: str) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DefinitionError(f"{what} must be a number of seconds or a timedelta, not {value!r}")
+    return timedelta(seconds=value)
+
+
+class StepKind(StrEnum):
+    """How a step behaves when the saga has to go back."""
+
+    COMPENSATABLE = "compensatable"
+    PIVOT = "pivot"
+    RETRIABLE = "retriable"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how often to try a step (or a compensation) again.
+
+    Backoff is exponential, ``initial_backoff * multiplier ** (attempt - 1)`` capped at
+    ``max_backoff``, minus up to ``jitter`` of itself. The jitter is derived from the saga id,
+    step and attempt, so the pure core stays deterministic while sagas still spread out.
+
+    Args:
+        max_attempts: attempts in all, the first included; ``None`` retries forever.
+        retry_on: error types (``ErrorDetail.type``) that are retried; ``None`` retries every
+            error. Business failures (``failed`` replies) are never retried.
+        retry_timeouts: whether a timed-out attempt is re-sent (with the same idempotency key)
+            instead of failing the step.
+    """
+
+    max_attempts: int | None = 3
+    initial_backoff: Duration = 1.0
+    multiplier: float = 2.0
+    max_backoff: Duration = 60.0
+    jitter: float = 0.2
+    retry_on: frozenset[str] | None = None
+    retry_timeouts: bool = False
+
+    def __post_init__(self) -> None:
+        initial = _duration(self.initial_backoff, "initial_backoff")
+        maximum = _duration(self.max_backoff, "max_backoff")
+        object.__setattr__(self, "initial_backoff", initial)
+        object.__setattr__(self, "max_backoff", maximum)
+        if self.retry_on is not None:
+            object.__setattr__(self, "retry_on", frozenset(self.retry_on))
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise DefinitionError(
+                f"max_attempts is {self.max_attempts}; it counts the first attempt, so it must "
+                "be at least 1 (or None to retry forever)"
+            )
+        if initial <= timedelta(0):
+            raise DefinitionError(f"initial_backoff must be positive, not {initial}")
+        if maximum < initial:
+            raise DefinitionError(
+                f"max_backoff ({maximum}) is shorter than initial_backoff ({initial})"
+            )
+        if maximum > MAX_TIMER:
+            raise DefinitionError(f"max_backoff ({maximum}) is longer than {MAX_TIMER.days} days")
+        if not 1.0 <= self.multiplier <= 100.0:
+            raise DefinitionError(f"multiplier is {self.multiplier}; use a value from 1 to 100")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise DefinitionError(f"jitter is {self.jitter}; it is a fraction from 0 to 1")
+
+    @classmethod
+    def forever(cls, max_backoff: Duration = 300.0) -> RetryPolicy:
+        """The policy of a retriable step: every error and timeout, without limit."""
+        return cls(max_attempts=None, max_backoff=max_backoff, retry_timeouts=True)
+
+    @property
+    def gives_up(self) -> bool:
+        """Whether some error or timeout can end the retries."""
+        return self.max_attempts is not None or self.retry_on is not None or not self.retry_timeouts
+
+    def allows_another(self, attempts_made: int) -> bool:
+        """Whether another attempt may follow ``attempts_made`` attempts."""
+        return self.max_attempts is None or attempts_made < self.max_attempts
+
+    def retries_error(self, error_type: str) -> bool:
+        """Whether an error of this type is worth another attempt."""
+        return self.retry_on is None or error_type in self.retry_on
+
+    def backoff(self, attempts_made: int, seed: str) -> timedelta:
+        """The delay before the attempt that follows ``attempts_made`` attempts."""
+        initial = _duration(self.initial_backoff, "initial_backoff")
+        cap = _duration(self.max_backoff, "max_backoff")
+        exponent = min(attempts_made - 1, 64)
+        raw = min(initial.total_seconds() * self.multiplier**exponent, cap.total_seconds())
+        digest = hashlib.sha256(f"{seed}:{attempts_made}".encode()).digest()
+        fraction = int.from_bytes(digest[:8], "big") / 2**64
+        return timedelta(seconds=max(raw * (1.0 - self.jitter * fraction), 1.0))
+
+
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=10, max_backoff=300.0, retry_timeouts=True)
+"""Compensations retry errors and timeouts ten times, backing off up to five minutes, then
+the saga is parked as ``stuck`` for an operator."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a saga.
+
+    Args:
+        service: the participant service whose queue receives the commands.
+        command: the forward command contract, built from the saga context.
+        result: the model of the ``completed`` reply's result, validated on arrival and merged
+            into the context of later steps. ``None`` keeps whatever the participant returns.
+        compensation: the command that undoes the step; required for compensatable steps.
+        kind: inferred as compensatable when a compensation is given.
+        timeout: how long one forward attempt may go unanswered.
+        retry: the forward retry policy; retriable steps default to :meth:`RetryPolicy.forever`.
+        compensation_timeout: how long one compensation attempt may go unanswered
+            (default: ``timeout``).
+        compensation_retry: the compensation retry policy.
+        compensate_on_timeout: whether a step that timed out is compensated too, because the
+            participant may have acted (default yes).
+    """
+
+    name: str
+    service: str
+    command: type[Command]
+    result: type[BaseModel] | None = None
+    compensation: type[Command] | None = None
+    kind: StepKind | None = None
+    timeout: Duration = 60.0
+    retry: RetryPolicy | None = None
+    compensation_timeout: Duration | None = None
+    compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
+    compensate_on_timeout: bool = True
+
+    def __post_init__(self) -> None:
+        where = f"step {self.name!r}"
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise DefinitionError(
+                f"step name {self.name!r} must be lower_snake_case (a-z, 0-9, _), "
+                "starting with a letter"
+            )
+        if not isinstance(self.service, str) or not _NAME.match(self.service):
+            raise DefinitionError(f"{where}: service {self.service!r} must be lower_snake_case")
+        _check_command(self.command, f"{where}: command")
+        if self.compensation is not None:
+            _check_command(self.compensation, f"{where}: compensation")
+        if self.result is not None and not (
+            isinstance(self.result, type) and issubclass(self.result, BaseModel)
+        ):
+            raise DefinitionError(f"{where}: result must be a pydantic model class")
+        kind = self.kind or self._inferred_kind()
+        object.__setattr__(self, "kind", kind)
+        if kind is StepKind.COMPENSATABLE and self.compensation is None:
+            raise DefinitionError(
+                f"{where} is compensatable but has no compensation; give it one, or declare "
+                "it kind=StepKind.PIVOT or kind=StepKind.RETRIABLE"
+            )
+        if kind is not StepKind.COMPENSATABLE and self.compensation is not None:
+            raise DefinitionError(
+                f"{where} is a {kind.value} step and cannot have a compensation: "
+                "nothing after the point of no return is undone"
+            )
+        timeout = _timer(self.timeout, f"{where}: timeout")
+        object.__setattr__(self, "timeout", timeout)
+        comp_timeout = self.compensation_timeout
+        object.__setattr__(
+            self,
+            "compensation_timeout",
+            timeout
+            if comp_timeout is None
+            else _timer(comp_timeout, f"{where}: compensation_timeout"),
+        )
+        self._settle_retry(kind, where)
+
+    def _inferred_kind(self) -> StepKind:
+        if self.compensation is None:
+            raise DefinitionError(
+                f"step {self.name!r} has no compensation; give it one, or declare it "
+                "kind=StepKind.PIVOT or kind=StepKind.RETRIABLE"
+            )
+        return StepKind.COMPENSATABLE
+
+    def _settle_retry(self, kind: StepKind, where: str) -> None:
+        if self.retry is None:
+            default = RetryPolicy.forever() if kind is StepKind.RETRIABLE else RetryPolicy()
+            object.__setattr__(self, "retry", default)
+        elif kind is StepKind.RETRIABLE and self.retry.gives_up:
+            raise DefinitionError(
+                f"{where} is retriable, so it must never give up: use RetryPolicy.forever() "
+                "(max_attempts=None, retry_on=None, retry_timeouts=True)"
+            )
+
+    @property
+    def forward_timeout(self) -> timedelta:
+        """The forward timeout as a ``timedelta``."""
+        return _duration(self.timeout, "timeout")
+
+    @property
+    def undo_timeout(self) -> timedelta:
+        """The compensation timeout as a ``timedelta``."""
+        assert self.compensation_timeout is not None  # set in __post_init__
+        return _duration(self.compensation_timeout, "compensation_timeout")
+
+    @property
+    def step_kind(self) -> StepKind:
+        """The step's kind (inferred when not given)."""
+        assert self.kind is not None  # set in __post_init__
+        return self.kind
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The forward retry policy (defaulted when not given)."""
+        assert self.retry is not None  # set in __post_init__
+        return self.retry
+
+
+def _check_command(value: object, what: str) -> None:
+    if not (isinstance(value, type) and issubclass(value, Command)):
+        raise DefinitionError(f"{what} must be a contracts.Command subclass, not {value!r}")
+
+
+def _timer(value: Duration, what: str) -> timedelta:
+    duration = _duration(value, what)
+    if duration < MIN_TIMEOUT:
+        raise DefinitionError(f"{what} is {duration.total_seconds()}s; timers need at least 1s")
+    if duration > MAX_TIMER:
+        raise DefinitionError(
+            f"{what} is {duration}; the longest supported is {MAX_TIMER.days} days"
+        )
+    return duration
+
+
+@dataclass(frozen=True)
+class Saga:
+    """A saga type: a name, the model of its start data, its steps and an optional deadline.
+
+    The deadline bounds the whole saga: when it passes before the point of no return, the saga
+    is rolled back as if an operator had aborted it.
+    """
+
+    name: str
+    steps: tuple[Step, ...] | list[Step]
+    data: type[BaseModel] | None = None
+    deadline: Duration | None = None
+    index: Mapping[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise DefinitionError(f"saga name {self.name!r} must be lower_snake_case")
+        steps = tuple(self.steps)
+        object.__setattr__(self, "steps", steps)
+        if not steps:
+            raise DefinitionError(f"saga {self.name!r} has no steps")
+        index: dict[str, int] = {}
+        for position, step in enumerate(steps):
+            if not isinstance(step, Step):
+                raise DefinitionError(f"saga {self.name!r}: step {position} is not a Step")
+            if step.name in index:
+                raise DefinitionError(f"saga {self.name!r} has two steps named {step.name!r}")
+            index[step.name] = position
+        object.__setattr__(self, "index", index)
+        self._check_order()
+        if self.deadline is not None:
+            object.__setattr__(
+                self, "deadline", _timer(self.deadline, f"saga {self.name!r}: deadline")
+            )
+        if self.data is not None and not (
+            isinstance(self.data, type) and issubclass(self.data, BaseModel)
+        ):
+            raise DefinitionError(f"saga {self.name!r}: data must be a pydantic model class")
+        self._check_inputs()
+
+    def _check_order(self) -> None:
+        point_of_no_return: Step | None = None
+        for step in self.typed_steps:
+            kind = step.step_kind
+            if point_of_no_return is not None and kind is not StepKind.RETRIABLE:
+                raise DefinitionError(
+                    f"saga {self.name!r}: step {step.name!r} is {kind.value} but comes after "
+                    f"{point_of_no_return.name!r}, the point of no return; only retriable steps "
+                    "may follow it"
+                )
+            if kind is not StepKind.COMPENSATABLE:
+                point_of_no_return = point_of_no_return or step
+
+    def _check_inputs(self) -> None:
+        """Every required command field must come from the data or an earlier step's result."""
+        if self.data is None:
+            return
+        known: set[str] = set(self.data.model_fields) | set(self.data.model_computed_fields)
+        complete = True  # False once a step without a declared result model is seen
+        for step in self.typed_steps:
+            if complete:
+                _require(step.command, known, f"saga {self.name!r}: step {step.name!r}")
+                if step.compensation is not None:
+                    _require(
+                        step.compensation,
+                        known,
+                        f"saga {self.name!r}: compensation of {step.name!r}",
+                    )
+            if step.result is None:
+                complete = False
+            else:
+                known |= set(step.result.model_fields) | set(step.result.model_computed_fields)
+
+    @property
+    def typed_steps(self) -> tuple[Step, ...]:
+        """The steps as a tuple."""
+        return tuple(self.steps)
+
+    @property
+    def deadline_delta(self) -> timedelta | None:
+        """The deadline as a ``timedelta``."""
+        return None if self.deadline is None else _duration(self.deadline, "deadline")
+
+    @property
+    def services(self) -> frozenset[str]:
+        """The participant services this saga sends commands to."""
+        return frozenset(step.service for step in self.typed_steps)
+
+    def step(self, name: str) -> Step:
+        """The step called ``name``."""
+        return self.typed_steps[self.index[name]]
+
+    def with_timeouts(self, timeouts: Mapping[str, Duration]) -> Saga:
+        """A copy with some steps' timeouts replaced (keys are step names)."""
+        unknown = sorted(set(timeouts) - set(self.index))
+        if unknown:
+            raise DefinitionError(
+                f"saga {self.name!r} has no step named {', '.join(map(repr, unknown))}; "
+                f"its steps are {', '.join(self.index)}"
+            )
+        steps = [
+            replace(step, timeout=timeouts[step.name], compensation_timeout=None)
+            if step.name in timeouts
+            else step
+            for step in self.typed_steps
+        ]
+        return replace(self, steps=tuple(steps))
+
+
+def _require(command: type[Command], known: set[str], where: str) -> None:
+    missing = sorted(
+        name
+        for name, info in command.model_fields.items()
+        if info.is_required() and name not in known
+    )
+    if missing:
+        raise DefinitionError(
+            f"{where}: {command.__name__} needs {', '.join(missing)}, which neither the saga "
+            "data nor an earlier step's result provides"
+        )
+
+
+class App:
+    """The orchestrator application: the saga types one daemon runs."""
+
+    def __init__(self, sagas: Iterable[Saga]) -> None:
+        self._sagas: dict[str, Saga] = {}
+        for saga in sagas:
+            if saga.name in self._sagas:
+                raise DefinitionError(f"two sagas are named {saga.name!r}")
+            self._sagas[saga.name] = saga
+        if not self._sagas:
+            raise DefinitionError("an App needs at least one saga")
+
+    def __getitem__(self, saga_type: str) -> Saga:
+        return self._sagas[saga_type]
+
+    def __contains__(self, saga_type: object) -> bool:
+        return saga_type in self._sagas
+
+    def __iter__(self) -> Iterator[Saga]:
+        return iter(self._sagas.values())
+
+    @property
+    def sagas(self) -> tuple[Saga, ...]:
+        """Every saga type, in declaration order."""
+        return tuple(self._sagas.values())
+
+    @property
+    def services(self) -> frozenset[str]:
+        """Every participant service any saga sends commands to."""
+        return frozenset().union(*(saga.services for saga in self._sagas.values()))
+
+    def with_step_timeouts(self, timeouts: Mapping[str, Duration]) -> App:
+        """A copy with step timeouts overridden, keyed ``"<saga_type>.<step>"``.
+
+        This is how operators tune timeouts without a code change (``SAGA_STEP_TIMEOUTS``).
+        """
+        per_saga: dict[str, dict[str, Duration]] = {}
+        for key, seconds in timeouts.items():
+            saga_type, dot, step = key.partition(".")
+            if not dot or saga_type not in self._sagas:
+                raise DefinitionError(
+                    f"step timeout key {key!r} must be '<saga_type>.<step>' with a saga type "
+                    f"among {', '.join(self._sagas)}"
+                )
+            per_saga.setdefault(saga_type, {})[step] = seconds
+        return App(
+            saga.with_timeouts(per_saga[saga.name]) if saga.name in per_saga else saga
+            for saga in self._sagas.values()
+        )

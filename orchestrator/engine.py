@@ -1,0 +1,889 @@
+"""The pure saga core: ``decide(state, event, now, saga) -> Decision``.
+
+Every rule of a saga lives here and nowhere else: which step runs next, retries and their
+backoff, timeouts, compensation in strict reverse order, late and duplicate replies, stale
+timers, the saga deadline and the operator actions. The function does no I/O, reads no clock
+and draws no random numbers (jitter is derived from the saga id), so the same inputs always
+give the same decision. The shell around it loads, decides, saves state and outbox in one
+atomic write, then publishes.
+
+Rules worth knowing before reading the code:
+
+* Only the reply to a step's latest attempt moves the saga; any other reply (an older attempt,
+  a duplicate, one that arrives after a timeout) is recorded as ``SagaLateReply`` and changes
+  nothing else.
+* Timers are wake-ups. On any wake-up the state's own due times decide what fires, so a stale
+  or duplicate timer changes nothing, and one that arrives early is re-armed.
+* A timed-out step is *in doubt*: its participant may have acted. Unless the step says
+  otherwise it is compensated with the others.
+* Compensations run one at a time, from the last step that may have acted back to the first.
+  One that keeps failing parks the saga as ``stuck``; nothing is sent until an operator acts.
+* Once the pivot completes, or a retriable step has been sent, the saga can only go forward:
+  abort is refused and the deadline no longer applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from contracts.events import EVENT_CLASSES, EventName, LifecycleEvent
+from contracts.messages import (
+    Command,
+    CommandEnvelope,
+    Direction,
+    ErrorDetail,
+    JsonObject,
+    Reply,
+    ReplyStatus,
+    TimerKind,
+    TimerMessage,
+    command_message_id,
+    idempotency_key,
+    timer_message_id,
+)
+from contracts.names import REPLIES_ROUTING_KEY
+from orchestrator.definition import Saga, Step, StepKind
+from orchestrator.errors import ActionRefused, InvalidSagaData
+from orchestrator.state import HistoryEntry, SagaState, SagaStatus, StepState, StepStatus
+
+HISTORY_LIMIT = 200
+"""Default cap on a saga's stored history; older entries after the first are dropped."""
+
+_WAKEUP_ROUNDS = 8  # a late sweep may find a retry due right after the timeout it handled
+
+
+# --- Events in -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Begin the saga: dispatch its first step."""
+
+
+@dataclass(frozen=True)
+class ReplyReceived:
+    """A participant answered a command attempt."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class Wakeup:
+    """A timer arrived (``timer`` set) or the sweep found the saga due (``timer`` is None)."""
+
+    timer: TimerMessage | None = None
+
+
+@dataclass(frozen=True)
+class OperatorRetry:
+    """Re-drive a stuck saga: send the compensation that kept failing again."""
+
+
+@dataclass(frozen=True)
+class OperatorAbort:
+    """Stop going forward and compensate now."""
+
+    reason: str = "aborted by an operator"
+
+
+@dataclass(frozen=True)
+class OperatorResolve:
+    """Mark the stuck compensation as done by hand and carry on compensating."""
+
+    note: str = "resolved by an operator"
+
+
+Event = Start | ReplyReceived | Wakeup | OperatorRetry | OperatorAbort | OperatorResolve
+"""Everything that can happen to a saga."""
+
+
+# --- Effects out -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SendCommand:
+    """Publish a command to a participant service's queue."""
+
+    service: str
+    envelope: CommandEnvelope
+
+
+@dataclass(frozen=True)
+class ScheduleTimer:
+    """Publish a delayed wake-up that arrives at ``message.due_at``."""
+
+    message: TimerMessage
+
+
+@dataclass(frozen=True)
+class PublishEvent:
+    """Publish a lifecycle event to observers."""
+
+    event: LifecycleEvent
+
+
+Effect = SendCommand | ScheduleTimer | PublishEvent
+"""Everything the shell must do after saving a decision."""
+
+
+class Outcome(StrEnum):
+    """What an event did, for logs and metrics."""
+
+    APPLIED = "applied"
+    LATE_REPLY = "late_reply"
+    STALE_TIMER = "stale_timer"
+    REARMED = "rearmed"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The result of :func:`decide`: the new state and what to publish."""
+
+    state: SagaState
+    effects: tuple[Effect, ...]
+    outcome: Outcome
+    changed: bool = field(default=True)
+
+    @property
+    def events(self) -> tuple[LifecycleEvent, ...]:
+        """The lifecycle events this decision publishes."""
+        return tuple(e.event for e in self.effects if isinstance(e, PublishEvent))
+
+    @property
+    def commands(self) -> tuple[CommandEnvelope, ...]:
+        """The commands this decision sends."""
+        return tuple(e.envelope for e in self.effects if isinstance(e, SendCommand))
+
+
+# --- Entry points ----------------------------------------------------------------------------
+
+
+def new_saga(
+    saga: Saga,
+    saga_id: str,
+    data: Mapping[str, Any],
+    now: datetime,
+    *,
+    traceparent: str | None = None,
+) -> SagaState:
+    """The state of a saga that has been accepted but not started.
+
+    Raises:
+        InvalidSagaData: ``data`` does not validate against the saga's data model.
+    """
+    if saga.data is not None:
+        try:
+            clean: JsonObject = saga.data.model_validate(dict(data)).model_dump(mode="json")
+        except ValidationError as e:
+            raise InvalidSagaData(f"data for saga type {saga.name!r} is invalid: {e}") from e
+    else:
+        clean = dict(data)
+    deadline = saga.deadline_delta
+    return SagaState(
+        saga_id=saga_id,
+        saga_type=saga.name,
+        status=SagaStatus.STARTED,
+        data=clean,
+        steps=tuple(StepState(name=step.name) for step in saga.typed_steps),
+        created_at=now,
+        updated_at=now,
+        deadline_at=now + deadline if deadline is not None else None,
+        traceparent=traceparent,
+    )
+
+
+def start_saga(
+    saga: Saga,
+    saga_id: str,
+    data: Mapping[str, Any],
+    now: datetime,
+    *,
+    traceparent: str | None = None,
+    history_limit: int = HISTORY_LIMIT,
+) -> Decision:
+    """Accept a saga and dispatch its first step (``new_saga`` then ``Start``)."""
+    state = new_saga(saga, saga_id, data, now, traceparent=traceparent)
+    return decide(state, Start(), now, saga, history_limit=history_limit)
+
+
+def decide(
+    state: SagaState,
+    event: Event,
+    now: datetime,
+    saga: Saga,
+    *,
+    history_limit: int = HISTORY_LIMIT,
+) -> Decision:
+    """Apply one event to one saga.
+
+    Raises:
+        ActionRefused: an operator action does not apply to the saga's current state.
+    """
+    change = _Change(saga, state, now)
+    match event:
+        case Start():
+            change.event(EventName.SAGA_STARTED, data=state.data)
+            change.dispatch(0, attempt=1)
+            outcome = Outcome.APPLIED
+        case ReplyReceived(reply=reply):
+            outcome = change.on_reply(reply)
+        case Wakeup(timer=timer):
+            outcome = change.on_wakeup(timer)
+        case OperatorRetry():
+            change.operator_retry()
+            outcome = Outcome.APPLIED
+        case OperatorAbort(reason=reason):
+            change.operator_abort(reason)
+            outcome = Outcome.APPLIED
+        case OperatorResolve(note=note):
+            change.operator_resolve(note)
+            outcome = Outcome.APPLIED
+    return change.decision(outcome, history_limit)
+
+
+# --- The working copy ------------------------------------------------------------------------
+
+
+class _Change:
+    """A mutable scratch copy of one saga for the duration of one ``decide`` call."""
+
+    def __init__(self, saga: Saga, state: SagaState, now: datetime) -> None:
+        self.saga = saga
+        self.original = state
+        self.now = now
+        self.status = state.status
+        self.steps = list(state.steps)
+        self.results = state.results
+        self.deadline_at = state.deadline_at
+        self.finished_at = state.finished_at
+        self.failure_reason = state.failure_reason
+        self.history = list(state.history)
+        self.effects: list[Effect] = []
+
+    # -- bookkeeping --
+
+    def decision(self, outcome: Outcome, history_limit: int) -> Decision:
+        dropped = self.original.history_dropped
+        history = self.history
+        if len(history) > history_limit:
+            excess = len(history) - history_limit
+            history = [history[0], *history[1 + excess :]]
+            dropped += excess
+        state = self.original.model_copy(
+            update={
+                "status": self.status,
+                "steps": tuple(self.steps),
+                "results": self.results,
+                "deadline_at": self.deadline_at,
+                "finished_at": self.finished_at,
+                "failure_reason": self.failure_reason,
+                "history": tuple(history),
+                "history_dropped": dropped,
+                "updated_at": self.now,
+            }
+        )
+        changed = bool(self.effects) or len(self.history) != len(self.original.history)
+        if not changed:
+            state = self.original
+        return Decision(state=state, effects=tuple(self.effects), outcome=outcome, changed=changed)
+
+    def event(
+        self,
+        name: EventName,
+        *,
+        step: str | None = None,
+        attempt: int | None = None,
+        detail: str | None = None,
+        **extra: Any,
+    ) -> None:
+        sequence = self.original.history_dropped + len(self.history)
+        self.history.append(
+            HistoryEntry(event=name, at=self.now, step=step, attempt=attempt, detail=detail)
+        )
+        cls = EVENT_CLASSES[name]
+        self.effects.append(
+            PublishEvent(
+                cls(
+                    event_id=f"{self.original.saga_id}:{sequence}",
+                    saga_id=self.original.saga_id,
+                    saga_type=self.original.saga_type,
+                    at=self.now,
+                    step=step,
+                    attempt=attempt,
+                    detail=detail,
+                    traceparent=self.original.traceparent,
+                    **extra,
+                )
+            )
+        )
+
+    def set_step(self, index: int, **updates: Any) -> StepState:
+        self.steps[index] = self.steps[index].model_copy(update=updates)
+        return self.steps[index]
+
+    def definition(self, index: int) -> Step:
+        return self.saga.typed_steps[index]
+
+    def index_of(self, name: str) -> int | None:
+        return self.saga.index.get(name)
+
+    def context(self, upto: int) -> JsonObject:
+        """Start data plus the results of the first ``upto`` steps, later ones winning."""
+        context = dict(self.original.data)
+        for step in self.saga.typed_steps[:upto]:
+            context.update(self.results.get(step.name, {}))
+        return context
+
+    def past_point_of_no_return(self) -> bool:
+        for definition, step in zip(self.saga.typed_steps, self.steps, strict=True):
+            kind = definition.step_kind
+            if kind is StepKind.PIVOT and step.status is StepStatus.COMPLETED:
+                return True
+            if kind is StepKind.RETRIABLE and step.status is not StepStatus.NOT_STARTED:
+                return True
+        return False
+
+    def running_pivot(self) -> Step | None:
+        for definition, step in zip(self.saga.typed_steps, self.steps, strict=True):
+            if definition.step_kind is StepKind.PIVOT and step.status in (
+                StepStatus.RUNNING,
+                StepStatus.RETRY_SCHEDULED,
+            ):
+                return definition
+        return None
+
+    def forward_index(self) -> int | None:
+        """The step going forward right now (running or waiting for its retry)."""
+        for index, step in enumerate(self.steps):
+            if step.status in (StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED):
+                return index
+        return None
+
+    def envelope(
+        self,
+        index: int,
+        *,
+        command: type[Command],
+        direction: Direction,
+        attempt: int,
+        upto: int,
+        timeout: timedelta,
+    ) -> CommandEnvelope:
+        name = self.definition(index).name
+        saga_id = self.original.saga_id
+        payload = command.model_validate(self.context(upto)).model_dump(mode="json")
+        return CommandEnvelope(
+            message_id=command_message_id(saga_id, name, direction, attempt),
+            saga_id=saga_id,
+            saga_type=self.original.saga_type,
+            step=name,
+            command=command.name(),
+            direction=direction,
+            attempt=attempt,
+            idempotency_key=idempotency_key(saga_id, name, direction),
+            payload=payload,
+            reply_to=REPLIES_ROUTING_KEY,
+            sent_at=self.now,
+            deadline=self.now + timeout,
+            traceparent=self.original.traceparent,
+        )
+
+    def timer(self, kind: TimerKind, step: str | None, attempt: int, due: datetime) -> None:
+        saga_id = self.original.saga_id
+        self.effects.append(
+            ScheduleTimer(
+                TimerMessage(
+                    message_id=timer_message_id(saga_id, kind, step, attempt),
+                    saga_id=saga_id,
+                    timer=kind,
+                    step=step,
+                    attempt=attempt,
+                    due_at=due,
+                    traceparent=self.original.traceparent,
+                )
+            )
+        )
+
+    # -- going forward --
+
+    def dispatch(self, index: int, attempt: int) -> None:
+        definition = self.definition(index)
+        timeout = definition.forward_timeout
+        try:
+            envelope = self.envelope(
+                index,
+                command=definition.command,
+                direction=Direction.FORWARD,
+                attempt=attempt,
+                upto=index,
+                timeout=timeout,
+            )
+        except ValidationError as e:
+            self.set_step(index, status=StepStatus.RUNNING, attempt=attempt, started_at=self.now)
+            self.fail_forward(index, ErrorDetail(type="CommandBuildError", message=_brief(e)))
+            return
+        due = self.now + timeout
+        previous = self.steps[index]
+        self.set_step(
+            index,
+            status=StepStatus.RUNNING,
+            attempt=attempt,
+            due_at=due,
+            started_at=previous.started_at or self.now,
+        )
+        self.status = SagaStatus.STARTED
+        if definition.step_kind is StepKind.RETRIABLE:
+            self.deadline_at = None  # past the point of no return: the deadline cannot apply
+        self.effects.append(SendCommand(definition.service, envelope))
+        self.timer(TimerKind.STEP_TIMEOUT, definition.name, attempt, due)
+        self.event(EventName.STEP_STARTED, step=definition.name, attempt=attempt)
+
+    def complete_forward(self, index: int, result: JsonObject) -> None:
+        definition = self.definition(index)
+        self.results = {**self.results, definition.name: result}
+        self.set_step(
+            index, status=StepStatus.COMPLETED, due_at=None, finished_at=self.now, error=None
+        )
+        self.event(
+            EventName.STEP_COMPLETED,
+            step=definition.name,
+            attempt=self.steps[index].attempt,
+            result=result,
+        )
+        if definition.step_kind is StepKind.PIVOT:
+            self.deadline_at = None
+        if index == len(self.steps) - 1:
+            self.status = SagaStatus.COMPLETED
+            self.finished_at = self.now
+            self.deadline_at = None
+            self.event(EventName.SAGA_COMPLETED)
+        else:
+            self.dispatch(index + 1, attempt=1)
+
+    def errored_forward(self, index: int, error: ErrorDetail) -> None:
+        definition = self.definition(index)
+        policy = definition.retry_policy
+        if definition.step_kind is StepKind.RETRIABLE or (
+            policy.retries_error(error.type) and policy.allows_another(self.steps[index].attempt)
+        ):
+            self.schedule_retry(index, error)
+        else:
+            self.fail_forward(index, error)
+
+    def schedule_retry(self, index: int, error: ErrorDetail) -> None:
+        definition = self.definition(index)
+        step = self.steps[index]
+        delay = definition.retry_policy.backoff(
+            step.attempt, seed=f"{self.original.saga_id}:{step.name}"
+        )
+        due = self.now + delay
+        self.set_step(index, status=StepStatus.RETRY_SCHEDULED, due_at=due, error=error)
+        self.status = SagaStatus.PENDING
+        self.timer(TimerKind.RETRY, step.name, step.attempt + 1, due)
+        self.event(
+            EventName.STEP_RETRYING,
+            step=step.name,
+            attempt=step.attempt + 1,
+            detail=f"{error.type}: {error.message}" if error.message else error.type,
+            retry_at=due,
+            error=error,
+        )
+
+    def fail_forward(self, index: int, error: ErrorDetail) -> None:
+        definition = self.definition(index)
+        if definition.step_kind is StepKind.RETRIABLE:
+            self.schedule_retry(index, error)  # a retriable step never fails for good
+            return
+        step = self.set_step(
+            index, status=StepStatus.FAILED, due_at=None, finished_at=self.now, error=error
+        )
+        self.event(
+            EventName.STEP_FAILED,
+            step=step.name,
+            attempt=step.attempt,
+            detail=f"{error.type}: {error.message}" if error.message else error.type,
+            error=error,
+        )
+        self.begin_compensation(f"step {step.name} failed ({error.type})")
+
+    def forward_timed_out(self, index: int) -> None:
+        definition = self.definition(index)
+        step = self.set_step(index, in_doubt=True)
+        timeout = definition.forward_timeout
+        self.event(
+            EventName.STEP_TIMED_OUT,
+            step=step.name,
+            attempt=step.attempt,
+            detail=f"no reply within {_seconds(timeout)}",
+        )
+        error = ErrorDetail(type="StepTimeout", message=f"no reply within {_seconds(timeout)}")
+        policy = definition.retry_policy
+        if definition.step_kind is StepKind.RETRIABLE or (
+            policy.retry_timeouts and policy.allows_another(step.attempt)
+        ):
+            self.schedule_retry(index, error)
+            return
+        self.set_step(
+            index, status=StepStatus.TIMED_OUT, due_at=None, finished_at=self.now, error=error
+        )
+        self.begin_compensation(f"step {step.name} timed out")
+
+    # -- going back --
+
+    def begin_compensation(self, reason: str) -> None:
+        self.status = SagaStatus.COMPENSATING
+        self.failure_reason = reason
+        self.next_compensation()
+
+    def needs_compensation(self, index: int) -> bool:
+        definition = self.definition(index)
+        if definition.compensation is None:
+            return False
+        step = self.steps[index]
+        if step.status is StepStatus.COMPLETED:
+            return True
+        return (
+            step.in_doubt
+            and definition.compensate_on_timeout
+            and step.status in (StepStatus.TIMED_OUT, StepStatus.FAILED)
+        )
+
+    def next_compensation(self) -> None:
+        for index in range(len(self.steps) - 1, -1, -1):
+            if self.needs_compensation(index):
+                self.dispatch_compensation(index, self.steps[index].compensation_attempt + 1)
+                return
+        self.status = SagaStatus.FAILED
+        self.finished_at = self.now
+        self.deadline_at = None
+        self.event(EventName.SAGA_FAILED, detail=self.failure_reason)
+
+    def dispatch_compensation(self, index: int, attempt: int, detail: str | None = None) -> None:
+        definition = self.definition(index)
+        assert definition.compensation is not None  # only called for steps that need it
+        timeout = definition.undo_timeout
+        try:
+            envelope = self.envelope(
+                index,
+                command=definition.compensation,
+                direction=Direction.COMPENSATION,
+                attempt=attempt,
+                upto=index + 1,  # its own result, if it completed
+                timeout=timeout,
+            )
+        except ValidationError as e:
+            self.set_step(index, status=StepStatus.COMPENSATING, compensation_attempt=attempt)
+            error = ErrorDetail(type="CommandBuildError", message=_brief(e))
+            self.compensation_failed(index, error, retryable=False)
+            return
+        due = self.now + timeout
+        self.set_step(
+            index, status=StepStatus.COMPENSATING, compensation_attempt=attempt, due_at=due
+        )
+        self.effects.append(SendCommand(definition.service, envelope))
+        self.timer(TimerKind.COMPENSATION_TIMEOUT, definition.name, attempt, due)
+        self.event(
+            EventName.COMPENSATION_STARTED, step=definition.name, attempt=attempt, detail=detail
+        )
+
+    def compensation_failed(self, index: int, error: ErrorDetail, *, retryable: bool) -> None:
+        definition = self.definition(index)
+        step = self.steps[index]
+        failures = step.compensation_failures + 1
+        policy = definition.compensation_retry
+        detail = f"{error.type}: {error.message}" if error.message else error.type
+        self.event(
+            EventName.COMPENSATION_FAILED,
+            step=step.name,
+            attempt=step.compensation_attempt,
+            detail=detail,
+            error=error,
+        )
+        if retryable and policy.allows_another(failures):
+            delay = policy.backoff(failures, seed=f"{self.original.saga_id}:{step.name}:undo")
+            due = self.now + delay
+            self.set_step(
+                index,
+                status=StepStatus.COMPENSATION_RETRY_SCHEDULED,
+                compensation_failures=failures,
+                due_at=due,
+                error=error,
+            )
+            self.timer(TimerKind.COMPENSATION_RETRY, step.name, step.compensation_attempt + 1, due)
+            return
+        self.set_step(
+            index,
+            status=StepStatus.COMPENSATION_FAILED,
+            compensation_failures=failures,
+            due_at=None,
+            error=error,
+        )
+        self.status = SagaStatus.STUCK
+        self.event(
+            EventName.SAGA_STUCK,
+            step=step.name,
+            attempt=step.compensation_attempt,
+            detail=f"compensation of {step.name} failed {failures} time(s): {detail}",
+        )
+
+    # -- replies --
+
+    def on_reply(self, reply: Reply) -> Outcome:
+        index = self.index_of(reply.step)
+        if index is None:
+            return self.late(reply, f"no step named {reply.step!r}")
+        step = self.steps[index]
+        if reply.direction is Direction.FORWARD:
+            if not (
+                self.status in (SagaStatus.STARTED, SagaStatus.PENDING)
+                and step.status is StepStatus.RUNNING
+                and reply.attempt == step.attempt
+            ):
+                return self.late(reply, f"step is {step.status.value} at attempt {step.attempt}")
+            self.on_forward_reply(index, reply)
+        else:
+            if not (
+                self.status is SagaStatus.COMPENSATING
+                and step.status is StepStatus.COMPENSATING
+                and reply.attempt == step.compensation_attempt
+            ):
+                attempt = step.compensation_attempt
+                return self.late(
+                    reply, f"step is {step.status.value} at compensation attempt {attempt}"
+                )
+            self.on_compensation_reply(index, reply)
+        return Outcome.APPLIED
+
+    def on_forward_reply(self, index: int, reply: Reply) -> None:
+        error = reply.error or ErrorDetail(
+            type="UnknownError", message="the reply gave no error detail"
+        )
+        if reply.status is ReplyStatus.COMPLETED:
+            result_model = self.definition(index).result
+            try:
+                result = _clean_result(result_model, reply.result)
+            except ValidationError as e:
+                self.errored_forward(index, ErrorDetail(type="InvalidResult", message=_brief(e)))
+                return
+            self.complete_forward(index, result)
+        elif reply.status is ReplyStatus.FAILED:
+            self.fail_forward(index, error)
+        else:
+            self.errored_forward(index, error)
+
+    def on_compensation_reply(self, index: int, reply: Reply) -> None:
+        step = self.steps[index]
+        if reply.status is ReplyStatus.COMPLETED:
+            self.set_step(
+                index, status=StepStatus.COMPENSATED, due_at=None, finished_at=self.now, error=None
+            )
+            self.event(
+                EventName.COMPENSATION_COMPLETED, step=step.name, attempt=step.compensation_attempt
+            )
+            self.next_compensation()
+            return
+        error = reply.error or ErrorDetail(
+            type="UnknownError", message="the reply gave no error detail"
+        )
+        policy = self.definition(index).compensation_retry
+        retryable = reply.status is ReplyStatus.ERROR and policy.retries_error(error.type)
+        self.compensation_failed(index, error, retryable=retryable)
+
+    def late(self, reply: Reply, why: str) -> Outcome:
+        self.event(
+            EventName.LATE_REPLY,
+            step=reply.step,
+            attempt=reply.attempt,
+            detail=f"{reply.direction.value} reply {reply.status.value} ignored: {why}",
+            status=reply.status,
+        )
+        return Outcome.LATE_REPLY
+
+    # -- timers --
+
+    def on_wakeup(self, timer: TimerMessage | None) -> Outcome:
+        fired = False
+        for _ in range(_WAKEUP_ROUNDS):
+            action = self.due_action()
+            if action is None:
+                break
+            action()
+            fired = True
+        if fired:
+            return Outcome.APPLIED
+        if timer is not None:
+            due = self.pending_due(timer)
+            if due is not None and due > self.now:
+                self.timer(timer.timer, timer.step, timer.attempt, due)
+                return Outcome.REARMED
+        return Outcome.STALE_TIMER
+
+    def due_action(self) -> Callable[[], None] | None:
+        if not self.status.is_active:
+            return None
+        if (
+            self.deadline_at is not None
+            and self.deadline_at <= self.now
+            and self.status in (SagaStatus.STARTED, SagaStatus.PENDING)
+        ):
+            return self.deadline_passed
+        for index, step in enumerate(self.steps):
+            if step.due_at is not None and step.due_at <= self.now:
+                return self.step_due(index, step)
+        return None
+
+    def step_due(self, index: int, step: StepState) -> Callable[[], None] | None:
+        """What firing a step's due time means in its current status."""
+        if step.status is StepStatus.RUNNING:
+            return partial(self.forward_timed_out, index)
+        if step.status is StepStatus.RETRY_SCHEDULED:
+            return partial(self.dispatch, index, step.attempt + 1)
+        if step.status is StepStatus.COMPENSATING:
+            return partial(self.compensation_timed_out, index)
+        if step.status is StepStatus.COMPENSATION_RETRY_SCHEDULED:
+            return partial(self.dispatch_compensation, index, step.compensation_attempt + 1)
+        return None
+
+    def compensation_timed_out(self, index: int) -> None:
+        definition = self.definition(index)
+        error = ErrorDetail(
+            type="CompensationTimeout",
+            message=f"no reply within {_seconds(definition.undo_timeout)}",
+        )
+        self.compensation_failed(
+            index, error, retryable=definition.compensation_retry.retry_timeouts
+        )
+
+    def pending_due(self, timer: TimerMessage) -> datetime | None:
+        """The due time of the target ``timer`` names, if the saga still waits for it."""
+        if timer.timer is TimerKind.SAGA_DEADLINE:
+            waiting = self.status in (SagaStatus.STARTED, SagaStatus.PENDING)
+            return self.deadline_at if waiting else None
+        index = self.index_of(timer.step or "")
+        if index is None:
+            return None
+        step = self.steps[index]
+        expected = {
+            TimerKind.STEP_TIMEOUT: (StepStatus.RUNNING, step.attempt),
+            TimerKind.RETRY: (StepStatus.RETRY_SCHEDULED, step.attempt + 1),
+            TimerKind.COMPENSATION_TIMEOUT: (StepStatus.COMPENSATING, step.compensation_attempt),
+            TimerKind.COMPENSATION_RETRY: (
+                StepStatus.COMPENSATION_RETRY_SCHEDULED,
+                step.compensation_attempt + 1,
+            ),
+        }[timer.timer]
+        return step.due_at if (step.status, timer.attempt) == expected else None
+
+    def deadline_passed(self) -> None:
+        deadline = self.saga.deadline_delta
+        reason = f"the saga deadline ({_seconds(deadline) if deadline else '?'}) passed"
+        if self.past_point_of_no_return() or self.running_pivot() is not None:
+            self.deadline_at = None  # the pivot decides now: its own timeout still applies
+            return
+        self.deadline_at = None
+        self.abort(reason)
+
+    # -- operator actions --
+
+    def abort(self, reason: str) -> None:
+        index = self.forward_index()
+        if index is not None:
+            step = self.steps[index]
+            in_doubt = step.in_doubt or step.status is StepStatus.RUNNING
+            error = ErrorDetail(type="Aborted", message=reason)
+            self.set_step(
+                index,
+                status=StepStatus.FAILED,
+                due_at=None,
+                finished_at=self.now,
+                error=error,
+                in_doubt=in_doubt,
+            )
+            self.event(
+                EventName.STEP_FAILED,
+                step=step.name,
+                attempt=step.attempt,
+                detail=reason,
+                error=error,
+            )
+        self.begin_compensation(reason)
+
+    def operator_abort(self, reason: str) -> None:
+        saga_id = self.original.saga_id
+        if self.status.is_terminal:
+            raise ActionRefused(
+                f"saga {saga_id} is already {self.status.value}; there is nothing to abort"
+            )
+        if self.status in (SagaStatus.COMPENSATING, SagaStatus.STUCK):
+            raise ActionRefused(
+                f"saga {saga_id} is already {self.status.value}; "
+                "use retry or resolve on a stuck saga"
+            )
+        if self.past_point_of_no_return():
+            raise ActionRefused(
+                f"saga {saga_id} is past its point of no return and can only go forward"
+            )
+        pivot = self.running_pivot()
+        if pivot is not None:
+            raise ActionRefused(
+                f"saga {saga_id} is waiting on its pivot step {pivot.name!r}, which cannot be "
+                "undone; abort again once it has answered"
+            )
+        self.abort(reason)
+
+    def stuck_index(self, action: str) -> int:
+        if self.status is not SagaStatus.STUCK:
+            raise ActionRefused(
+                f"saga {self.original.saga_id} is {self.status.value}; "
+                f"only a stuck saga can be {action}"
+            )
+        for index, step in enumerate(self.steps):
+            if step.status is StepStatus.COMPENSATION_FAILED:
+                return index
+        raise ActionRefused(f"saga {self.original.saga_id} is stuck but no compensation has failed")
+
+    def operator_retry(self) -> None:
+        index = self.stuck_index("retried")
+        self.set_step(index, compensation_failures=0, error=None)
+        self.status = SagaStatus.COMPENSATING
+        self.dispatch_compensation(
+            index, self.steps[index].compensation_attempt + 1, detail="retried by an operator"
+        )
+
+    def operator_resolve(self, note: str) -> None:
+        index = self.stuck_index("resolved")
+        step = self.set_step(
+            index, status=StepStatus.COMPENSATED, due_at=None, finished_at=self.now
+        )
+        self.status = SagaStatus.COMPENSATING
+        self.event(
+            EventName.COMPENSATION_COMPLETED,
+            step=step.name,
+            attempt=step.compensation_attempt,
+            detail=note,
+        )
+        self.next_compensation()
+
+
+def _clean_result(model: type[BaseModel] | None, result: JsonObject | None) -> JsonObject:
+    if model is None:
+        return dict(result or {})
+    return model.model_validate(result or {}).model_dump(mode="json")
+
+
+def _brief(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
+    )
+
+
+def _seconds(delta: timedelta) -> str:
+    seconds = delta.total_seconds()
+    return f"{seconds:g}s"

@@ -1,0 +1,244 @@
+"""Prometheus metrics: saga-level, built on a registry that is passed in.
+
+Labels are a small fixed set (``saga_type``, ``step``, ``outcome``, ``status``, ``queue``,
+``reason``); a saga id is never a label. Recording a metric must never change how a message
+is settled, so every observation here is plain arithmetic on values already at hand.
+
+Families (all prefixed ``saga_``):
+
+============================================  ==========================================
+``saga_started_total``                        sagas started, by type
+``saga_completed_total``                      sagas completed, by type
+``saga_failed_total``                         sagas rolled back, by type
+``saga_stuck_total``                          sagas parked as stuck, by type
+``saga_step_outcomes_total``                  step attempts by outcome (completed, failed,
+                                              error, timed_out)
+``saga_step_retries_total``                   step retries scheduled
+``saga_compensations_total``                  compensation attempts by outcome (completed,
+                                              failed)
+``saga_late_replies_total``                   replies that arrived too late to count
+``saga_stale_timers_total``                   timers that found nothing to do
+``saga_step_duration_seconds``                first send to completion of a step
+``saga_duration_seconds``                     start to end of a saga, by final status
+``saga_in_flight``                            sagas per type and status, read from the store
+``saga_outbox_backlog``                       unpublished outbox messages
+``saga_outbox_oldest_age_seconds``            age of the oldest unpublished message
+``saga_timer_lateness_seconds``               how long after its due time a timer fired
+``saga_timers_fired_total``                   timer firings by source (broker, sweeper)
+``saga_dead_lettered_total``                  messages parked, by queue and reason
+``saga_publish_failures_total``               publishes not confirmed, by reason
+``saga_version_conflicts_total``              transitions that lost the version race
+``saga_messages_total``                       messages handled, by queue and outcome
+``saga_consumers_ready``                      1 while every consumer is registered
+============================================  ==========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from contracts.events import EventName, LifecycleEvent
+from orchestrator.state import SagaState, SagaStatus
+
+_STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+_SAGA_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 4 * 3600, 86400)
+_LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+
+_STEP_OUTCOMES = {
+    EventName.STEP_COMPLETED: "completed",
+    EventName.STEP_FAILED: "failed",
+    EventName.STEP_TIMED_OUT: "timed_out",
+}
+_COMPENSATION_OUTCOMES = {
+    EventName.COMPENSATION_COMPLETED: "completed",
+    EventName.COMPENSATION_FAILED: "failed",
+}
+_SAGA_COUNTERS = {
+    EventName.SAGA_STARTED: "started",
+    EventName.SAGA_COMPLETED: "completed",
+    EventName.SAGA_FAILED: "failed",
+    EventName.SAGA_STUCK: "stuck",
+    EventName.LATE_REPLY: "late_replies",
+}
+
+
+class Metrics:
+    """Every metric the orchestrator exports, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.started = Counter(
+            "saga_started_total", "Sagas started.", ["saga_type"], registry=registry
+        )
+        self.completed = Counter(
+            "saga_completed_total",
+            "Sagas whose steps all completed.",
+            ["saga_type"],
+            registry=registry,
+        )
+        self.failed = Counter(
+            "saga_failed_total",
+            "Sagas rolled back by compensation.",
+            ["saga_type"],
+            registry=registry,
+        )
+        self.stuck = Counter(
+            "saga_stuck_total",
+            "Sagas parked because a compensation kept failing.",
+            ["saga_type"],
+            registry=registry,
+        )
+        self.step_outcomes = Counter(
+            "saga_step_outcomes_total",
+            "Step attempts by outcome: completed, failed, error, timed_out.",
+            ["saga_type", "step", "outcome"],
+            registry=registry,
+        )
+        self.step_retries = Counter(
+            "saga_step_retries_total",
+            "Step retries scheduled.",
+            ["saga_type", "step"],
+            registry=registry,
+        )
+        self.compensations = Counter(
+            "saga_compensations_total",
+            "Compensation attempts by outcome: completed, failed.",
+            ["saga_type", "step", "outcome"],
+            registry=registry,
+        )
+        self.late_replies = Counter(
+            "saga_late_replies_total",
+            "Replies for an attempt the saga no longer waited for.",
+            ["saga_type"],
+            registry=registry,
+        )
+        self.stale_timers = Counter(
+            "saga_stale_timers_total", "Timers that found nothing due.", registry=registry
+        )
+        self.step_duration = Histogram(
+            "saga_step_duration_seconds",
+            "Time from a step's first command to its completion.",
+            ["saga_type", "step"],
+            buckets=_STEP_BUCKETS,
+            registry=registry,
+        )
+        self.saga_duration = Histogram(
+            "saga_duration_seconds",
+            "Time from start to the end of a saga, by final status.",
+            ["saga_type", "status"],
+            buckets=_SAGA_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "saga_in_flight",
+            "Sagas per type and status, as counted in the store.",
+            ["saga_type", "status"],
+            registry=registry,
+        )
+        self.outbox_backlog = Gauge(
+            "saga_outbox_backlog",
+            "Outbox messages not yet confirmed as published.",
+            registry=registry,
+        )
+        self.outbox_oldest_age = Gauge(
+            "saga_outbox_oldest_age_seconds",
+            "Age of the oldest unpublished outbox message (0 when empty).",
+            registry=registry,
+        )
+        self.timer_lateness = Histogram(
+            "saga_timer_lateness_seconds",
+            "How long after its due time a timer was handled.",
+            ["source"],
+            buckets=_LATENESS_BUCKETS,
+            registry=registry,
+        )
+        self.timers_fired = Counter(
+            "saga_timers_fired_total",
+            "Wake-ups that fired something, by source: broker, sweeper.",
+            ["source"],
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "saga_dead_lettered_total",
+            "Messages parked in the dead-letter queue.",
+            ["queue", "reason"],
+            registry=registry,
+        )
+        self.publish_failures = Counter(
+            "saga_publish_failures_total",
+            "Publishes the broker did not confirm: returned, nacked, timeout, connection.",
+            ["reason"],
+            registry=registry,
+        )
+        self.version_conflicts = Counter(
+            "saga_version_conflicts_total",
+            "Transitions that lost the version race and were decided again.",
+            registry=registry,
+        )
+        self.messages = Counter(
+            "saga_messages_total",
+            "Messages handled, by queue and outcome.",
+            ["queue", "outcome"],
+            registry=registry,
+        )
+        self.consumers_ready = Gauge(
+            "saga_consumers_ready",
+            "1 while every consumer is registered with the broker.",
+            registry=registry,
+        )
+
+    def observe_events(
+        self, events: tuple[LifecycleEvent, ...], state: SagaState, now: datetime
+    ) -> None:
+        """Count what one decision did, from its lifecycle events and the state it produced."""
+        saga_type = state.saga_type
+        for event in events:
+            self._observe(event, saga_type, state, now)
+
+    def _observe(
+        self, event: LifecycleEvent, saga_type: str, state: SagaState, now: datetime
+    ) -> None:
+        step = event.step or ""
+        name = event.event
+        if name in _STEP_OUTCOMES:
+            self.step_outcomes.labels(saga_type, step, _STEP_OUTCOMES[name]).inc()
+        if name in _COMPENSATION_OUTCOMES:
+            self.compensations.labels(saga_type, step, _COMPENSATION_OUTCOMES[name]).inc()
+        if name in _SAGA_COUNTERS:
+            getattr(self, _SAGA_COUNTERS[name]).labels(saga_type).inc()
+        if name is EventName.STEP_COMPLETED:
+            started = state.step(step).started_at
+            if started is not None:
+                seconds = (now - started).total_seconds()
+                self.step_duration.labels(saga_type, step).observe(seconds)
+        elif name is EventName.STEP_RETRYING:
+            self.step_retries.labels(saga_type, step).inc()
+            if event.detail is None or not event.detail.startswith("StepTimeout"):
+                self.step_outcomes.labels(saga_type, step, "error").inc()
+        elif name in (EventName.SAGA_COMPLETED, EventName.SAGA_FAILED):
+            status = "completed" if name is EventName.SAGA_COMPLETED else "failed"
+            seconds = (now - state.created_at).total_seconds()
+            self.saga_duration.labels(saga_type, status).observe(seconds)
+
+    def set_in_flight(
+        self, counts: Mapping[tuple[str, str], int], saga_types: tuple[str, ...]
+    ) -> None:
+        """Replace the in-flight gauge with counts read from the store.
+
+        Every known type and status gets a value (zero included), so that alerts such as
+        ``saga_in_flight{status="stuck"} > 0`` resolve when the last stuck saga is handled.
+        """
+        types = set(saga_types) | {saga_type for saga_type, _ in counts}
+        for saga_type in types:
+            for status in SagaStatus:
+                self.in_flight.labels(saga_type, status.value).set(
+                    counts.get((saga_type, status.value), 0)
+                )
+
+    def set_outbox(self, size: int, oldest: datetime | None, now: datetime) -> None:
+        """Record the outbox backlog read from the store."""
+        self.outbox_backlog.set(size)
+        self.outbox_oldest_age.set(max((now - oldest).total_seconds(), 0.0) if oldest else 0.0)

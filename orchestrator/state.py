@@ -1,0 +1,174 @@
+"""The state of one saga: what the pure core reads and writes, and what the stores persist.
+
+Saga statuses (the values are what the stores hold):
+
+``started``
+    Going forward, a step command is out and the saga waits for its participant.
+``pending``
+    Going forward, but waiting on itself: a failed attempt's retry is scheduled and no command
+    is out. A saga long in ``pending`` is backing off, not blocked on a service.
+``compensating``
+    Undoing completed steps, one at a time, in strict reverse order.
+``completed``
+    Every step completed. Terminal.
+``failed``
+    Rolled back: every step that completed (or may have acted) was compensated. Terminal.
+``stuck``
+    A compensation kept failing and the saga is parked until an operator retries, resolves or
+    inspects it. Nothing is sent while stuck.
+
+Step statuses: ``not_started``, ``running`` (a command attempt is out), ``retry_scheduled``,
+``completed``, ``failed``, ``timed_out`` (gave up waiting; the participant may have acted),
+``compensating``, ``compensation_retry_scheduled``, ``compensated``, ``compensation_failed``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.events import EventName
+from contracts.messages import ErrorDetail, JsonObject
+
+
+class SagaStatus(StrEnum):
+    """Where a saga is in its life; see the module docstring."""
+
+    STARTED = "started"
+    PENDING = "pending"
+    COMPENSATING = "compensating"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STUCK = "stuck"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Completed or failed: nothing will ever happen to the saga again."""
+        return self in (SagaStatus.COMPLETED, SagaStatus.FAILED)
+
+    @property
+    def is_active(self) -> bool:
+        """Started, pending or compensating: the saga has work or a timer outstanding."""
+        return self in (SagaStatus.STARTED, SagaStatus.PENDING, SagaStatus.COMPENSATING)
+
+
+class StepStatus(StrEnum):
+    """Where one step is; see the module docstring."""
+
+    NOT_STARTED = "not_started"
+    RUNNING = "running"
+    RETRY_SCHEDULED = "retry_scheduled"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    COMPENSATING = "compensating"
+    COMPENSATION_RETRY_SCHEDULED = "compensation_retry_scheduled"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+
+
+class StepState(BaseModel):
+    """One step of one saga.
+
+    ``attempt`` and ``compensation_attempt`` count attempts sent and fence replies and timers:
+    only the reply to the latest attempt moves the saga. ``in_doubt`` is set once any attempt
+    timed out, because the participant may have acted even if a later attempt errored.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    status: StepStatus = StepStatus.NOT_STARTED
+    attempt: int = 0
+    compensation_attempt: int = 0
+    compensation_failures: int = 0
+    due_at: datetime | None = None
+    in_doubt: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: ErrorDetail | None = None
+
+
+class HistoryEntry(BaseModel):
+    """One line of a saga's timeline, named as the lifecycle event it was published as."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event: EventName
+    at: datetime
+    step: str | None = None
+    attempt: int | None = None
+    detail: str | None = None
+
+
+class SagaState(BaseModel):
+    """Everything the pure core knows about one saga.
+
+    ``results`` holds each completed step's result; with ``data`` it forms the context that
+    later commands and compensations are built from. ``history`` is bounded: when it would
+    grow past its cap, the oldest entries after the first are dropped and counted in
+    ``history_dropped``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    saga_id: str
+    saga_type: str
+    status: SagaStatus
+    data: JsonObject
+    steps: tuple[StepState, ...]
+    results: dict[str, JsonObject] = Field(default_factory=dict)
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    deadline_at: datetime | None = None
+    failure_reason: str | None = None
+    history: tuple[HistoryEntry, ...] = ()
+    history_dropped: int = 0
+    traceparent: str | None = None
+
+    def step(self, name: str) -> StepState:
+        """The state of the step called ``name``."""
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    @property
+    def next_due_at(self) -> datetime | None:
+        """The earliest instant at which something is due (a timeout, a retry, the deadline).
+
+        This is the truth that timers only hint at: the sweep fires every saga whose
+        ``next_due_at`` has passed. ``None`` when nothing is due (terminal, stuck).
+        """
+        if not self.status.is_active:
+            return None
+        candidates = [step.due_at for step in self.steps if step.due_at is not None]
+        if self.deadline_at is not None and self.status is not SagaStatus.COMPENSATING:
+            candidates.append(self.deadline_at)
+        return min(candidates, default=None)
+
+    def summary(self, *, with_history: bool = True) -> dict[str, Any]:
+        """The JSON shape used by ``saga demo --json``, ``saga show --json`` and ``saga ls``."""
+        out: dict[str, Any] = {
+            "saga_id": self.saga_id,
+            "saga_type": self.saga_type,
+            "status": self.status.value,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "failure_reason": self.failure_reason,
+            "steps": [
+                {"name": step.name, "status": step.status.value, "attempts": step.attempt}
+                for step in self.steps
+            ],
+        }
+        if with_history:
+            out["history"] = [
+                entry.model_dump(mode="json", exclude_none=True) for entry in self.history
+            ]
+            out["history_dropped"] = self.history_dropped
+        return out

@@ -1,0 +1,118 @@
+"""The in-memory saga store: the harness, the demo and the store contract's reference."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import Collection, Sequence
+from datetime import datetime, timedelta
+
+from orchestrator.state import SagaState
+from orchestrator.store import DEFAULT_RETENTION, SagaFilter, SagaRecord
+
+
+class MemoryStore:
+    """Keeps saga records in a dict; every method is atomic because none awaits mid-update."""
+
+    def __init__(self, retention: timedelta = DEFAULT_RETENTION) -> None:
+        self.retention = retention
+        self._records: dict[str, SagaRecord] = {}
+
+    async def setup(self) -> None:
+        """Nothing to create."""
+
+    async def create(self, record: SagaRecord) -> bool:
+        """Insert unless the id exists."""
+        if record.saga_id in self._records:
+            return False
+        self._records[record.saga_id] = record
+        return True
+
+    async def load(self, saga_id: str) -> SagaRecord | None:
+        """The record, after yielding once so that concurrent writers really interleave."""
+        await asyncio.sleep(0)
+        return self._records.get(saga_id)
+
+    async def save(self, record: SagaRecord, expected_version: int) -> bool:
+        """Compare-and-set on the version."""
+        if record.version != expected_version + 1:
+            raise ValueError("record.version must be expected_version + 1")
+        current = self._records.get(record.saga_id)
+        if current is None or current.version != expected_version:
+            return False
+        self._records[record.saga_id] = record
+        return True
+
+    async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
+        """Drop the entries from the outbox, keeping the version."""
+        current = self._records.get(saga_id)
+        if current is None:
+            return
+        remaining = tuple(e for e in current.outbox if e.message_id not in message_ids)
+        if len(remaining) != len(current.outbox):
+            self._records[saga_id] = SagaRecord(current.state, current.version, remaining)
+
+    async def due(self, now: datetime, limit: int) -> builtins.list[str]:
+        """Active sagas whose next due time has passed."""
+        due = [
+            (record.state.next_due_at, saga_id)
+            for saga_id, record in self._records.items()
+            if record.state.next_due_at is not None and record.state.next_due_at <= now
+        ]
+        return [saga_id for _, saga_id in sorted(due)[:limit]]
+
+    async def unpublished(self, older_than: datetime, limit: int) -> builtins.list[SagaRecord]:
+        """Records whose oldest outbox entry is at or before ``older_than``."""
+        found = [
+            record
+            for record in self._records.values()
+            if record.outbox_since is not None and record.outbox_since <= older_than
+        ]
+        found.sort(key=lambda record: record.outbox_since or older_than)
+        return found[:limit]
+
+    async def list(self, query: SagaFilter) -> Sequence[SagaState]:
+        """Matching sagas, most recently updated first."""
+        states = [
+            record.state
+            for record in self._records.values()
+            if (query.status is None or record.state.status is query.status)
+            and (query.saga_type is None or record.state.saga_type == query.saga_type)
+        ]
+        states.sort(key=lambda state: (state.updated_at, state.saga_id), reverse=True)
+        return states[: query.limit]
+
+    async def count_by_status(self) -> dict[tuple[str, str], int]:
+        """Sagas per (type, status)."""
+        counts: dict[tuple[str, str], int] = {}
+        for record in self._records.values():
+            key = (record.state.saga_type, record.state.status.value)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    async def outbox_backlog(self) -> tuple[int, datetime | None]:
+        """Unpublished messages and the oldest one's write time."""
+        size = sum(len(record.outbox) for record in self._records.values())
+        oldest = min(
+            (r.outbox_since for r in self._records.values() if r.outbox_since is not None),
+            default=None,
+        )
+        return size, oldest
+
+    async def purge(self, now: datetime) -> int:
+        """Delete finished sagas past retention."""
+        expired = [
+            saga_id
+            for saga_id, record in self._records.items()
+            if (purge_at := record.purge_at(self.retention)) is not None and purge_at <= now
+        ]
+        for saga_id in expired:
+            del self._records[saga_id]
+        return len(expired)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    def states(self) -> builtins.list[SagaState]:
+        """Every stored state (for tests and the demo)."""
+        return [record.state for record in self._records.values()]

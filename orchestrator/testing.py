@@ -1,0 +1,380 @@
+"""Test a saga definition in milliseconds: the real engine on an in-memory broker and store,
+with virtual time and scripted participants.
+
+A test reads as a script::
+
+    async with SagaHarness(app) as h:
+        h.participant("payment").on("process_payment", fail("card declined"))
+        await h.start("order_fulfillment", "o-1", order)
+        assert (await h.saga("o-1")).status == "failed"
+        assert h.command_names("o-1") == [
+            "reserve_inventory", "process_payment", "release_inventory"]
+
+Each participant service of the app is scripted by default to succeed, with a placeholder
+result built from the step's result model. Script any command per attempt (the last behaviour
+repeats): ``succeed(result)``, ``fail(message)``, ``error(message)``, ``hang()``,
+``late(seconds, result)``, or ``*errors_then(2, succeed())``. ``await h.advance(minutes=16)``
+moves virtual time, firing timeouts and retries in order. Real participant services
+(:class:`participants.Participant`) can be mounted in place of a script with ``h.mount(...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from contracts import names
+from contracts.events import LifecycleEvent, lifecycle_event_adapter
+from contracts.messages import (
+    Command,
+    CommandEnvelope,
+    ErrorDetail,
+    JsonObject,
+    Reply,
+    ReplyStatus,
+)
+from orchestrator.codec import reply_message
+from orchestrator.definition import App
+from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
+from orchestrator.memory import MemoryBroker, VirtualClock
+from orchestrator.metrics import Metrics
+from orchestrator.runtime import EngineConfig, Orchestrator
+from orchestrator.state import HistoryEntry, SagaState
+from orchestrator.store import SagaStore
+from orchestrator.stores.memory import MemoryStore
+from orchestrator.transport import DeadLetter, Delivery, Disposition, Outgoing
+from participants.service import Participant
+
+__all__ = [
+    "Behaviour",
+    "MemoryBroker",
+    "SagaHarness",
+    "ScriptedParticipant",
+    "VirtualClock",
+    "error",
+    "errors_then",
+    "fail",
+    "hang",
+    "late",
+    "succeed",
+]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How a scripted participant answers one attempt of a command."""
+
+    kind: Literal["succeed", "fail", "error", "hang", "late"]
+    result: JsonObject | None = None
+    error: ErrorDetail | None = None
+    delay: float = 0.0
+
+
+def succeed(result: JsonObject | BaseModel | None = None) -> Behaviour:
+    """Reply ``completed`` (with a placeholder result built from the step's model if none)."""
+    data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+    return Behaviour("succeed", result=data)
+
+
+def fail(message: str = "refused", *, type: str = "BusinessFailure") -> Behaviour:
+    """Reply ``failed``: a business refusal."""
+    return Behaviour("fail", error=ErrorDetail(type=type, message=message))
+
+
+def error(message: str = "transient error", *, type: str = "TransientError") -> Behaviour:
+    """Reply ``error``: the step's retry policy decides."""
+    return Behaviour("error", error=ErrorDetail(type=type, message=message))
+
+
+def hang() -> Behaviour:
+    """Never reply."""
+    return Behaviour("hang")
+
+
+def late(seconds: float, result: JsonObject | BaseModel | None = None) -> Behaviour:
+    """Reply ``completed``, but only ``seconds`` later (possibly after the step timed out)."""
+    return Behaviour("late", result=succeed(result).result, delay=seconds)
+
+
+def errors_then(times: int, then: Behaviour) -> tuple[Behaviour, ...]:
+    """``times`` errors, then ``then`` (spread it: ``.on("x", *errors_then(2, succeed()))``)."""
+    return (*(error(f"transient error {n + 1} of {times}") for n in range(times)), then)
+
+
+class ScriptedParticipant:
+    """A participant service whose answers a test scripts per command and attempt."""
+
+    def __init__(self, service: str, results: dict[str, type[BaseModel] | None]) -> None:
+        self.service = service
+        self._results = results
+        self._scripts: dict[str, tuple[Behaviour, ...]] = {}
+        self._seen: dict[tuple[str, str], int] = {}
+        self.received: list[CommandEnvelope] = []
+        """Every command delivered to this service, in order."""
+
+    def on(self, command: str | type[Command], *behaviours: Behaviour) -> ScriptedParticipant:
+        """Answer ``command`` with these behaviours, one per attempt; the last one repeats."""
+        if not behaviours:
+            raise ValueError("give at least one behaviour")
+        name = command if isinstance(command, str) else command.name()
+        self._scripts[name] = behaviours
+        return self
+
+    def behaviour_for(self, envelope: CommandEnvelope) -> Behaviour:
+        """The behaviour for this delivery (counting deliveries per saga and command)."""
+        key = (envelope.saga_id, envelope.command)
+        seen = self._seen.get(key, 0)
+        self._seen[key] = seen + 1
+        script = self._scripts.get(envelope.command, (succeed(),))
+        return script[min(seen, len(script) - 1)]
+
+    def reply_for(self, envelope: CommandEnvelope, behaviour: Behaviour, now: datetime) -> Reply:
+        """The reply a behaviour gives."""
+        if behaviour.kind in ("fail", "error"):
+            status = ReplyStatus.FAILED if behaviour.kind == "fail" else ReplyStatus.ERROR
+            return _reply(envelope, status, now, error=behaviour.error)
+        result = behaviour.result
+        if result is None:
+            result = _placeholder(self._results.get(envelope.command), envelope.saga_id)
+        return _reply(envelope, ReplyStatus.COMPLETED, now, result=result)
+
+    async def on_command(
+        self, delivery: Delivery, broker: MemoryBroker
+    ) -> Disposition | DeadLetter:
+        """Receive one command and answer as scripted."""
+        envelope = CommandEnvelope.model_validate_json(delivery.body)
+        self.received.append(envelope)
+        behaviour = self.behaviour_for(envelope)
+        if behaviour.kind == "hang":
+            return Disposition.ACK
+        now = broker.clock.now()
+        message = reply_message(self.reply_for(envelope, behaviour, now), envelope.reply_to, now)
+        if behaviour.kind == "late":
+            message = message.model_copy(
+                update={
+                    "exchange": "",
+                    "routing_key": names.REPLIES_QUEUE,
+                    "deliver_at": now + timedelta(seconds=behaviour.delay),
+                }
+            )
+        await broker.publish(message)
+        return Disposition.ACK
+
+
+class SagaHarness:
+    """The orchestrator, an in-memory broker and store, a virtual clock and participants.
+
+    Args:
+        app: the saga types under test.
+        start: the virtual clock's first instant.
+        store: a store to run on instead of the in-memory one (e.g. for the contract tests).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        start: datetime | None = None,
+        config: EngineConfig | None = None,
+        metrics: Metrics | None = None,
+        store: SagaStore | None = None,
+    ) -> None:
+        self.app = app
+        self.clock = VirtualClock(start)
+        self.broker = MemoryBroker(self.clock)
+        self.store: SagaStore = store or MemoryStore()
+        self.orchestrator = Orchestrator(
+            app, self.store, self.broker, clock=self.clock, config=config, metrics=metrics
+        )
+        results: dict[str, type[BaseModel] | None] = {}
+        for saga in app.sagas:
+            for step in saga.typed_steps:
+                results[step.command.name()] = step.result
+        self._scripted = {
+            service: ScriptedParticipant(service, results) for service in app.services
+        }
+        self._mounted: dict[str, Participant] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def participant(self, service: str) -> ScriptedParticipant:
+        """The scripted participant for ``service``."""
+        if service in self._mounted:
+            raise ValueError(f"service {service!r} is a mounted Participant, not a script")
+        return self._scripted[service]
+
+    def mount(self, *participants: Participant) -> SagaHarness:
+        """Run real participant services instead of scripts (before entering the harness)."""
+        for participant in participants:
+            self._mounted[participant.service] = participant
+        return self
+
+    async def __aenter__(self) -> SagaHarness:
+        await self.store.setup()
+        await self.broker.declare(self.orchestrator.topology)
+        group = await self._stack.enter_async_context(asyncio.TaskGroup())
+        handlers = {
+            names.START_QUEUE: self.orchestrator.on_start,
+            names.REPLIES_QUEUE: self.orchestrator.on_reply,
+            names.TIMERS_QUEUE: self.orchestrator.on_timer,
+        }
+        for queue, handler in handlers.items():
+            self._tasks.append(group.create_task(self.broker.consume(queue, handler)))
+        for service in sorted(self.app.services):
+            if service in self._mounted:
+                task = self._mounted[service].run(self.broker, clock=self.clock)
+            else:
+                task = self.broker.consume(
+                    names.command_queue(service), self._script_handler(service)
+                )
+            self._tasks.append(group.create_task(task))
+        await self.settle()
+        return self
+
+    def _script_handler(self, service: str) -> Any:
+        scripted = self._scripted[service]
+
+        async def handler(delivery: Delivery) -> Disposition | DeadLetter:
+            return await scripted.on_command(delivery, self.broker)
+
+        return handler
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self._stack.aclose()
+
+    # --- driving ---
+
+    async def start(self, saga_type: str, saga_id: str, data: JsonObject | BaseModel) -> SagaState:
+        """Start a saga and let everything that follows at this instant happen."""
+        payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
+        await self.orchestrator.start(saga_type, saga_id, payload)
+        await self.settle()
+        return await self.saga(saga_id)
+
+    async def settle(self) -> None:
+        """Let every message in flight be handled (time does not move)."""
+        await self.broker.settle()
+
+    async def advance(
+        self, seconds: float = 0.0, *, minutes: float = 0.0, hours: float = 0.0
+    ) -> None:
+        """Move virtual time forward, firing timers and late replies in order."""
+        await self.broker.advance(timedelta(seconds=seconds, minutes=minutes, hours=hours))
+
+    async def sweep(self) -> int:
+        """Run the store sweep once (what the daemon does every few seconds)."""
+        fired = await self.orchestrator.sweep_once()
+        await self.settle()
+        return fired
+
+    async def retry(self, saga_id: str) -> SagaState:
+        """Operator retry of a stuck saga."""
+        state = await self.orchestrator.operate(saga_id, OperatorRetry())
+        await self.settle()
+        return state
+
+    async def abort(self, saga_id: str, reason: str = "aborted by an operator") -> SagaState:
+        """Operator abort: compensate now."""
+        state = await self.orchestrator.operate(saga_id, OperatorAbort(reason))
+        await self.settle()
+        return state
+
+    async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> SagaState:
+        """Operator resolve of a stuck compensation."""
+        state = await self.orchestrator.operate(saga_id, OperatorResolve(note))
+        await self.settle()
+        return state
+
+    # --- looking ---
+
+    async def saga(self, saga_id: str) -> SagaState:
+        """The saga's current state."""
+        record = await self.store.load(saga_id)
+        if record is None:
+            raise KeyError(f"no saga {saga_id!r}")
+        return record.state
+
+    def published(self, kind: str | None = None) -> list[Outgoing]:
+        """Every message published, optionally of one kind (command, timer, event, reply)."""
+        return [m for m in self.broker.published if kind is None or m.kind == kind]
+
+    def commands(self, saga_id: str | None = None) -> list[CommandEnvelope]:
+        """Commands sent, in order, optionally for one saga."""
+        envelopes = [CommandEnvelope.model_validate_json(m.body) for m in self.published("command")]
+        return [e for e in envelopes if saga_id is None or e.saga_id == saga_id]
+
+    def command_names(self, saga_id: str | None = None) -> list[str]:
+        """Names of the commands sent, in order."""
+        return [envelope.command for envelope in self.commands(saga_id)]
+
+    def events(self, saga_id: str | None = None) -> list[LifecycleEvent]:
+        """Lifecycle events published, in order."""
+        events = [lifecycle_event_adapter.validate_json(m.body) for m in self.published("event")]
+        return [e for e in events if saga_id is None or e.saga_id == saga_id]
+
+    async def history(self, saga_id: str) -> Sequence[HistoryEntry]:
+        """The saga's stored timeline."""
+        return (await self.saga(saga_id)).history
+
+    @property
+    def parked(self) -> list[tuple[Delivery, str]]:
+        """Dead-lettered deliveries and their reasons."""
+        return self.broker.parked
+
+
+def _reply(
+    envelope: CommandEnvelope,
+    status: ReplyStatus,
+    now: datetime,
+    *,
+    result: JsonObject | None = None,
+    error: ErrorDetail | None = None,
+) -> Reply:
+    return Reply(
+        message_id=f"reply:{envelope.message_id}",
+        in_reply_to=envelope.message_id,
+        saga_id=envelope.saga_id,
+        step=envelope.step,
+        direction=envelope.direction,
+        attempt=envelope.attempt,
+        status=status,
+        result=result,
+        error=error,
+        sent_at=now,
+    )
+
+
+def _placeholder(model: type[BaseModel] | None, saga_id: str) -> JsonObject:
+    """A result that validates against ``model``, for scripts that do not give one."""
+    if model is None:
+        return {}
+    values: JsonObject = {}
+    for name, info in model.model_fields.items():
+        if not info.is_required():
+            continue
+        values[name] = _placeholder_value(
+            info.annotation, f"{name}-{saga_id}", model.__name__, name
+        )
+    return values
+
+
+def _placeholder_value(annotation: Any, text: str, model: str, field_name: str) -> object:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    simple: dict[Any, object] = {str: text, int: 1, float: 1.0, Decimal: "1.00", bool: True}
+    if annotation in simple:
+        return simple[annotation]
+    raise ValueError(
+        f"cannot invent a value for {model}.{field_name}; script the result with succeed({{...}})"
+    )

@@ -1,0 +1,104 @@
+"""The message transport seam: what the orchestrator and participants need from a broker.
+
+Two implementations: RabbitMQ (``orchestrator.rabbitmq``) in production and the embedded
+in-memory broker (``orchestrator.memory``) for tests and the demo. Both follow RabbitMQ's
+routing rules, including raising on an unroutable mandatory publish.
+
+The ack policy lives in one place, the transport: a handler returns a :class:`Disposition`
+(or a :class:`DeadLetter` with its reason) and never acks by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.topology import Topology
+
+
+class Outgoing(BaseModel):
+    """One message to publish, exactly as it is kept in a saga's outbox.
+
+    ``deliver_at`` delays the message: the transport holds it back until that instant (never
+    earlier). Delayed messages are addressed to a queue through the default exchange.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    message_id: str
+    kind: str
+    exchange: str
+    routing_key: str
+    body: str
+    headers: dict[str, str] = {}
+    correlation_id: str | None = None
+    mandatory: bool = True
+    deliver_at: datetime | None = None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message received from a queue."""
+
+    queue: str
+    body: bytes
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    message_id: str | None = None
+    correlation_id: str | None = None
+    routing_key: str = ""
+    redelivered: bool = False
+
+
+class Disposition(StrEnum):
+    """What to do with a delivery once its handler returns."""
+
+    ACK = "ack"
+    REQUEUE = "requeue"
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Park the delivery in the dead-letter queue with ``reason`` in its headers."""
+
+    reason: str
+
+
+Handler = Callable[[Delivery], Awaitable[Disposition | DeadLetter]]
+"""Processes one delivery and says how to settle it."""
+
+
+class Transport(Protocol):
+    """Publishes and consumes messages."""
+
+    async def declare(self, topology: Topology) -> None:
+        """Declare exchanges, queues and bindings; idempotent."""
+        ...
+
+    async def publish(self, message: Outgoing) -> None:
+        """Publish one message and wait until the broker has taken responsibility for it.
+
+        Raises:
+            PublishFailed: the message was returned as unroutable, nacked, or not confirmed in
+                time. The caller keeps it in its outbox and tries again later.
+        """
+        ...
+
+    async def consume(
+        self, queue: str, handler: Handler, *, ready: asyncio.Event | None = None
+    ) -> None:
+        """Deliver messages from ``queue`` to ``handler`` until cancelled.
+
+        ``ready`` is set once the consumer is registered with the broker.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections; consumers stop."""
+        ...

@@ -1,0 +1,108 @@
+"""Participant-side idempotency: execute each step at most once, answer duplicates the same way.
+
+Every command carries an idempotency key that is the same on every attempt of a step's
+direction (``fwd:<saga>:<step>``, ``comp:<saga>:<step>``). A participant stores the outcome of
+a command under its key; a duplicate delivery or a retry after a timeout gets the stored
+outcome back without running the handler again.
+
+A compensation that arrives before its forward command (the forward one was delayed, the
+orchestrator timed out and compensated) leaves a *tombstone* under the forward key, so the late
+forward command is refused instead of acting after its own undo. Errors (transient failures)
+are never stored: the next attempt runs the handler again.
+
+Backends: :class:`MemoryIdempotency` here, ``PostgresIdempotency`` and ``MongoIdempotency`` in
+``participants.idempotency_stores``; ``open_idempotency(url)`` picks one from a URL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Protocol
+
+from contracts.messages import ErrorDetail, JsonObject
+
+DEFAULT_IDEMPOTENCY_RETENTION = timedelta(days=7)
+"""How long outcomes are kept: longer than any redelivery or manual retry horizon."""
+
+
+class OutcomeKind(StrEnum):
+    """What is stored under an idempotency key."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TOMBSTONE = "tombstone"
+
+
+@dataclass(frozen=True)
+class StoredOutcome:
+    """The remembered answer to a command (or a tombstone)."""
+
+    kind: OutcomeKind
+    result: JsonObject | None = None
+    error: ErrorDetail | None = None
+    stored_at: datetime | None = None
+
+
+class IdempotencyStore(Protocol):
+    """Remembers outcomes by idempotency key."""
+
+    async def setup(self) -> None:
+        """Create tables or indexes; idempotent."""
+        ...
+
+    async def get(self, key: str) -> StoredOutcome | None:
+        """The stored outcome for ``key``, if any."""
+        ...
+
+    async def put(self, key: str, outcome: StoredOutcome) -> StoredOutcome:
+        """Store ``outcome`` unless something is stored already; returns what is stored now."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class MemoryIdempotency:
+    """Outcomes in a dict: for tests, the demo and single-process services."""
+
+    def __init__(self) -> None:
+        self._outcomes: dict[str, StoredOutcome] = {}
+
+    async def setup(self) -> None:
+        """Nothing to create."""
+
+    async def get(self, key: str) -> StoredOutcome | None:
+        """The stored outcome."""
+        return self._outcomes.get(key)
+
+    async def put(self, key: str, outcome: StoredOutcome) -> StoredOutcome:
+        """First writer wins."""
+        return self._outcomes.setdefault(key, outcome)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def forward_key(compensation_key: str) -> str:
+    """The forward key that a compensation key undoes (``comp:s:x`` -> ``fwd:s:x``)."""
+    _, _, rest = compensation_key.partition(":")
+    return f"fwd:{rest}"
+
+
+def open_idempotency(url: str) -> IdempotencyStore:
+    """An idempotency store for ``memory://``, ``postgresql://...`` or ``mongodb://...``."""
+    from orchestrator.errors import ConfigError
+
+    if url.startswith("memory://"):
+        return MemoryIdempotency()
+    if url.startswith(("postgresql://", "postgres://", "mongodb://", "mongodb+srv://")):
+        from participants.idempotency_stores import open_durable_idempotency
+
+        store: IdempotencyStore = open_durable_idempotency(url)
+        return store
+    raise ConfigError(
+        f"idempotency store URL {url!r} is not supported; use memory://, postgresql://... or mongodb://..."
+    )
