@@ -286,12 +286,12 @@ class _Change:
                 "failure_reason": self.failure_reason,
                 "history": tuple(history),
                 "history_dropped": dropped,
-                "updated_at": self.now,
             }
         )
-        changed = bool(self.effects) or len(self.history) != len(self.original.history)
-        if not changed:
-            state = self.original
+        # Compare the state itself, not just effects and history: some transitions only
+        # clear a due time, and losing that write would make the sweep fire it forever.
+        changed = bool(self.effects) or state != self.original
+        state = state.model_copy(update={"updated_at": self.now}) if changed else self.original
         return Decision(state=state, effects=tuple(self.effects), outcome=outcome, changed=changed)
 
     def event(
