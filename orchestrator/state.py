@@ -157,9 +157,9 @@ class SagaState(BaseModel):
             "saga_id": self.saga_id,
             "saga_type": self.saga_type,
             "status": self.status.value,
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "finished_at": _iso(self.finished_at) if self.finished_at else None,
             "failure_reason": self.failure_reason,
             "steps": [
                 {"name": step.name, "status": step.status.value, "attempts": step.attempt}
@@ -172,3 +172,8 @@ class SagaState(BaseModel):
             ]
             out["history_dropped"] = self.history_dropped
         return out
+
+
+def _iso(instant: datetime) -> str:
+    """ISO 8601 as pydantic writes it (``Z`` for UTC), so every timestamp in a summary matches."""
+    return instant.isoformat().replace("+00:00", "Z")

@@ -257,7 +257,7 @@ class SagaHarness:
 
     async def start(self, saga_type: str, saga_id: str, data: JsonObject | BaseModel) -> SagaState:
         """Start a saga and let everything that follows at this instant happen."""
-        payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
+        payload = _as_data(data)
         await self.orchestrator.start(saga_type, saga_id, payload)
         await self.settle()
         return await self.saga(saga_id)
@@ -331,6 +331,13 @@ class SagaHarness:
     def parked(self) -> list[tuple[Delivery, str]]:
         """Dead-lettered deliveries and their reasons."""
         return self.broker.parked
+
+
+def _as_data(data: JsonObject | BaseModel) -> JsonObject:
+    """Start data as JSON; computed fields are left out because the saga derives them again."""
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json", round_trip=True)
+    return data
 
 
 def _reply(

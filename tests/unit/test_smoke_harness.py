@@ -16,7 +16,9 @@ ORDER = {
 
 async def test_hanging_shipment_is_compensated_in_reverse_order() -> None:
     async with SagaHarness(app).mount(inventory, payment, shipping, notification) as h:
-        await h.start("order_fulfillment", "o-1", {**ORDER, "simulate": {"create_shipment": "hang"}})
+        await h.start(
+            "order_fulfillment", "o-1", {**ORDER, "simulate": {"create_shipment": "hang"}}
+        )
         await h.advance(minutes=16)
         state = await h.saga("o-1")
         assert state.status == "failed"
