@@ -31,6 +31,11 @@ Families (all prefixed ``saga_``):
 ``saga_messages_total``                       messages handled, by queue and outcome
 ``saga_consumers_ready``                      1 while every consumer is registered
 ============================================  ==========================================
+
+Participant services export :class:`ParticipantMetrics`:
+``saga_participant_commands_total`` (by service, command and outcome),
+``saga_participant_handler_seconds``, ``saga_dead_lettered_total``,
+``saga_publish_failures_total`` and ``saga_consumers_ready``.
 """
 
 from __future__ import annotations
@@ -242,3 +247,41 @@ class Metrics:
         """Record the outbox backlog read from the store."""
         self.outbox_backlog.set(size)
         self.outbox_oldest_age.set(max((now - oldest).total_seconds(), 0.0) if oldest else 0.0)
+
+
+class ParticipantMetrics:
+    """The metrics a participant service exports (``saga participant``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.commands = Counter(
+            "saga_participant_commands_total",
+            "Commands handled, by outcome: completed, failed, error, duplicate, cancelled, "
+            "expired, no_reply.",
+            ["service", "command", "outcome"],
+            registry=registry,
+        )
+        self.handler_duration = Histogram(
+            "saga_participant_handler_seconds",
+            "Time spent in a command handler.",
+            ["service", "command"],
+            buckets=_STEP_BUCKETS,
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "saga_dead_lettered_total",
+            "Messages parked in the dead-letter queue.",
+            ["queue", "reason"],
+            registry=registry,
+        )
+        self.publish_failures = Counter(
+            "saga_publish_failures_total",
+            "Publishes the broker did not confirm: returned, nacked, timeout, connection.",
+            ["reason"],
+            registry=registry,
+        )
+        self.consumers_ready = Gauge(
+            "saga_consumers_ready",
+            "1 while every consumer is registered with the broker.",
+            registry=registry,
+        )

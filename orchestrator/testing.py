@@ -279,22 +279,22 @@ class SagaHarness:
         return fired
 
     async def retry(self, saga_id: str) -> SagaState:
-        """Operator retry of a stuck saga."""
-        state = await self.orchestrator.operate(saga_id, OperatorRetry())
+        """Operator retry of a stuck saga; the state once everything it caused has happened."""
+        await self.orchestrator.operate(saga_id, OperatorRetry())
         await self.settle()
-        return state
+        return await self.saga(saga_id)
 
     async def abort(self, saga_id: str, reason: str = "aborted by an operator") -> SagaState:
-        """Operator abort: compensate now."""
-        state = await self.orchestrator.operate(saga_id, OperatorAbort(reason))
+        """Operator abort (compensate now); the state once the compensations have run."""
+        await self.orchestrator.operate(saga_id, OperatorAbort(reason))
         await self.settle()
-        return state
+        return await self.saga(saga_id)
 
     async def resolve(self, saga_id: str, note: str = "resolved by an operator") -> SagaState:
-        """Operator resolve of a stuck compensation."""
-        state = await self.orchestrator.operate(saga_id, OperatorResolve(note))
+        """Operator resolve of a stuck compensation; the state once the rest has run."""
+        await self.orchestrator.operate(saga_id, OperatorResolve(note))
         await self.settle()
-        return state
+        return await self.saga(saga_id)
 
     # --- looking ---
 

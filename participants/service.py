@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,6 +50,7 @@ from contracts.names import command_queue
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.codec import decode, reply_message
 from orchestrator.errors import DefinitionError, MessageRejected, ParticipantError, PublishFailed
+from orchestrator.metrics import ParticipantMetrics
 from orchestrator.topology import QueuePolicy, participant_topology
 from orchestrator.transport import DeadLetter, Delivery, Disposition, Transport
 from participants.idempotency import (
@@ -103,6 +105,8 @@ class Participant:
         self.idempotency: IdempotencyStore = idempotency or MemoryIdempotency()
         self._handlers: dict[str, _Registration] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.metrics: ParticipantMetrics | None = None
+        """Set by the participant daemon; handlers run the same without it."""
 
     @property
     def commands(self) -> tuple[str, ...]:
@@ -154,6 +158,8 @@ class Participant:
             stored = await self.idempotency.get(key)
             if stored is not None:
                 log.info("command_duplicate", stored=stored.kind.value)
+                if self.metrics:
+                    self.metrics.commands.labels(self.service, envelope.command, "duplicate").inc()
                 return _from_stored(envelope, stored, now)
             if envelope.direction is Direction.COMPENSATION:
                 # If the forward command has not run here, this tombstone makes it refuse to
@@ -247,10 +253,14 @@ class Participant:
                 attempt=envelope.attempt,
                 command=envelope.command,
             )
+            started = time.perf_counter()
             reply = await self.handle(envelope, clock)
         except MessageRejected as e:
             log.warning("command_dead_lettered", reason=str(e))
+            if self.metrics:
+                self.metrics.dead_lettered.labels(delivery.queue, "malformed").inc()
             return DeadLetter(str(e))
+        self._observe(envelope.command, reply, time.perf_counter() - started)
         if reply is None:
             return Disposition.ACK
         try:
@@ -261,6 +271,15 @@ class Participant:
             return Disposition.REQUEUE
         log.info("command_handled", status=reply.status.value)
         return Disposition.ACK
+
+    def _observe(self, command: str, reply: Reply | None, seconds: float) -> None:
+        if self.metrics is None:
+            return
+        outcome = "no_reply" if reply is None else reply.status.value
+        if reply is not None and reply.error is not None:
+            outcome = _SPECIAL_OUTCOMES.get(reply.error.type, outcome)
+        self.metrics.commands.labels(self.service, command, outcome).inc()
+        self.metrics.handler_duration.labels(self.service, command).observe(seconds)
 
     async def run(
         self,
@@ -311,6 +330,8 @@ def _from_stored(envelope: CommandEnvelope, stored: StoredOutcome, now: datetime
         return _reply(envelope, ReplyStatus.FAILED, now, error=_CANCELLED)
     return _reply(envelope, ReplyStatus.FAILED, now, error=stored.error)
 
+
+_SPECIAL_OUTCOMES = {"Cancelled": "cancelled", "DeadlineExceeded": "expired"}
 
 _CANCELLED = ErrorDetail(
     type="Cancelled", message="the step was compensated before this command arrived; not executed"

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from orchestrator.logs import configure_logging
+
 AMQP_URL = os.environ.get("SAGA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 POSTGRES_URL = os.environ.get("SAGA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MONGO_URL = os.environ.get("SAGA_TEST_MONGO_URL")
@@ -33,10 +35,18 @@ def unavailable(what: str, why: str) -> NoReturn:
 def _reachable(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 2):
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 2
+        ):
             return True
     except OSError:
         return False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def quiet_logs() -> None:
+    """Only warnings and errors from structlog while tests run."""
+    configure_logging("warning", json=False)
 
 
 @pytest.fixture
