@@ -1,0 +1,126 @@
+"""Run the orchestrator daemon and participant services as real processes.
+
+``saga demo`` uses this when ``SAGA_AMQP_URL`` is set, and the end-to-end tests use it to kill
+and restart daemons mid-run. Each process gets its own free HTTP port, and :meth:`wait_ready`
+polls ``/readyz`` so nothing is sent to a process that is not consuming yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from orchestrator.errors import ConfigError
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def http_status(port: int, path: str, wait: float = 2.0) -> int | None:
+    """The status of ``GET path`` on localhost, or ``None`` if nothing answers."""
+    try:
+        async with asyncio.timeout(wait):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+            await writer.drain()
+            head = await reader.readline()
+            writer.close()
+            await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return None
+    parts = head.split()
+    return int(parts[1]) if len(parts) > 1 else None
+
+
+@dataclass
+class Daemon:
+    """One ``saga`` process: its command line, environment and HTTP port."""
+
+    name: str
+    args: tuple[str, ...]
+    env: dict[str, str]
+    port: int
+    process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start the process (its output goes to this process's stderr)."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            *self.args,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+
+    async def wait_ready(self, within: float = 30.0) -> None:
+        """Wait until ``/readyz`` answers 200; fail if the process exits first."""
+        async with asyncio.timeout(within):
+            while await http_status(self.port, "/readyz") != 200:
+                if self.process is not None and self.process.returncode is not None:
+                    raise ConfigError(f"{self.name} exited with status {self.process.returncode}")
+                await asyncio.sleep(0.1)
+
+    async def stop(self, within: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not stopped ``within`` seconds."""
+        if self.process is None or self.process.returncode is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(within):
+                return await self.process.wait()
+        except TimeoutError:
+            return await self.kill()
+
+    async def kill(self) -> int:
+        """SIGKILL: the crash the store and outbox must survive."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.kill()
+        return await self.process.wait()
+
+
+@dataclass
+class SagaProcesses:
+    """An orchestrator daemon and participant services sharing one broker and store."""
+
+    app: str
+    participants: tuple[str, ...]
+    env: Mapping[str, str]
+    daemons: dict[str, Daemon] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        base = {**os.environ, **self.env}
+        targets = [("orchestrator", self.app)]
+        targets += [(spec.rsplit(":", 1)[1], spec) for spec in self.participants]
+        for name, target in targets:
+            port = free_port()
+            command = "orchestrator" if name == "orchestrator" else "participant"
+            env = {**base, "SAGA_HTTP_HOST": "127.0.0.1", "SAGA_HTTP_PORT": str(port)}
+            self.daemons[name] = Daemon(name, (command, "--app", target), env, port)
+
+    async def start(self, within: float = 60.0) -> None:
+        """Start every process and wait until all of them consume."""
+        for daemon in self.daemons.values():
+            await daemon.start()
+        for daemon in self.daemons.values():
+            await daemon.wait_ready(within)
+
+    async def stop(self) -> None:
+        """Stop every process gracefully."""
+        await asyncio.gather(*(daemon.stop() for daemon in self.daemons.values()))
+
+    @property
+    def orchestrator(self) -> Daemon:
+        """The orchestrator daemon."""
+        return self.daemons["orchestrator"]
