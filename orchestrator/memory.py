@@ -26,7 +26,7 @@ from orchestrator.errors import PublishFailed
 from orchestrator.topology import BindingSpec, Topology
 from orchestrator.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
 
-_SETTLE_LIMIT = 200_000  # event-loop turns before settle() reports a handler blocked elsewhere
+_QUICK_TURNS = 1000  # event-loop turns before settle() starts sleeping between checks
 
 
 class VirtualClock:
@@ -78,6 +78,12 @@ class VirtualClock:
         while self._sleepers and self._sleepers[0][2].done():
             heapq.heappop(self._sleepers)
         return self._sleepers[0][0] if self._sleepers else None
+
+    def cancel_sleepers(self) -> None:
+        """Cancel every sleep in progress (shutting down: the time they wait for never comes)."""
+        for _, _, future, _ in self._sleepers:
+            future.cancel()
+        self._sleepers.clear()
 
     def set(self, instant: datetime) -> None:
         """Move the clock (never backwards) and wake every sleeper now due."""
@@ -263,16 +269,23 @@ class MemoryBroker:
         """Messages waiting in ``queue``."""
         return len(self._queues[queue].items)
 
-    async def settle(self) -> None:
-        """Wait until no message is queued or being handled (sleepers excepted)."""
-        for _ in range(_SETTLE_LIMIT):
-            if self.clock.busy <= 0:
-                return
-            await asyncio.sleep(0)
-        raise RuntimeError(
-            "the in-memory broker did not settle: a handler is waiting on something other than "
-            "the virtual clock"
-        )
+    async def settle(self, limit: float = 30.0) -> None:
+        """Wait until no message is queued or being handled (sleepers excepted).
+
+        Handlers over a real store await real I/O, so after the first quick turns of the event
+        loop this waits in small real sleeps, up to ``limit`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + limit
+        turns = 0
+        while self.clock.busy > 0:
+            turns += 1
+            await asyncio.sleep(0 if turns < _QUICK_TURNS else 0.001)
+            if loop.time() > give_up:
+                raise RuntimeError(
+                    f"the in-memory broker did not settle within {limit}s: a handler is "
+                    "waiting on something other than the virtual clock"
+                )
 
     async def advance(self, delta: timedelta) -> None:
         """Move virtual time forward by ``delta``, delivering timers and waking sleepers."""

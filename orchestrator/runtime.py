@@ -139,7 +139,7 @@ class Orchestrator:
             traceparent=traceparent,
             history_limit=self.config.history_limit,
         )
-        record = SagaRecord(decision.state, 1, self._outbox((), decision, now))
+        record = SagaRecord(decision.state, 1, self._outbox(decision, now))
         if not await self.store.create(record):
             raced = await self.store.load(saga_id)
             if raced is None:  # created and purged in between: vanishingly rare, but honest
@@ -184,9 +184,9 @@ class Orchestrator:
             if not decision.changed:
                 self._observe(decision, now)
                 return decision
-            saved = SagaRecord(
-                decision.state, record.version + 1, self._outbox(record.outbox, decision, now)
-            )
+            # The store appends these to the saga's outbox; entries of earlier decisions stay
+            # with whoever is publishing them (or the relay, if they were left behind).
+            saved = SagaRecord(decision.state, record.version + 1, self._outbox(decision, now))
             if await self.store.save(saved, record.version):
                 self._observe(decision, now)
                 await self._publish(saved)
@@ -205,11 +205,10 @@ class Orchestrator:
 
     # --- Outbox -----------------------------------------------------------------------------
 
-    def _outbox(
-        self, previous: tuple[Outgoing, ...], decision: Decision, now: datetime
-    ) -> tuple[Outgoing, ...]:
+    def _outbox(self, decision: Decision, now: datetime) -> tuple[Outgoing, ...]:
+        """The messages a decision adds to the outbox (unwanted lifecycle events left out)."""
         wanted = self.config.published_events
-        entries = {entry.message_id: entry for entry in previous}
+        entries: dict[str, Outgoing] = {}
         for effect in decision.effects:
             if (
                 isinstance(effect, PublishEvent)
@@ -221,10 +220,17 @@ class Orchestrator:
             entries[message.message_id] = message
         return tuple(entries.values())
 
-    async def _publish(self, record: SagaRecord) -> int:
-        """Publish a record's outbox in order; stop at the first failure (the relay retries)."""
+    async def _publish(
+        self, record: SagaRecord, wanted: Callable[[Outgoing], bool] = lambda _: True
+    ) -> int:
+        """Publish the ``wanted`` entries of a record's outbox, in order.
+
+        Stops at the first failure: the relay publishes the rest after the grace period.
+        """
         done: list[str] = []
         for entry in record.outbox:
+            if not wanted(entry):
+                continue
             try:
                 await self.transport.publish(entry)
             except PublishFailed as e:
@@ -359,7 +365,8 @@ class Orchestrator:
         )
         published = 0
         for record in await self.store.unpublished(older_than, self.config.sweep_batch):
-            published += await self._publish(record)
+            # Fresh entries belong to the handler that wrote them; only stale ones are ours.
+            published += await self._publish(record, lambda entry: entry.created_at <= older_than)
         if published:
             log.info("outbox_relayed", count=published)
         return published

@@ -1,9 +1,10 @@
 """The saga store seam: one contract that MongoDB, PostgreSQL and memory all implement.
 
-A saga is one record: its state, a version, and its outbox (the messages its last transitions
+A saga is one record: its state, a version, and its outbox (the messages its transitions
 decided to send and that are not yet confirmed as published). Every transition is a single
-compare-and-set on the version that writes state and outbox together, so a crash can never
-leave a state change without the messages it implies, or the reverse.
+compare-and-set on the version that replaces the state and appends its messages to the
+outbox, so a crash can never leave a state change without the messages it implies, or the
+reverse. Publishing removes messages from the outbox without changing the version.
 
 Stores also keep a few derived fields for their indexes: ``status``, ``saga_type``,
 ``next_due_at`` (the sweep), ``outbox_since`` (the relay) and ``purge_at`` (retention, set only
@@ -75,10 +76,14 @@ class SagaStore(Protocol):
         ...
 
     async def save(self, record: SagaRecord, expected_version: int) -> bool:
-        """Replace state and outbox if the stored version is ``expected_version``.
+        """Replace the state and *append* ``record.outbox`` to the stored outbox, if the stored
+        version is ``expected_version``.
 
-        ``record.version`` must be ``expected_version + 1``. ``False`` means another writer
-        got there first: reload and decide again.
+        ``record.outbox`` holds only the messages this transition adds. Appending (never
+        rewriting the outbox from what was loaded) matters: between the load and the save
+        another handler may have published and marked an older entry, and writing it back
+        would send it again. ``record.version`` must be ``expected_version + 1``. ``False``
+        means another writer got there first: reload and decide again.
         """
         ...
 

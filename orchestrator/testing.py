@@ -249,6 +249,7 @@ class SagaHarness:
         return handler
 
     async def __aexit__(self, *exc: object) -> None:
+        self.clock.cancel_sleepers()  # handlers asleep on virtual time would never wake
         for task in self._tasks:
             task.cancel()
         await self._stack.aclose()

@@ -34,13 +34,14 @@ class MemoryStore:
         return self._records.get(saga_id)
 
     async def save(self, record: SagaRecord, expected_version: int) -> bool:
-        """Compare-and-set on the version."""
+        """Compare-and-set on the version; the new messages join the stored outbox."""
         if record.version != expected_version + 1:
             raise ValueError("record.version must be expected_version + 1")
         current = self._records.get(record.saga_id)
         if current is None or current.version != expected_version:
             return False
-        self._records[record.saga_id] = record
+        outbox = current.outbox + record.outbox
+        self._records[record.saga_id] = SagaRecord(record.state, record.version, outbox)
         return True
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
