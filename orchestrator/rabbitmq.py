@@ -1,0 +1,823 @@
+"""The production transport: RabbitMQ through aio-pika.
+
+What it promises, and how:
+
+* **Connection.** One robust connection (aio-pika reconnects it and restores channels, QoS,
+  queues and consumers) with a 10 s heartbeat, so a dead peer is noticed in about 30 s instead
+  of three minutes. Start-up fails fast with one line that names the URL (password hidden): a
+  malformed URL, refused credentials or an unknown virtual host raise :class:`ConfigError`;
+  a broker that does not answer raises :class:`PublishFailed`.
+* **Publishing.** One long-lived publisher channel with publisher confirms and
+  ``on_return_raises``; a publish returns once the broker has taken responsibility for the
+  message. Messages are persistent, JSON, carry the saga id as correlation id and our
+  deterministic id in the ``saga-message-id`` header; the AMQP ``message_id`` is random per
+  attempt, because aiormq matches returns to publishes by it and two in-flight publishes with
+  one id confuse it. Every publish has a deadline. Failures raise :class:`PublishFailed` and
+  are counted by reason: ``returned`` (unroutable), ``nacked``, ``timeout`` (the channel is then
+  replaced: a confirm that never comes means a wedged channel), ``connection`` and ``channel``
+  (the broker closed the channel, e.g. a missing exchange). Headers starting with ``x-`` are
+  never sent: RabbitMQ owns that prefix, and a re-published ``x-death`` makes RabbitMQ 3.10-3.12
+  drop a message in the delay ladder as a dead-letter cycle.
+* **Delays.** A message with ``deliver_at`` goes through the binary delay ladder
+  (:mod:`orchestrator.delays`) to its destination queue; it is never early.
+* **Consuming.** Manual acks only, a channel per consumer with ``prefetch`` unacknowledged
+  deliveries, each handled in its own task. The handler's verdict is applied after it returns:
+  ack, requeue, or dead-letter: a copy of the raw body goes to ``saga.dead-letter`` with the
+  reason and source queue in headers (and no ``x-`` headers), with confirms, and only then is
+  the original acked; if the copy fails, the original is requeued, so nothing is lost. A
+  handler that raises is a bug: it is logged with its traceback and the delivery is requeued
+  (the queue's delivery limit parks it eventually). A delivery redelivered ``poison_threshold``
+  times is parked before its handler runs. After a reconnect, deliveries from the old channel
+  cannot be acked any more; that is logged and tolerated, the broker redelivers them.
+* **Shutdown.** Cancelling ``consume`` cancels the consumer at the broker, lets in-flight
+  handlers finish and settles them, requeues deliveries that were not started, then re-raises
+  the cancellation. ``close`` stops every consumer and closes the connection.
+* **Topology.** ``declare`` declares exchanges, queues (durable) and bindings, plus the delay
+  ladder when the topology has a delayed destination queue. A queue that exists with other
+  arguments is a :class:`ConfigError` that names the queue, the difference and the fix:
+  RabbitMQ compares every argument on re-declaration, so a successful declare verifies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Literal, Self
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    DeliveryMode,
+)
+from aio_pika.exceptions import (
+    AMQPChannelError,
+    AMQPError,
+    AuthenticationError,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    DeliveryError,
+    ProbableAuthenticationError,
+    ProtocolSyntaxError,
+    PublishError,
+)
+from aiormq.exceptions import ChannelAccessRefused
+from yarl import URL
+
+from contracts import names
+from orchestrator.clock import Clock, SystemClock
+from orchestrator.delays import DelayLadder
+from orchestrator.errors import ConfigError, PublishFailed
+from orchestrator.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
+from orchestrator.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
+
+log = structlog.get_logger("rabbitmq")
+
+PublishFailureReason = Literal["returned", "nacked", "timeout", "connection", "channel"]
+"""Why a publish failed; the label of the publish-failure metric."""
+
+_BROKER_ERRORS: Final = (AMQPError, ConnectionError, OSError, ChannelInvalidStateError)
+"""What a broker call raises when the connection or channel is gone."""
+
+_CLOSE_TIMEOUT: Final = 5.0
+_REASON_LIMIT: Final = 2000  # headers travel in one frame; a reason is a sentence, not a dump
+_ARGUMENT_HINTS: Final = {
+    "x-queue-type": "the queue type (SAGA_QUEUE_TYPE)",
+    "x-delivery-limit": "the delivery limit (SAGA_DELIVERY_LIMIT)",
+}
+
+_Inbox = asyncio.Queue[AbstractIncomingMessage | None]
+"""Deliveries waiting for a handler slot; None says the transport was closed."""
+
+
+@dataclass
+class _Publisher:
+    """The publisher channel and the exchange handles made on it."""
+
+    channel: AbstractRobustChannel
+    exchanges: dict[str, AbstractExchange] = field(default_factory=dict)
+
+    async def exchange(self, name: str) -> AbstractExchange:
+        if name == "":
+            return self.channel.default_exchange
+        if name not in self.exchanges:
+            # No broker round trip: the exchange is declared by ``declare`` (a publish to a
+            # missing one fails with a channel error, reported as such).
+            self.exchanges[name] = await self.channel.get_exchange(name, ensure=False)
+        return self.exchanges[name]
+
+
+class RabbitTransport:
+    """The :class:`~orchestrator.transport.Transport` for RabbitMQ (aio-pika).
+
+    Connects lazily on first use (or explicitly with :meth:`connect` or ``async with``) and
+    cannot be reused after :meth:`close`.
+
+    Args:
+        url: ``amqp://user:password@host:5672/vhost`` (``amqps://`` for TLS).
+        prefetch: unacknowledged deliveries per consumer, and handlers running at once.
+        heartbeat: seconds; a peer silent for about three heartbeats is considered dead.
+            A ``heartbeat`` in the URL's query wins.
+        connect_timeout: seconds to wait for the broker at start-up.
+        publish_timeout: seconds to wait for a publisher confirm (and for declarations).
+        reconnect_interval: seconds between reconnection attempts after the connection drops.
+        ladder: the delay ladder for messages with ``deliver_at``.
+        delayed_queues: queues that receive delayed messages; ``declare`` adds the ladder for
+            those in its topology.
+        poison_threshold: park a delivery before its handler runs once RabbitMQ reports it
+            redelivered this many times (``x-delivery-count``, quorum queues); keep it below
+            the queues' delivery limit so the reason is ours. Every requeue counts, including
+            a handler's own ``REQUEUE`` after a transient error. None turns it off.
+        on_publish_failure: called with the reason of every failed publish (for a metric); it
+            must not raise.
+        clock: tells the time ``deliver_at`` is measured against.
+
+    Raises:
+        ConfigError: a setting is out of range, or a delayed queue name cannot be routed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefetch: int = 32,
+        heartbeat: int = 10,
+        connect_timeout: float = 10.0,
+        publish_timeout: float = 10.0,
+        reconnect_interval: float = 5.0,
+        ladder: DelayLadder | None = None,
+        delayed_queues: Iterable[str] = (names.TIMERS_QUEUE,),
+        poison_threshold: int | None = 15,
+        on_publish_failure: Callable[[str], None] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if prefetch < 1:
+            raise ConfigError(f"prefetch must be at least 1, not {prefetch}")
+        if poison_threshold is not None and poison_threshold < 1:
+            raise ConfigError(f"the poison threshold must be at least 1, not {poison_threshold}")
+        self.url = url
+        self.safe_url = redact(url)
+        """The URL with its password hidden, for logs and errors."""
+        self.prefetch = prefetch
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.publish_timeout = publish_timeout
+        self.reconnect_interval = reconnect_interval
+        self.ladder = ladder or DelayLadder()
+        self.delayed_queues = frozenset(delayed_queues)
+        self.ladder.topology(self.delayed_queues)  # a name the ladder cannot route fails here
+        self.poison_threshold = poison_threshold
+        self.on_publish_failure = on_publish_failure
+        self.clock: Clock = clock or SystemClock()
+        self._connection: aio_pika.RobustConnection | None = None
+        self._closed = False
+        self._connect_lock = asyncio.Lock()
+        self._publisher: _Publisher | None = None
+        self._publisher_lock = asyncio.Lock()
+        # aio-pika tracks channels weakly: these strong references keep them (and their
+        # restoration after a reconnect) alive for as long as they are consumed.
+        self._consumer_channels: set[AbstractRobustChannel] = set()
+        self._inboxes: set[_Inbox] = set()
+
+    # --- connection -------------------------------------------------------------------------
+
+    async def connect(self) -> aio_pika.RobustConnection:
+        """Connect if not connected yet; idempotent.
+
+        Raises:
+            ConfigError: the URL is malformed, or the broker refused the login or vhost.
+            PublishFailed: nothing answered at the URL within ``connect_timeout``.
+        """
+        async with self._connect_lock:
+            if self._closed:
+                raise PublishFailed(f"the transport for {self.safe_url} has been closed")
+            if self._connection is None:
+                self._connection = await self._open_connection()
+                log.info("broker_connected", url=self.safe_url)
+            return self._connection
+
+    async def _open_connection(self) -> aio_pika.RobustConnection:
+        connection = aio_pika.RobustConnection(
+            broker_url(self.url, self.heartbeat), reconnect_interval=self.reconnect_interval
+        )
+        try:
+            # The outer deadline also covers what the connect timeout does not, such as
+            # aio-pika retrying an error it does not consider fatal.
+            async with asyncio.timeout(self.connect_timeout):
+                await connection.connect(timeout=self.connect_timeout)
+        except BaseException as e:
+            await connection.close()
+            if isinstance(e, Exception):
+                raise self._connect_error(e) from e
+            raise
+        return connection
+
+    def _connect_error(self, error: Exception) -> ConfigError | PublishFailed:
+        where = f"RabbitMQ at {self.safe_url}"
+        if isinstance(error, ProbableAuthenticationError | AuthenticationError):
+            return ConfigError(f"{where} refused the login: check the user name and password")
+        if isinstance(error, ProtocolSyntaxError):
+            vhost = URL(self.url).path.lstrip("/") or "/"
+            return ConfigError(
+                f"{where} closed the connection while opening virtual host {vhost!r}: it "
+                "does not exist or the user may not access it"
+            )
+        if isinstance(error, TimeoutError):
+            return PublishFailed(f"{where} did not answer within {self.connect_timeout:g} s")
+        return PublishFailed(f"cannot connect to {where}: {_describe(error)}")
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up right now (it may be reconnecting)."""
+        connection = self._connection
+        return connection is not None and connection.connected.is_set()
+
+    async def close(self) -> None:
+        """Stop every consumer and close the connection; the transport cannot be reused."""
+        self._closed = True
+        for inbox in self._inboxes:
+            inbox.put_nowait(None)
+        connection, self._connection = self._connection, None
+        self._publisher = None
+        if connection is not None:
+            await connection.close()
+            log.info("broker_disconnected", url=self.safe_url)
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- topology ---------------------------------------------------------------------------
+
+    def full_topology(self, topology: Topology) -> Topology:
+        """``topology`` plus the delay ladder for the delayed destination queues it declares."""
+        destinations = [q.name for q in topology.queues if q.name in self.delayed_queues]
+        if not destinations:
+            return topology
+        return topology + self.ladder.topology(destinations)
+
+    async def declare(self, topology: Topology) -> None:
+        """Declare the topology and its delay ladder; idempotent.
+
+        Raises:
+            ConfigError: an exchange or queue exists with other settings, or the user may not
+                declare it; the message says what differs and how to fix it.
+            PublishFailed: the broker cannot be reached.
+        """
+        full = self.full_topology(topology)
+        connection = await self.connect()
+        # A declaration the broker refuses closes its channel, so declarations get their own.
+        channel = aio_pika.Channel(connection, publisher_confirms=False)
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await channel.initialize()
+            amqp = await channel.get_underlay_channel()
+            for exchange in full.exchanges:
+                await self._declare_exchange(amqp, exchange)
+            for queue in full.queues:
+                await self._declare_queue(amqp, queue)
+            for binding in full.bindings:
+                await self._bind(amqp, binding)
+        except TimeoutError as e:
+            raise PublishFailed(
+                f"RabbitMQ at {self.safe_url} did not answer a declaration within "
+                f"{self.publish_timeout:g} s"
+            ) from e
+        except (ConnectionError, OSError, ChannelInvalidStateError) as e:
+            raise PublishFailed(
+                f"lost RabbitMQ at {self.safe_url} while declaring the topology: {_describe(e)}"
+            ) from e
+        finally:
+            await _close_quietly(channel)
+        log.info(
+            "topology_declared",
+            exchanges=len(full.exchanges),
+            queues=len(full.queues),
+            bindings=len(full.bindings),
+        )
+
+    async def _declare_exchange(self, amqp: aiormq.abc.AbstractChannel, spec: ExchangeSpec) -> None:
+        try:
+            await amqp.exchange_declare(
+                spec.name, exchange_type=spec.type, durable=True, timeout=self.publish_timeout
+            )
+        except ChannelPreconditionFailed as e:
+            raise ConfigError(
+                f"exchange {spec.name!r} already exists with other settings "
+                f"({_reply_text(e)}); we declare it durable, of type {spec.type!r}. "
+                "Delete it (management UI or rabbitmqadmin) so it is declared again, or "
+                "rename it"
+            ) from e
+        except ChannelAccessRefused as e:
+            raise ConfigError(f"may not declare exchange {spec.name!r}: {_reply_text(e)}") from e
+
+    async def _declare_queue(self, amqp: aiormq.abc.AbstractChannel, spec: QueueSpec) -> None:
+        try:
+            await amqp.queue_declare(
+                spec.name, durable=True, arguments=spec.arguments, timeout=self.publish_timeout
+            )
+        except ChannelPreconditionFailed as e:
+            raise ConfigError(self._mismatch(spec, e)) from e
+        except ChannelAccessRefused as e:
+            raise ConfigError(f"may not declare queue {spec.name!r}: {_reply_text(e)}") from e
+
+    def _mismatch(self, spec: QueueSpec, error: ChannelPreconditionFailed) -> str:
+        text = _reply_text(error)
+        found = re.search(r"inequivalent arg '([^']+)'", text)
+        argument = found.group(1) if found else None
+        hint = _ARGUMENT_HINTS.get(argument or "", "the settings")
+        vhost = URL(self.url).path.lstrip("/") or "/"
+        wanted = ", ".join(f"{key}={value}" for key, value in sorted(spec.arguments.items()))
+        return (
+            f"queue {spec.name!r} already exists with different arguments: {text}. We declare "
+            f"it durable with {wanted or 'no arguments'}. RabbitMQ cannot change a queue's "
+            f"arguments: either set {hint} to match the existing queue, or drain it and delete "
+            f"it (rabbitmqctl delete_queue -p {vhost} {spec.name}) so it is declared again"
+        )
+
+    async def _bind(self, amqp: aiormq.abc.AbstractChannel, spec: BindingSpec) -> None:
+        try:
+            if spec.to_exchange:
+                await amqp.exchange_bind(
+                    destination=spec.destination,
+                    source=spec.source,
+                    routing_key=spec.routing_key,
+                    timeout=self.publish_timeout,
+                )
+            else:
+                await amqp.queue_bind(
+                    spec.destination,
+                    spec.source,
+                    routing_key=spec.routing_key,
+                    timeout=self.publish_timeout,
+                )
+        except AMQPChannelError as e:
+            raise ConfigError(
+                f"cannot bind {spec.destination!r} to {spec.source!r} with key "
+                f"{spec.routing_key!r}: {_reply_text(e)}"
+            ) from e
+
+    # --- publishing -------------------------------------------------------------------------
+
+    async def publish(self, message: Outgoing) -> None:
+        """Publish and wait for the broker's confirm; delayed messages go through the ladder.
+
+        Raises:
+            PublishFailed: returned, nacked, not confirmed in time, or the connection is down.
+        """
+        exchange, routing_key = self._address(message)
+        headers: dict[str, Any] = {
+            key: value for key, value in message.headers.items() if not key.startswith("x-")
+        }
+        headers.setdefault(names.HEADER_MESSAGE_ID, message.message_id)
+        amqp_message = aio_pika.Message(
+            message.body.encode(),
+            headers=headers,
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+            correlation_id=message.correlation_id,
+            message_id=uuid.uuid4().hex,
+            timestamp=message.created_at,
+            type=message.kind,
+        )
+        await self._send(
+            exchange,
+            routing_key,
+            amqp_message,
+            mandatory=message.mandatory,
+            what=message.message_id,
+        )
+
+    def _address(self, message: Outgoing) -> tuple[str, str]:
+        """The exchange and routing key to publish ``message`` with."""
+        if message.deliver_at is None:
+            return message.exchange, message.routing_key
+        delay = self.ladder.delay_for(message.deliver_at, self.clock.now())
+        if delay == 0:  # already due: straight to the destination
+            return message.exchange, message.routing_key
+        if message.exchange != "" or message.routing_key not in self.delayed_queues:
+            self._count_failure("returned")
+            raise PublishFailed(
+                f"message {message.message_id}: delayed messages must address one of the "
+                f"delayed queues ({', '.join(sorted(self.delayed_queues))}) through the default "
+                f"exchange, not {message.exchange or '(default)'}/{message.routing_key}"
+            )
+        route = self.ladder.route(delay, message.routing_key)
+        return route.exchange, route.routing_key
+
+    async def _send(
+        self,
+        exchange_name: str,
+        routing_key: str,
+        message: aio_pika.Message,
+        *,
+        mandatory: bool,
+        what: str,
+    ) -> None:
+        """Publish on the publisher channel with a deadline; every failure is PublishFailed."""
+        target = f"message {what} to {exchange_name or '(default)'}/{routing_key}"
+        publisher: _Publisher | None = None
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                publisher = await self._get_publisher()
+                exchange = await publisher.exchange(exchange_name)
+                await exchange.publish(message, routing_key, mandatory=mandatory)
+        except PublishError as e:
+            raise self._failed("returned", f"{target} was returned: no queue is bound") from e
+        except DeliveryError as e:
+            raise self._failed("nacked", f"{target} was nacked (a queue is full?)") from e
+        except TimeoutError as e:
+            if publisher is None or not self.connected:
+                raise self._failed("connection", f"{target}: {self._down()}") from e
+            await self._replace_publisher(publisher)
+            raise self._failed(
+                "timeout", f"{target} was not confirmed within {self.publish_timeout:g} s"
+            ) from e
+        except AMQPChannelError as e:
+            raise self._failed("channel", f"{target} was refused: {_reply_text(e)}") from e
+        except _BROKER_ERRORS as e:
+            raise self._failed("connection", f"{target}: {self._down()} ({_describe(e)})") from e
+        except asyncio.CancelledError as e:
+            # aiormq cancels a pending confirm when its channel closes; only a cancellation of
+            # this task is a cancellation.
+            if _being_cancelled():
+                raise
+            raise self._failed("connection", f"{target}: the channel closed") from e
+
+    def _down(self) -> str:
+        return f"the connection to {self.safe_url} is down"
+
+    def _failed(self, reason: PublishFailureReason, text: str) -> PublishFailed:
+        self._count_failure(reason)
+        return PublishFailed(f"{text} [{reason}]")
+
+    def _count_failure(self, reason: PublishFailureReason) -> None:
+        if self.on_publish_failure is None:
+            return
+        try:
+            self.on_publish_failure(reason)
+        except Exception:  # counting a failure must never change its outcome
+            log.exception("publish_failure_callback_failed", reason=reason)
+
+    async def _get_publisher(self) -> _Publisher:
+        async with self._publisher_lock:
+            if self._publisher is None:
+                connection = await self.connect()
+                channel = connection.channel(publisher_confirms=True, on_return_raises=True)
+                await channel.initialize()
+                self._publisher = _Publisher(channel)
+            return self._publisher
+
+    async def _replace_publisher(self, stale: _Publisher) -> None:
+        """Drop a channel whose confirm never came; the next publish opens a fresh one."""
+        async with self._publisher_lock:
+            if self._publisher is not stale:
+                return
+            self._publisher = None
+        log.warning("publisher_channel_replaced", reason="confirm_timeout")
+        await _close_quietly(stale.channel)
+
+    # --- consuming --------------------------------------------------------------------------
+
+    async def consume(
+        self, queue: str, handler: Handler, *, ready: asyncio.Event | None = None
+    ) -> None:
+        """Deliver messages from ``queue`` to ``handler`` until cancelled or closed.
+
+        On cancellation: stop the consumer at the broker, let in-flight handlers finish and
+        settle them, requeue deliveries not yet started, then re-raise the cancellation.
+
+        Raises:
+            PublishFailed: the queue does not exist (declare the topology first).
+        """
+        connection = await self.connect()
+        channel = connection.channel(publisher_confirms=False)
+        self._consumer_channels.add(channel)
+        inbox: _Inbox = asyncio.Queue()
+        self._inboxes.add(inbox)
+        try:
+            source, tag = await self._subscribe(channel, queue, inbox)
+            log.info("consumer_started", queue=queue, prefetch=self.prefetch)
+            if ready is not None:
+                ready.set()
+            await self._serve(source, tag, queue, handler, inbox)
+        finally:
+            self._inboxes.discard(inbox)
+            self._consumer_channels.discard(channel)
+            await _close_quietly(channel)
+
+    async def _subscribe(
+        self, channel: AbstractRobustChannel, queue: str, inbox: _Inbox
+    ) -> tuple[AbstractQueue, str]:
+        """Register a consumer that feeds ``inbox``; returns the queue and consumer tag."""
+        try:
+            await channel.initialize()
+            await channel.set_qos(prefetch_count=self.prefetch)
+            # Declared (passively) on the robust channel so that the consumer is restored on
+            # the new channel after a reconnect.
+            source = await channel.declare_queue(queue, passive=True)
+            tag = await source.consume(inbox.put)
+        except ChannelNotFoundEntity as e:
+            raise PublishFailed(
+                f"cannot consume from queue {queue!r}: it does not exist at {self.safe_url}; "
+                "declare the topology first"
+            ) from e
+        except _BROKER_ERRORS as e:
+            raise PublishFailed(
+                f"cannot consume from queue {queue!r} at {self.safe_url}: {_describe(e)}"
+            ) from e
+        return source, tag
+
+    async def _serve(
+        self, source: AbstractQueue, tag: str, queue: str, handler: Handler, inbox: _Inbox
+    ) -> None:
+        """Hand deliveries to handler tasks until cancelled (graceful) or closed."""
+        slots = asyncio.Semaphore(self.prefetch)
+        cancelled: asyncio.CancelledError | None = None
+        async with asyncio.TaskGroup() as handlers:
+            try:
+                await self._dispatch(queue, handler, inbox, slots, handlers)
+            except asyncio.CancelledError as e:
+                # Leaving the block normally makes the TaskGroup wait for in-flight handlers
+                # instead of cancelling them: this is the graceful shutdown.
+                cancelled = e
+                await self._stop_consumer(source, tag, queue)
+                await _requeue_waiting(inbox, queue)
+        await _requeue_waiting(inbox, queue)  # deliveries that raced the basic.cancel
+        log.info("consumer_stopped", queue=queue)
+        if cancelled is not None:
+            raise cancelled
+
+    async def _dispatch(
+        self,
+        queue: str,
+        handler: Handler,
+        inbox: _Inbox,
+        slots: asyncio.Semaphore,
+        handlers: asyncio.TaskGroup,
+    ) -> None:
+        """Start a handler task per delivery, at most ``prefetch`` at once, until closed."""
+        while True:
+            await slots.acquire()
+            try:
+                message = await inbox.get()
+            except BaseException:
+                slots.release()
+                raise
+            if message is None:  # the transport was closed
+                slots.release()
+                return
+            handlers.create_task(self._handle(queue, message, handler, slots))
+
+    async def _stop_consumer(self, source: AbstractQueue, tag: str, queue: str) -> None:
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await source.cancel(tag)
+        except (TimeoutError, *_BROKER_ERRORS) as e:
+            # The channel is closed after the handlers finish, which cancels it anyway.
+            log.warning("consumer_cancel_failed", queue=queue, error=_describe(e))
+
+    async def _handle(
+        self,
+        queue: str,
+        message: AbstractIncomingMessage,
+        handler: Handler,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            if _stale(message):
+                log.info("stale_delivery_skipped", queue=queue, delivery_tag=message.delivery_tag)
+                return
+            delivery = self._delivery(queue, message)
+            verdict = self._poisoned(delivery) or await self._run(handler, delivery)
+            await self._settle(message, delivery, verdict)
+        finally:
+            slots.release()
+
+    def _delivery(self, queue: str, message: AbstractIncomingMessage) -> Delivery:
+        headers = dict(message.headers or {})
+        ours = headers.get(names.HEADER_MESSAGE_ID)
+        if isinstance(ours, bytes):
+            ours = ours.decode(errors="replace")
+        routing_key = message.routing_key or ""
+        if self.ladder.destination(routing_key) == queue:
+            routing_key = queue  # arrived through the delay ladder: report the plain address
+        return Delivery(
+            queue=queue,
+            body=message.body,
+            headers=headers,
+            message_id=ours if isinstance(ours, str) else message.message_id,
+            correlation_id=message.correlation_id,
+            routing_key=routing_key,
+            redelivered=bool(message.redelivered),
+        )
+
+    def _poisoned(self, delivery: Delivery) -> DeadLetter | None:
+        count = delivery.headers.get("x-delivery-count")
+        threshold = self.poison_threshold
+        if threshold is None or not isinstance(count, int) or count < threshold:
+            return None
+        log.warning(
+            "poison_message_parked",
+            queue=delivery.queue,
+            message_id=delivery.message_id,
+            delivery_count=count,
+        )
+        return DeadLetter(
+            f"poison message: redelivered {count} times without being acknowledged "
+            f"(threshold {threshold})"
+        )
+
+    async def _run(self, handler: Handler, delivery: Delivery) -> Disposition | DeadLetter:
+        try:
+            return await handler(delivery)
+        except Exception:  # a handler bug must not stop the consumer: requeue the delivery
+            log.exception(
+                "handler_failed",
+                queue=delivery.queue,
+                message_id=delivery.message_id,
+                redelivered=delivery.redelivered,
+            )
+            return Disposition.REQUEUE
+
+    async def _settle(
+        self,
+        message: AbstractIncomingMessage,
+        delivery: Delivery,
+        verdict: Disposition | DeadLetter,
+    ) -> None:
+        if isinstance(verdict, DeadLetter):
+            await self._dead_letter(message, delivery, verdict.reason)
+        elif verdict is Disposition.ACK:
+            await _acknowledge(message, delivery.queue, requeue=None)
+        else:
+            await _acknowledge(message, delivery.queue, requeue=True)
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, delivery: Delivery, reason: str
+    ) -> None:
+        """Park a copy in the dead-letter exchange, then ack; requeue if the copy failed."""
+        headers = {
+            key: value for key, value in (message.headers or {}).items() if not key.startswith("x-")
+        }
+        headers[names.HEADER_DEAD_LETTER_REASON] = reason[:_REASON_LIMIT]
+        headers[names.HEADER_DEAD_LETTER_QUEUE] = delivery.queue
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            correlation_id=message.correlation_id,
+            message_id=uuid.uuid4().hex,
+            timestamp=message.timestamp,
+            type=message.type,
+        )
+        try:
+            await self._send(
+                names.DEAD_LETTER_EXCHANGE,
+                "",
+                copy,
+                mandatory=True,
+                what=delivery.message_id or "(no id)",
+            )
+        except PublishFailed as e:
+            log.warning(
+                "dead_letter_failed",
+                queue=delivery.queue,
+                message_id=delivery.message_id,
+                error=str(e),
+            )
+            await _acknowledge(message, delivery.queue, requeue=True)
+            return
+        log.debug("delivery_dead_lettered", queue=delivery.queue, message_id=delivery.message_id)
+        await _acknowledge(message, delivery.queue, requeue=None)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``, also when it is not a valid URL."""
+    try:
+        parsed: URL | None = URL(url)
+    except (ValueError, TypeError):
+        parsed = None
+    if parsed is not None and parsed.password is not None:
+        return str(parsed.with_password("***"))
+    return re.sub(r"(^|//)([^:@/]*):[^@]*@", r"\1\2:***@", url)
+
+
+def broker_url(url: str, heartbeat: int) -> URL:
+    """The URL to connect to, with the heartbeat set unless the URL sets it.
+
+    Raises:
+        ConfigError: the URL is not an ``amqp://`` or ``amqps://`` URL with a host.
+    """
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the RabbitMQ URL {redact(url)!r} is malformed: {e}") from e
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
+        raise ConfigError(
+            f"the RabbitMQ URL {redact(url)!r} is not valid: use "
+            "amqp://user:password@host:5672/vhost (or amqps:// for TLS)"
+        )
+    if "heartbeat" in parsed.query:
+        return parsed
+    return parsed.update_query(heartbeat=heartbeat)
+
+
+async def _acknowledge(
+    message: AbstractIncomingMessage, queue: str, *, requeue: Literal[True] | None
+) -> None:
+    """Ack (``requeue=None``) or nack with requeue; a channel lost meanwhile is tolerated."""
+    try:
+        if requeue is None:
+            await message.ack()
+        else:
+            await message.nack(requeue=True)
+    except _BROKER_ERRORS as e:
+        # Delivery tags belong to the channel that delivered: after a reconnect the old one
+        # is gone, and the broker redelivers the message on the new one.
+        log.warning(
+            "delivery_settle_failed",
+            queue=queue,
+            action="ack" if requeue is None else "requeue",
+            error=_describe(e),
+        )
+
+
+async def _requeue_waiting(inbox: _Inbox, queue: str) -> None:
+    """Give back deliveries that were received but never handed to a handler."""
+    while not inbox.empty():
+        message = inbox.get_nowait()
+        if message is not None and not _stale(message):
+            await _acknowledge(message, queue, requeue=True)
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    """Close a channel, ignoring a connection that is already gone.
+
+    A robust channel is closed even while its connection is down: that is what stops aio-pika
+    from restoring it (and its consumers) after the reconnect.
+    """
+    if not channel.is_initialized:
+        return
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            await channel.close()
+    except (TimeoutError, *_BROKER_ERRORS) as e:
+        log.debug("channel_close_failed", error=_describe(e))
+    except asyncio.CancelledError:
+        # aiormq reports a channel whose connection closed meanwhile as cancelled.
+        if _being_cancelled():
+            raise
+        log.debug("channel_close_failed", error="cancelled by its connection")
+
+
+def _stale(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel that delivered ``message`` is closed (so it cannot be settled)."""
+    try:
+        return message.channel.is_closed
+    except ChannelInvalidStateError:
+        return True
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _reply_text(error: BaseException) -> str:
+    """The broker's explanation inside an aiormq error."""
+    for argument in error.args:
+        if isinstance(argument, str) and argument:
+            return re.sub(r"^[A-Z_]+ - ", "", argument)  # drop the "PRECONDITION_FAILED - " code
+    return _describe(error)
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line account of an I/O error (aiormq wraps OS errors as ``(errno, text)``)."""
+    texts = [str(argument) for argument in error.args if isinstance(argument, str) and argument]
+    if texts:
+        return texts[-1]
+    return type(error).__name__

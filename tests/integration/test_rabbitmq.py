@@ -1,0 +1,695 @@
+"""The RabbitMQ transport against the real broker: confirms, delays, parking, reconnects, shutdown.
+
+Each test runs on a fresh virtual host (see ``rabbit_support``), so fixed names never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import pytest
+from structlog.testing import capture_logs
+
+from contracts import names
+from orchestrator.delays import DelayLadder
+from orchestrator.errors import ConfigError, PublishFailed
+from orchestrator.rabbitmq import RabbitTransport
+from orchestrator.topology import (
+    QueuePolicy,
+    QueueSpec,
+    QueueType,
+    Topology,
+    base_topology,
+    orchestrator_topology,
+    participant_topology,
+)
+from orchestrator.transport import DeadLetter, Delivery, Disposition, Outgoing
+from tests.integration.rabbit_support import (
+    queue_arguments,
+    rabbitmqctl,
+    temporary_vhost,
+    with_vhost,
+)
+
+pytestmark = pytest.mark.rabbitmq
+
+POLICY = QueuePolicy()
+Verdict = Disposition | DeadLetter
+
+
+# --- fixtures and helpers ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def vhost(amqp_url: str) -> Iterator[str]:
+    """A fresh virtual host for this test."""
+    with temporary_vhost(amqp_url) as name:
+        yield name
+
+
+@pytest.fixture
+def broker_url(amqp_url: str, vhost: str) -> str:
+    """The URL of this test's virtual host."""
+    return with_vhost(amqp_url, vhost)
+
+
+@pytest.fixture
+async def transport(broker_url: str) -> AsyncIterator[RabbitTransport]:
+    """A connected transport, quick to give up on a publish and to reconnect."""
+    async with RabbitTransport(
+        broker_url, publish_timeout=5.0, reconnect_interval=0.5, prefetch=8
+    ) as connected:
+        yield connected
+
+
+def work_queue(name: str) -> Topology:
+    """The base topology plus one quorum work queue that parks poison messages."""
+    return base_topology(POLICY) + Topology(queues=(QueueSpec(name, POLICY.arguments()),))
+
+
+def message(
+    routing_key: str,
+    body: str = '{"ok": true}',
+    *,
+    message_id: str = "m-1",
+    exchange: str = "",
+    deliver_at: datetime | None = None,
+    mandatory: bool = True,
+) -> Outgoing:
+    """An outgoing message like the codec builds, addressed to a queue by default."""
+    return Outgoing(
+        message_id=message_id,
+        kind="test",
+        exchange=exchange,
+        routing_key=routing_key,
+        body=body,
+        headers={names.HEADER_MESSAGE_ID: message_id, names.HEADER_SAGA_ID: "saga-1"},
+        correlation_id="saga-1",
+        mandatory=mandatory,
+        deliver_at=deliver_at,
+        created_at=datetime.now(UTC),
+    )
+
+
+@dataclass
+class Recorder:
+    """A handler that records deliveries (with their arrival time) and answers a verdict."""
+
+    verdict: Callable[[Delivery], Verdict] = lambda _: Disposition.ACK
+    deliveries: list[Delivery] = field(default_factory=list)
+    arrivals: dict[str, datetime] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def __call__(self, delivery: Delivery) -> Verdict:
+        self.deliveries.append(delivery)
+        self.arrivals.setdefault(delivery.message_id or "", datetime.now(UTC))
+        self.changed.set()
+        return self.verdict(delivery)
+
+    async def wait_for(self, count: int, within: float = 10.0) -> list[Delivery]:
+        """Wait until ``count`` deliveries arrived."""
+        async with asyncio.timeout(within):
+            while len(self.deliveries) < count:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.deliveries
+
+
+@contextlib.asynccontextmanager
+async def consuming(
+    transport: RabbitTransport, queue: str, handler: Any
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Consume ``queue`` in a task for the duration of the block, then stop it gracefully."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(transport.consume(queue, handler, ready=ready))
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def ready_count(url: str, queue: str) -> int:
+    """Messages ready in ``queue`` right now, asked over AMQP."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count
+        assert count is not None
+        return count
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``within`` seconds."""
+    for _ in range(int(within / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not true within {within} s")
+
+
+def broker_version() -> tuple[int, ...]:
+    """The RabbitMQ server version, e.g. (3, 10, 8)."""
+    return tuple(int(part) for part in rabbitmqctl("version").strip().split(".")[:3])
+
+
+# --- publishing -------------------------------------------------------------------------------
+
+
+async def test_a_confirmed_publish_is_consumed(transport: RabbitTransport, unique: str) -> None:
+    queue = f"work-{unique}"
+    await transport.declare(work_queue(queue))
+    await transport.publish(message(queue, '{"n": 1}', message_id=f"id-{unique}"))
+    recorder = Recorder()
+    async with consuming(transport, queue, recorder):
+        (delivery,) = await recorder.wait_for(1)
+    assert delivery.queue == queue
+    assert delivery.body == b'{"n": 1}'
+    assert delivery.message_id == f"id-{unique}"
+    assert delivery.correlation_id == "saga-1"
+    assert delivery.routing_key == queue
+    assert not delivery.redelivered
+
+
+async def test_published_messages_are_persistent_json_with_a_fresh_amqp_id_per_attempt(
+    transport: RabbitTransport, broker_url: str, unique: str
+) -> None:
+    queue = f"work-{unique}"
+    await transport.declare(work_queue(queue))
+    outgoing = message(queue, message_id="deterministic-1")
+    await transport.publish(outgoing)
+    await transport.publish(outgoing)  # an outbox retry of the same message
+    async with await aio_pika.connect(broker_url) as connection:
+        channel = await connection.channel()
+        source = await channel.declare_queue(queue, passive=True)
+        first = await source.get(no_ack=True)
+        second = await source.get(no_ack=True)
+    for received in (first, second):
+        assert received.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert received.content_type == "application/json"
+        assert received.correlation_id == "saga-1"
+        assert received.headers[names.HEADER_MESSAGE_ID] == "deterministic-1"
+        assert received.type == "test"
+    assert first.message_id != second.message_id
+    assert "deterministic-1" not in (first.message_id, second.message_id)
+
+
+async def test_an_unroutable_mandatory_publish_raises_quickly(broker_url: str, unique: str) -> None:
+    reasons: list[str] = []
+    async with RabbitTransport(broker_url, on_publish_failure=reasons.append) as transport:
+        await transport.declare(base_topology(POLICY))
+        started = time.monotonic()
+        with pytest.raises(PublishFailed, match=r"was returned: no queue is bound \[returned\]"):
+            await transport.publish(message(f"nobody-{unique}", exchange=names.COMMANDS_EXCHANGE))
+        assert time.monotonic() - started < 1.0
+        assert reasons == ["returned"]
+        # The channel is still good for the next publish.
+        await transport.publish(message(names.PARKED_QUEUE))
+
+
+async def test_an_unroutable_optional_publish_is_dropped_quietly(
+    transport: RabbitTransport, unique: str
+) -> None:
+    await transport.declare(base_topology(POLICY))
+    await transport.publish(
+        message(f"saga.Nobody{unique}", exchange=names.EVENTS_EXCHANGE, mandatory=False)
+    )
+
+
+async def test_a_publish_to_a_missing_exchange_is_a_channel_error(
+    transport: RabbitTransport, unique: str
+) -> None:
+    with pytest.raises(PublishFailed, match=r"no exchange .*\[channel\]"):
+        await transport.publish(message("x", exchange=f"missing-{unique}"))
+    await transport.declare(base_topology(POLICY))
+    await transport.publish(message(names.PARKED_QUEUE))  # the robust channel came back
+
+
+async def test_a_publish_without_a_confirm_times_out_and_replaces_the_channel(
+    broker_url: str,
+) -> None:
+    reasons: list[str] = []
+    async with RabbitTransport(
+        broker_url, publish_timeout=0.3, on_publish_failure=reasons.append
+    ) as transport:
+        await transport.declare(base_topology(POLICY))
+        publisher = await transport._get_publisher()
+
+        class Wedged:
+            async def publish(self, *args: object, **kwargs: object) -> None:
+                await asyncio.Event().wait()  # the confirm that never comes (aio-pika #689)
+
+        publisher.exchanges[names.COMMANDS_EXCHANGE] = Wedged()  # type: ignore[assignment]
+        with pytest.raises(PublishFailed, match=r"not confirmed within 0.3 s \[timeout\]"):
+            await transport.publish(message("svc", exchange=names.COMMANDS_EXCHANGE))
+        assert reasons == ["timeout"]
+        assert publisher.channel.is_closed
+        await transport.publish(message(names.PARKED_QUEUE))
+        assert (await transport._get_publisher()) is not publisher
+
+
+# --- delays -----------------------------------------------------------------------------------
+
+
+async def test_delayed_messages_are_never_early_and_all_arrive(
+    transport: RabbitTransport, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await transport.declare(work_queue(names.TIMERS_QUEUE))
+    recorder = Recorder()
+    rng = random.Random()
+    now = datetime.now(UTC)
+    due = {f"timer-{n}": now + timedelta(seconds=rng.uniform(1.0, 5.0)) for n in range(32)}
+    order = list(due)
+    rng.shuffle(order)
+    sent: dict[str, datetime] = {}
+
+    async def publish(key: str) -> None:
+        sent[key] = datetime.now(UTC)
+        await transport.publish(message(names.TIMERS_QUEUE, message_id=key, deliver_at=due[key]))
+
+    async with consuming(transport, names.TIMERS_QUEUE, recorder):
+        await asyncio.gather(*(publish(key) for key in order))
+        await recorder.wait_for(len(due), within=15)
+        await asyncio.sleep(0.5)  # an at-least-once duplicate would show up here
+    early = {key: due[key] - at for key, at in recorder.arrivals.items() if at < due[key]}
+    assert not early, f"delivered before deliver_at: {early}"
+    assert set(recorder.arrivals) == set(due)
+    assert all(d.routing_key == names.TIMERS_QUEUE for d in recorder.deliveries)
+    lateness = sorted((recorder.arrivals[key] - due[key]).total_seconds() for key in due)
+    # What the ladder adds to the whole seconds it was asked to wait: dead-lettering latency.
+    overhead = sorted(
+        (
+            recorder.arrivals[key]
+            - sent[key]
+            - timedelta(seconds=transport.ladder.delay_for(due[key], sent[key]))
+        ).total_seconds()
+        for key in due
+    )
+    with capsys.disabled():
+        print(  # noqa: T201 - the measured figures belong in the test output
+            f"\ndelay ladder, {len(due)} timers of 1-5 s: lateness after deliver_at p50 "
+            f"{statistics.median(lateness):.3f} s, max {lateness[-1]:.3f} s (rounding up to "
+            f"whole seconds included); ladder overhead p50 {statistics.median(overhead):.3f} s, "
+            f"max {overhead[-1]:.3f} s; {len(recorder.deliveries) - len(due)} duplicate(s)"
+        )
+
+
+async def test_a_timer_travels_the_same_levels_again_without_being_dropped(
+    transport: RabbitTransport, broker_url: str
+) -> None:
+    """Regression for Celery issue 9867: x-death copied into a re-publish is a 'cycle'."""
+    await transport.declare(work_queue(names.TIMERS_QUEUE))
+    recorder = Recorder()
+    three_seconds = DelayLadder().route(3, names.TIMERS_QUEUE)  # levels 1 and 0
+    async with consuming(transport, names.TIMERS_QUEUE, recorder):
+        timer = message(
+            names.TIMERS_QUEUE,
+            message_id="t-1",
+            deliver_at=datetime.now(UTC) + timedelta(seconds=3),
+        )
+        await transport.publish(timer)
+        (first,) = await recorder.wait_for(1)
+        assert [death["queue"] for death in first.headers["x-death"]] == [
+            "saga.delay.0",
+            "saga.delay.1",
+        ]
+        # The same timer again, carrying every string header the delivery had (x-first-death-*
+        # included): the transport must not let RabbitMQ's headers back in.
+        carried = {k: v for k, v in first.headers.items() if isinstance(v, str)}
+        again = timer.model_copy(
+            update={
+                "headers": {**carried, **timer.headers},
+                "deliver_at": datetime.now(UTC) + timedelta(seconds=3),
+            }
+        )
+        await transport.publish(again)
+        # The control: a raw re-publish with the delivery's x-death, as Celery did.
+        async with await aio_pika.connect(broker_url) as raw:
+            channel = await raw.channel()
+            entry = await channel.get_exchange(three_seconds.exchange)
+            await entry.publish(
+                aio_pika.Message(b"{}", headers={**first.headers, "saga-message-id": "raw"}),
+                three_seconds.routing_key,
+            )
+        await recorder.wait_for(2, within=10)
+        await asyncio.sleep(1.0)
+    ids = [d.message_id for d in recorder.deliveries]
+    assert ids.count("t-1") == 2
+    if broker_version() < (3, 13):
+        assert "raw" not in ids, "the broker no longer drops x-death cycles: update the docs"
+
+
+async def test_a_classic_ladder_delivers_too(broker_url: str, vhost: str) -> None:
+    ladder = DelayLadder(levels=4, queue_type=QueueType.CLASSIC)
+    recorder = Recorder()
+    async with RabbitTransport(broker_url, ladder=ladder) as transport:
+        await transport.declare(work_queue(names.TIMERS_QUEUE))
+        async with consuming(transport, names.TIMERS_QUEUE, recorder):
+            deliver_at = datetime.now(UTC) + timedelta(seconds=2)
+            await transport.publish(message(names.TIMERS_QUEUE, deliver_at=deliver_at))
+            await recorder.wait_for(1)
+    assert recorder.arrivals["m-1"] >= deliver_at
+    declared = queue_arguments(vhost)
+    assert declared["saga.delay.1"] == ladder.queue_arguments(1)
+    assert declared["saga.delay.1"]["x-queue-type"] == "classic"
+
+
+async def test_a_deliver_at_in_the_past_is_delivered_at_once(
+    transport: RabbitTransport, unique: str
+) -> None:
+    queue = f"work-{unique}"
+    await transport.declare(work_queue(queue))
+    recorder = Recorder()
+    async with consuming(transport, queue, recorder):
+        started = time.monotonic()
+        await transport.publish(message(queue, deliver_at=datetime.now(UTC) - timedelta(minutes=5)))
+        await recorder.wait_for(1, within=2)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_a_delayed_message_for_a_queue_without_the_ladder_is_refused(
+    transport: RabbitTransport, unique: str
+) -> None:
+    with pytest.raises(PublishFailed, match="delayed messages must address one of"):
+        await transport.publish(
+            message(f"work-{unique}", deliver_at=datetime.now(UTC) + timedelta(seconds=5))
+        )
+
+
+# --- consuming --------------------------------------------------------------------------------
+
+
+def park_if_not_json(delivery: Delivery) -> Verdict:
+    """A handler verdict like the orchestrator's: undecodable bodies are parked."""
+    try:
+        json.loads(delivery.body)
+    except ValueError as e:
+        return DeadLetter(f"not JSON: {e}")
+    return Disposition.ACK
+
+
+async def test_garbage_is_parked_with_its_reason_and_the_consumer_keeps_going(
+    transport: RabbitTransport,
+) -> None:
+    await transport.declare(work_queue(names.TIMERS_QUEUE))
+    timers = Recorder(verdict=park_if_not_json)
+    parked = Recorder()
+    async with (
+        consuming(transport, names.TIMERS_QUEUE, timers),
+        consuming(transport, names.PARKED_QUEUE, parked),
+    ):
+        # Through the ladder, so that the garbage carries RabbitMQ's own x-death headers.
+        await transport.publish(
+            message(
+                names.TIMERS_QUEUE,
+                "<<garbage>>",
+                message_id="bad-1",
+                deliver_at=datetime.now(UTC) + timedelta(seconds=1),
+            )
+        )
+        await timers.wait_for(1)
+        await transport.publish(message(names.TIMERS_QUEUE, message_id="good-1"))
+        (copy,) = await parked.wait_for(1)
+        await timers.wait_for(2)
+    assert [d.message_id for d in timers.deliveries] == ["bad-1", "good-1"]
+    assert "x-death" in timers.deliveries[0].headers
+    assert copy.body == b"<<garbage>>"
+    assert copy.message_id == "bad-1"
+    assert copy.correlation_id == "saga-1"
+    assert copy.headers[names.HEADER_DEAD_LETTER_REASON].startswith("not JSON: ")
+    assert copy.headers[names.HEADER_DEAD_LETTER_QUEUE] == names.TIMERS_QUEUE
+    assert not [key for key in copy.headers if key.startswith("x-")]
+
+
+async def test_a_crashing_handler_is_retried_then_parked_as_poison(
+    broker_url: str, unique: str
+) -> None:
+    queue = f"work-{unique}"
+    calls: list[int] = []
+
+    async def crashing(delivery: Delivery) -> Verdict:
+        calls.append(delivery.headers.get("x-delivery-count", 0))
+        raise RuntimeError("a bug")
+
+    parked = Recorder()
+    async with RabbitTransport(broker_url, poison_threshold=3) as transport:
+        await transport.declare(work_queue(queue))
+        with capture_logs() as logs:
+            async with (
+                consuming(transport, queue, crashing),
+                consuming(transport, names.PARKED_QUEUE, parked),
+            ):
+                await transport.publish(message(queue, message_id="poison-1"))
+                (copy,) = await parked.wait_for(1)
+    assert calls == [0, 1, 2]
+    assert copy.message_id == "poison-1"
+    assert copy.headers[names.HEADER_DEAD_LETTER_REASON] == (
+        "poison message: redelivered 3 times without being acknowledged (threshold 3)"
+    )
+    failures = [entry for entry in logs if entry["event"] == "handler_failed"]
+    assert len(failures) == 3
+    assert all(entry["exc_info"] for entry in failures)
+    assert any(entry["event"] == "poison_message_parked" for entry in logs)
+
+
+async def test_requeue_redelivers_the_message(transport: RabbitTransport, unique: str) -> None:
+    queue = f"work-{unique}"
+    await transport.declare(work_queue(queue))
+    recorder = Recorder(verdict=lambda d: Disposition.ACK if d.redelivered else Disposition.REQUEUE)
+    async with consuming(transport, queue, recorder):
+        await transport.publish(message(queue))
+        first, second = await recorder.wait_for(2)
+    assert (first.redelivered, second.redelivered) == (False, True)
+    assert first.message_id == second.message_id == "m-1"
+
+
+async def test_at_most_prefetch_handlers_run_at_once(
+    transport: RabbitTransport, unique: str
+) -> None:
+    queue = f"work-{unique}"
+    await transport.declare(work_queue(queue))
+    release = asyncio.Event()
+    running: list[str] = []
+    most = 0
+    done: list[str] = []
+
+    async def slow(delivery: Delivery) -> Verdict:
+        nonlocal most
+        running.append(delivery.message_id or "")
+        most = max(most, len(running))
+        await release.wait()
+        running.remove(delivery.message_id or "")
+        done.append(delivery.message_id or "")
+        return Disposition.ACK
+
+    async with consuming(transport, queue, slow):
+        try:
+            for n in range(12):
+                await transport.publish(message(queue, message_id=f"m-{n}"))
+            await until(lambda: len(running) == transport.prefetch)
+            await asyncio.sleep(0.3)
+            assert len(running) == transport.prefetch == 8
+        finally:
+            release.set()
+        await until(lambda: len(done) == 12)
+    assert most == 8
+
+
+async def test_cancelling_consume_waits_for_the_in_flight_handler_and_acks_it(
+    transport: RabbitTransport, broker_url: str, unique: str
+) -> None:
+    queue = f"work-{unique}"
+    await transport.declare(work_queue(queue))
+    release = asyncio.Event()
+    recorder = Recorder()
+
+    async def slow(delivery: Delivery) -> Verdict:
+        await recorder(delivery)
+        await release.wait()
+        return Disposition.ACK
+
+    ready = asyncio.Event()
+    task = asyncio.create_task(transport.consume(queue, slow, ready=ready))
+    await ready.wait()
+    await transport.publish(message(queue, message_id="in-flight"))
+    await recorder.wait_for(1)
+    task.cancel()
+    try:
+        await asyncio.sleep(0.3)
+        assert not task.done(), "consume returned while its handler was still running"
+        await transport.publish(message(queue, message_id="after-cancel"))
+        await asyncio.sleep(0.3)
+    finally:
+        release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [d.message_id for d in recorder.deliveries] == ["in-flight"]
+    assert await ready_count(broker_url, queue) == 1  # in-flight acked, after-cancel waits
+
+
+async def test_close_stops_consumers(transport: RabbitTransport, unique: str) -> None:
+    queue = f"work-{unique}"
+    await transport.declare(work_queue(queue))
+    ready = asyncio.Event()
+    task = asyncio.create_task(transport.consume(queue, Recorder(), ready=ready))
+    await ready.wait()
+    await transport.close()
+    async with asyncio.timeout(5):
+        await task  # returns without an error
+
+
+async def test_consuming_a_missing_queue_says_so(transport: RabbitTransport, unique: str) -> None:
+    with pytest.raises(PublishFailed, match=f"queue 'nothing-{unique}': it does not exist"):
+        await transport.consume(f"nothing-{unique}", Recorder())
+
+
+async def test_consumers_resume_after_the_connection_drops(
+    transport: RabbitTransport, vhost: str, unique: str
+) -> None:
+    queue = f"work-{unique}"
+    await transport.declare(work_queue(queue))
+    release = asyncio.Event()
+    recorder = Recorder()
+
+    async def first_one_slow(delivery: Delivery) -> Verdict:
+        await recorder(delivery)
+        if not delivery.redelivered:
+            await release.wait()
+        return Disposition.ACK
+
+    reconnected = asyncio.Event()
+    connection = await transport.connect()
+    connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+    with capture_logs() as logs:
+        async with consuming(transport, queue, first_one_slow):
+            try:
+                await transport.publish(message(queue, message_id="before"))
+                await recorder.wait_for(1)
+                rabbitmqctl("close_all_connections", "-p", vhost, "integration test")
+                async with asyncio.timeout(15):
+                    await reconnected.wait()
+            finally:
+                release.set()  # its ack goes to a channel that no longer exists
+            redelivered = (await recorder.wait_for(2, within=15))[1]
+            assert (redelivered.message_id, redelivered.redelivered) == ("before", True)
+            async with asyncio.timeout(15):
+                while True:  # what the outbox relay does
+                    try:
+                        await transport.publish(message(queue, message_id="after"))
+                        break
+                    except PublishFailed:
+                        await asyncio.sleep(0.2)
+            await recorder.wait_for(3, within=15)
+    assert [d.message_id for d in recorder.deliveries] == ["before", "before", "after"]
+    settle_failures = [entry for entry in logs if entry["event"] == "delivery_settle_failed"]
+    assert [entry["action"] for entry in settle_failures] == ["ack"]
+
+
+# --- topology ---------------------------------------------------------------------------------
+
+
+async def test_declared_queue_arguments_are_what_we_asked_for(
+    transport: RabbitTransport, vhost: str
+) -> None:
+    topology = orchestrator_topology(["inventory"], POLICY)
+    await transport.declare(topology)
+    await transport.declare(topology)  # idempotent
+    declared = queue_arguments(vhost)
+    ladder = transport.ladder
+    assert declared[names.TIMERS_QUEUE] == POLICY.arguments()
+    assert declared[names.command_queue("inventory")] == POLICY.arguments()
+    assert declared[names.TIMERS_QUEUE]["x-delivery-limit"] == 20
+    assert declared[names.PARKED_QUEUE] == {"x-queue-type": "quorum"}
+    for level in range(ladder.levels):
+        assert declared[ladder.level_name(level)] == ladder.queue_arguments(level)
+    assert len(declared) == 5 + ladder.levels
+    assert not [name for name, arguments in declared.items() if "x-expires" in arguments]
+    assert transport.full_topology(topology).queues[: len(topology.queues)] == topology.queues
+
+
+def test_a_participant_topology_gets_no_ladder() -> None:
+    transport = RabbitTransport("amqp://guest:guest@localhost/")  # never connects
+    topology = participant_topology("inventory", POLICY)
+    assert transport.full_topology(topology) == topology
+
+
+async def test_a_queue_with_other_arguments_is_a_clear_config_error(
+    transport: RabbitTransport, vhost: str, unique: str
+) -> None:
+    queue = f"work-{unique}"
+    await transport.declare(Topology(queues=(QueueSpec(queue, {"x-queue-type": "classic"}),)))
+    with pytest.raises(ConfigError) as raised:
+        await transport.declare(work_queue(queue))
+    text = str(raised.value)
+    assert f"queue '{queue}' already exists with different arguments" in text
+    assert "inequivalent arg" in text
+    assert f"rabbitmqctl delete_queue -p {vhost} {queue}" in text
+    assert "\n" not in text
+
+
+async def test_a_ladder_level_with_another_ttl_is_a_clear_config_error(
+    transport: RabbitTransport,
+) -> None:
+    ladder = transport.ladder
+    wrong = {**ladder.queue_arguments(3), "x-message-ttl": 1000}
+    await transport.declare(Topology(queues=(QueueSpec("saga.delay.3", wrong),)))
+    with pytest.raises(ConfigError) as raised:
+        await transport.declare(work_queue(names.TIMERS_QUEUE))
+    text = str(raised.value)
+    assert "queue 'saga.delay.3'" in text
+    assert "inequivalent arg 'x-message-ttl'" in text
+    assert "8000" in text  # what we asked for
+    assert "1000" in text  # what the broker has
+
+
+# --- start-up ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "says"),
+    [
+        ("wrong password", ConfigError, "refused the login"),
+        ("closed port", PublishFailed, "cannot connect to RabbitMQ at"),
+        ("not amqp", ConfigError, "is not valid: use amqp://"),
+        ("unknown vhost", ConfigError, "does not exist or the user may not access it"),
+        ("not a url", ConfigError, "is not valid: use amqp://"),
+    ],
+)
+async def test_start_up_errors_are_one_line_without_the_password(
+    amqp_url: str, unique: str, case: str, error: type[Exception], says: str
+) -> None:
+    urls = {
+        "wrong password": "amqp://guest:s3cret-pw@127.0.0.1:5672/",
+        "closed port": "amqp://guest:s3cret-pw@127.0.0.1:1/",
+        "not amqp": "http://guest:s3cret-pw@127.0.0.1:5672/",
+        "unknown vhost": with_vhost(amqp_url, f"nowhere-{unique}"),
+        "not a url": "amqp//guest:s3cret-pw@127.0.0.1",
+    }
+    transport = RabbitTransport(urls[case], connect_timeout=3)
+    started = time.monotonic()
+    with pytest.raises(error) as raised:
+        await transport.connect()
+    text = str(raised.value)
+    assert says in text
+    assert "s3cret-pw" not in text
+    assert "\n" not in text
+    assert time.monotonic() - started < 3.5
+    await transport.close()
+
+
+def test_the_password_is_hidden_in_the_url_shown() -> None:
+    transport = RabbitTransport("amqp://app:hunter2@rabbit:5672/prod")
+    assert transport.safe_url == "amqp://app:***@rabbit:5672/prod"
