@@ -1,0 +1,419 @@
+"""The MongoDB saga store (PyMongo's async API): one document per saga, one write per transition.
+
+A saga's document (collection ``sagas`` unless another name is given)::
+
+    _id           the saga id
+    version       the compare-and-set token
+    state         the SagaState, in pydantic's JSON mode (exact: datetimes as ISO strings)
+    outbox        [Outgoing in JSON mode + written_at], unpublished messages in publish order
+    saga_type, status, active                           for listings, gauges and the sweep
+    next_due_at   BSON date, set only while active and something is due
+    has_outbox, outbox_since                            for the relay
+    created_at, updated_at, finished_at                 BSON dates
+    purge_at      BSON date, finished_at + retention, on terminal sagas only (the TTL index)
+
+``state`` and ``outbox`` are the truth; the top-level fields are derived from them on every
+write, for the indexes. BSON dates keep milliseconds, so a due time is found up to 1 ms early
+at most (harmless: the engine re-checks due times against the clock).
+
+Every transition is one ``find_one_and_update`` guarded by ``{_id, version}`` that replaces
+the state and appends its messages to the outbox. The outbox rides in the same document, so
+state and the messages it implies commit together without multi-document transactions.
+Creating is an insert (a duplicate key means "exists"); publishing removes entries with one
+pipeline update that leaves the version alone.
+
+Indexes (created by :meth:`MongoStore.setup`): ``due_v1`` ``{next_due_at: 1, _id: 1}`` partial
+on ``active: true``; ``outbox_v1`` ``{outbox_since: 1, _id: 1}`` partial on
+``has_outbox: true``; ``listing_v1`` ``{status: 1, saga_type: 1, updated_at: -1, _id: -1}``;
+``purge_v1`` TTL on ``purge_at`` with ``expireAfterSeconds=0``. The ``_id`` suffixes make
+the tie-breaking sorts index-only. The TTL monitor runs about once a minute, so
+:meth:`MongoStore.purge` also deletes explicitly.
+
+Built from a URL, the client uses ``w="majority"`` and retryable writes unless the URL says
+otherwise (run MongoDB as a replica set, even a single node: standalone servers have no
+retryable writes), returns timezone-aware datetimes, and gives up on an unreachable server
+after ``connect_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlsplit
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import (
+    ConfigurationError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    ExecutionTimeout,
+    OperationFailure,
+    WriteConcernError,
+)
+
+from orchestrator.clock import utc
+from orchestrator.errors import ConfigError
+from orchestrator.state import SagaState
+from orchestrator.store import DEFAULT_RETENTION, SagaFilter, SagaRecord
+from orchestrator.stores import redact_url, store_unavailable
+from orchestrator.transport import Outgoing
+
+Document = dict[str, Any]
+"""A BSON document as PyMongo hands it over."""
+
+DEFAULT_DATABASE: Final = "saga"
+"""The database used when the URL names none."""
+
+DEFAULT_COLLECTION: Final = "sagas"
+"""The collection sagas are kept in unless the store is given another name."""
+
+_AUTH_FAILURES: Final = frozenset({13, 18})  # Unauthorized, AuthenticationFailed
+_WRITTEN_AT: Final = "written_at"  # a BSON date per outbox entry, for outbox_since
+
+# The relay's fields, derived from the outbox as it is after a pipeline stage changed it.
+_OUTBOX_SUMMARY: Final = {
+    "$set": {
+        "has_outbox": {"$gt": [{"$size": "$outbox"}, 0]},
+        "outbox_since": {"$min": f"$outbox.{_WRITTEN_AT}"},
+    }
+}
+
+INDEXES: Final = (
+    IndexModel(
+        [("next_due_at", ASCENDING), ("_id", ASCENDING)],
+        name="due_v1",
+        partialFilterExpression={"active": True},
+    ),
+    IndexModel(
+        [("outbox_since", ASCENDING), ("_id", ASCENDING)],
+        name="outbox_v1",
+        partialFilterExpression={"has_outbox": True},
+    ),
+    IndexModel(
+        [
+            ("status", ASCENDING),
+            ("saga_type", ASCENDING),
+            ("updated_at", DESCENDING),
+            ("_id", DESCENDING),
+        ],
+        name="listing_v1",
+    ),
+    IndexModel([("purge_at", ASCENDING)], name="purge_v1", expireAfterSeconds=0),
+)
+"""The saga collection's indexes; versioned names leave room to change one later."""
+
+
+def open_client(url: str, *, connect_timeout: float = 5.0) -> AsyncMongoClient[Document]:
+    """An ``AsyncMongoClient`` with the store's defaults; it connects on first use.
+
+    Defaults, each overridden by the same option in the URL: ``w=majority`` and
+    ``retryWrites=true``. Always: timezone-aware datetimes, and server selection and connect
+    timeouts of ``connect_timeout`` seconds.
+
+    Raises:
+        ConfigError: PyMongo refuses the URL (malformed, or options that contradict each
+            other). An unknown option is only warned about, by PyMongo.
+    """
+    try:
+        given = {key.lower() for key, _ in parse_qsl(urlsplit(url).query)}
+    except ValueError as e:
+        raise ConfigError(f"MongoDB URL {redact_url(url)} is malformed: {e}") from e
+    timeout_ms = max(1, round(connect_timeout * 1000))
+    options: dict[str, Any] = {
+        "tz_aware": True,
+        "serverSelectionTimeoutMS": timeout_ms,
+        "connectTimeoutMS": timeout_ms,
+    }
+    if "w" not in given:
+        options["w"] = "majority"
+    if "retrywrites" not in given:
+        options["retryWrites"] = True
+    try:
+        return AsyncMongoClient(url, **options)
+    except (ConfigurationError, ValueError) as e:  # ValueError: a port that is not a number
+        raise ConfigError(f"MongoDB URL {redact_url(url)} is invalid: {e}") from e
+
+
+@contextlib.contextmanager
+def unavailable_errors(where: str, *, timeout: float | None = None) -> Iterator[None]:
+    """Report connection and authentication trouble inside the block as ``StoreUnavailable``.
+
+    Anything else (a bad query is a bug) propagates as itself.
+    """
+    try:
+        yield
+    except (ConnectionFailure, ExecutionTimeout, WriteConcernError) as e:
+        # ConnectionFailure covers server selection timeouts, lost connections and a primary
+        # stepping down; a write concern error leaves a write's durability unknown.
+        raise store_unavailable("MongoDB", where, e, timeout=timeout) from e
+    except OperationFailure as e:
+        if e.code not in _AUTH_FAILURES:
+            raise
+        raise store_unavailable("MongoDB", where, e, timeout=timeout) from e
+
+
+class MongoStore:
+    """Saga records in MongoDB; see the module docstring for the document and its indexes.
+
+    Build it with :meth:`from_url`, or over a database you already have (tests hand it an
+    async facade over mongomock); a store built over a database leaves its client open.
+
+    Args:
+        database: an ``AsyncDatabase`` (its write concern is used as it is).
+        collection: the collection name.
+        retention: how long a finished saga is kept (``purge_at = finished_at + retention``).
+    """
+
+    def __init__(
+        self,
+        database: AsyncDatabase[Document],
+        *,
+        collection: str = DEFAULT_COLLECTION,
+        retention: timedelta = DEFAULT_RETENTION,
+    ) -> None:
+        self.database = database
+        self.collection: AsyncCollection[Document] = database[collection]
+        self.retention = retention
+        self._where = f"database {database.name}"
+        self._timeout: float | None = None
+        self._client: AsyncMongoClient[Document] | None = None
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        collection: str = DEFAULT_COLLECTION,
+        retention: timedelta = DEFAULT_RETENTION,
+        connect_timeout: float = 5.0,
+    ) -> MongoStore:
+        """A store over the database named by the URL's path (default ``saga``).
+
+        Raises:
+            ConfigError: PyMongo refuses the URL.
+        """
+        client = open_client(url, connect_timeout=connect_timeout)
+        store = cls(
+            client.get_default_database(DEFAULT_DATABASE),
+            collection=collection,
+            retention=retention,
+        )
+        store._client = client
+        store._where = redact_url(url)
+        store._timeout = connect_timeout
+        return store
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return unavailable_errors(self._where, timeout=self._timeout)
+
+    async def setup(self) -> None:
+        """Check the server answers and create the indexes; idempotent."""
+        with self._errors():
+            await self.database.command("ping")
+            await self.collection.create_indexes(list(INDEXES))
+
+    async def create(self, record: SagaRecord) -> bool:
+        """Insert a new saga; ``False`` (and nothing written) if the id exists."""
+        with self._errors():
+            try:
+                await self.collection.insert_one({"_id": record.saga_id, **self._fields(record)})
+            except DuplicateKeyError:
+                return False
+        return True
+
+    async def load(self, saga_id: str) -> SagaRecord | None:
+        """The saga's record, or ``None``."""
+        with self._errors():
+            document = await self.collection.find_one({"_id": saga_id}, _RECORD)
+        return None if document is None else _record(document)
+
+    async def save(self, record: SagaRecord, expected_version: int) -> bool:
+        """Replace the state and append ``record.outbox`` if the version is ``expected_version``."""
+        if record.version != expected_version + 1:
+            raise ValueError("record.version must be expected_version + 1")
+        # A pipeline update, so that outbox_since can be derived from the stored outbox: an
+        # update document's $min would keep a stored null (null sorts below dates). In a
+        # pipeline a "$..." string is a field path and a document is an expression, so every
+        # value is a $literal: saga data is never read as either.
+        fields = {name: {"$literal": value} for name, value in self._state_fields(record).items()}
+        update: builtins.list[Document] = [{"$set": fields}]
+        if record.outbox:
+            # Appended, never rewritten from what this writer loaded: another handler may have
+            # published and marked an older entry since, and writing it back would resend it.
+            added = {"$literal": _entries(record.outbox)}
+            update.append({"$set": {"outbox": {"$concatArrays": ["$outbox", added]}}})
+            update.append(_OUTBOX_SUMMARY)
+        with self._errors():
+            before = await self.collection.find_one_and_update(
+                {"_id": record.saga_id, "version": expected_version},
+                update,
+                projection={"_id": 1},
+            )
+        return before is not None
+
+    async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
+        """Drop these messages from the saga's outbox; the version does not change."""
+        ids = builtins.list(message_ids)
+        if not ids:
+            return
+        keep = {"$not": {"$in": ["$$entry.message_id", ids]}}
+        with self._errors():
+            await self.collection.update_one(
+                {"_id": saga_id, "outbox.message_id": {"$in": ids}},
+                [
+                    {
+                        "$set": {
+                            "outbox": {"$filter": {"input": "$outbox", "as": "entry", "cond": keep}}
+                        }
+                    },
+                    _OUTBOX_SUMMARY,
+                ],
+            )
+
+    async def due(self, now: datetime, limit: int) -> builtins.list[str]:
+        """Ids of active sagas whose ``next_due_at`` is at or before ``now``, oldest first."""
+        documents = await self._find(
+            {"active": True, "next_due_at": {"$lte": now}},
+            {"_id": 1},
+            [("next_due_at", ASCENDING), ("_id", ASCENDING)],
+            limit,
+        )
+        return [str(document["_id"]) for document in documents]
+
+    async def unpublished(self, older_than: datetime, limit: int) -> builtins.list[SagaRecord]:
+        """Sagas holding an outbox message written at or before ``older_than``."""
+        documents = await self._find(
+            {"has_outbox": True, "outbox_since": {"$lte": older_than}},
+            _RECORD,
+            [("outbox_since", ASCENDING), ("_id", ASCENDING)],
+            limit,
+        )
+        return [_record(document) for document in documents]
+
+    async def list(self, query: SagaFilter) -> Sequence[SagaState]:
+        """Sagas matching ``query``, most recently updated first."""
+        match: Document = {}
+        if query.status is not None:
+            match["status"] = query.status.value
+        if query.saga_type is not None:
+            match["saga_type"] = query.saga_type
+        documents = await self._find(
+            match, {"state": 1}, [("updated_at", DESCENDING), ("_id", DESCENDING)], query.limit
+        )
+        return [SagaState.model_validate(document["state"]) for document in documents]
+
+    async def count_by_status(self) -> dict[tuple[str, str], int]:
+        """Number of sagas per ``(saga_type, status)``."""
+        groups = await self._aggregate(
+            [
+                {
+                    "$group": {
+                        "_id": {"saga_type": "$saga_type", "status": "$status"},
+                        "sagas": {"$sum": 1},
+                    }
+                }
+            ]
+        )
+        return {
+            (group["_id"]["saga_type"], group["_id"]["status"]): int(group["sagas"])
+            for group in groups
+        }
+
+    async def outbox_backlog(self) -> tuple[int, datetime | None]:
+        """Number of unpublished messages and the write time of the oldest (to the ms)."""
+        groups = await self._aggregate(
+            [
+                {"$match": {"has_outbox": True}},
+                {
+                    "$group": {
+                        "_id": None,
+                        "messages": {"$sum": {"$size": "$outbox"}},
+                        "oldest": {"$min": "$outbox_since"},
+                    }
+                },
+            ]
+        )
+        if not groups:
+            return 0, None
+        oldest = groups[0]["oldest"]
+        return int(groups[0]["messages"]), None if oldest is None else utc(oldest)
+
+    async def purge(self, now: datetime) -> int:
+        """Delete finished sagas whose retention has passed (the TTL monitor lags)."""
+        with self._errors():
+            result = await self.collection.delete_many({"purge_at": {"$lte": now}})
+        return int(result.deleted_count)
+
+    async def close(self) -> None:
+        """Close the client if this store opened it."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def _find(
+        self,
+        match: Document,
+        projection: Document,
+        sort: builtins.list[tuple[str, int]],
+        limit: int,
+    ) -> builtins.list[Document]:
+        if limit <= 0:  # MongoDB reads a limit of 0 as "no limit"
+            return []
+        with self._errors():
+            cursor = self.collection.find(match, projection, sort=sort, limit=limit)
+            return await cursor.to_list()
+
+    async def _aggregate(self, pipeline: builtins.list[Document]) -> builtins.list[Document]:
+        with self._errors():
+            cursor = await self.collection.aggregate(pipeline)
+            return await cursor.to_list()
+
+    def _fields(self, record: SagaRecord) -> Document:
+        """Everything stored for a new saga except ``_id``."""
+        return {
+            **self._state_fields(record),
+            "has_outbox": bool(record.outbox),
+            "outbox_since": record.outbox_since,
+            "outbox": _entries(record.outbox),
+        }
+
+    def _state_fields(self, record: SagaRecord) -> Document:
+        """What every transition replaces: the version, the state and the fields derived from it."""
+        state = record.state
+        return {
+            "version": record.version,
+            "saga_type": state.saga_type,
+            "status": state.status.value,
+            "active": state.status.is_active,
+            "next_due_at": state.next_due_at,
+            "created_at": state.created_at,
+            "updated_at": state.updated_at,
+            "finished_at": state.finished_at,
+            "purge_at": record.purge_at(self.retention),
+            "state": state.model_dump(mode="json"),
+        }
+
+
+_RECORD: Final = {"version": 1, "state": 1, "outbox": 1}
+
+
+def _entries(outbox: Sequence[Outgoing]) -> builtins.list[Document]:
+    """Outbox entries as stored: JSON mode, plus their write time as a BSON date."""
+    return [{**entry.model_dump(mode="json"), _WRITTEN_AT: entry.created_at} for entry in outbox]
+
+
+def _record(document: Document) -> SagaRecord:
+    outbox = tuple(
+        Outgoing.model_validate({k: v for k, v in entry.items() if k != _WRITTEN_AT})
+        for entry in document["outbox"]
+    )
+    return SagaRecord(
+        state=SagaState.model_validate(document["state"]),
+        version=int(document["version"]),
+        outbox=outbox,
+    )

@@ -1,0 +1,481 @@
+"""The PostgreSQL saga store (asyncpg): one row per saga, every transition one compare-and-set.
+
+The table (``saga_instances`` unless another name is given)::
+
+    saga_id       text PRIMARY KEY
+    saga_type     text NOT NULL
+    status        text NOT NULL         SagaStatus value
+    version       bigint NOT NULL       the compare-and-set token
+    state         jsonb NOT NULL        the SagaState, in pydantic's JSON mode
+    outbox        jsonb NOT NULL        unpublished Outgoing messages, in publish order
+    next_due_at   timestamptz           the sweep: set only while active and something is due
+    outbox_since  timestamptz           the relay: write time of the oldest unpublished message
+    created_at, updated_at, finished_at timestamptz
+    purge_at      timestamptz           finished_at + retention, on terminal sagas only
+
+Indexes: the due sweep ``(next_due_at, saga_id)`` partial on active statuses; the relay
+``(outbox_since, saga_id)`` partial on rows holding an outbox; operator listings
+``(status, saga_type, updated_at DESC, saga_id DESC)``; retention ``(purge_at)`` partial on
+terminal rows.
+
+The state and outbox columns are the truth; the other columns are derived from them on every
+write, for the indexes. ``purge_at`` is stamped when a saga finishes, with the retention in
+force then. Schema changes are numbered migrations applied by :meth:`PostgresStore.setup`
+under an advisory lock, and recorded per table in ``saga_schema_versions``, so replicas that
+start together migrate once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator, Collection, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+from orchestrator.errors import ConfigError, StoreUnavailable
+from orchestrator.state import SagaState
+from orchestrator.store import DEFAULT_RETENTION, SagaFilter, SagaRecord
+from orchestrator.stores import redact_url, store_unavailable
+from orchestrator.transport import Outgoing
+
+DEFAULT_TABLE: Final = "saga_instances"
+"""The table sagas are kept in unless the store is given another name."""
+
+_SCHEMA_VERSIONS_SQL: Final = {
+    "create": """
+        CREATE TABLE IF NOT EXISTS saga_schema_versions (
+            table_name  text PRIMARY KEY,
+            version     integer NOT NULL,
+            migrated_at timestamptz NOT NULL DEFAULT now())
+    """,
+    "get": "SELECT version FROM saga_schema_versions WHERE table_name = $1",
+    "set": """
+        INSERT INTO saga_schema_versions (table_name, version) VALUES ($1, $2)
+        ON CONFLICT (table_name) DO UPDATE SET version = EXCLUDED.version, migrated_at = now()
+    """,
+    "forget": "DELETE FROM saga_schema_versions WHERE table_name = $1",
+}
+
+# Any constant works; one key serialises the migrations of every table, which is cheap.
+_MIGRATION_LOCK: Final = 0x5A6A_0001
+_PURGE_BATCH: Final = 1000  # small deletes keep locks and WAL bursts short
+
+_TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # 40 leaves room for index name suffixes
+
+# Connection trouble, as opposed to a bad statement (a bug, which must propagate as itself).
+_UNAVAILABLE: Final[tuple[type[BaseException], ...]] = (
+    OSError,  # refused, unreachable, reset, name resolution
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08, including a connection lost mid-query
+    asyncpg.InvalidAuthorizationSpecificationError,  # class 28: wrong user or password
+    asyncpg.InvalidCatalogNameError,  # the database does not exist
+    asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.ReadOnlySQLTransactionError,  # a failover left the URL pointing at a standby
+)
+
+ACTIVE_STATUSES: Final = ("started", "pending", "compensating")
+"""The statuses the due index covers: ``SagaStatus.is_active``, frozen in migration 1.
+
+Changing which statuses are active needs a migration that rebuilds the index; a test checks
+that this matches the state model.
+"""
+
+_ACTIVE: Final = "status IN ({})".format(", ".join(f"'{status}'" for status in ACTIVE_STATUSES))
+
+_MIGRATIONS: Final = (
+    """
+    CREATE TABLE "{table}" (
+        saga_id      text PRIMARY KEY,
+        saga_type    text NOT NULL,
+        status       text NOT NULL,
+        version      bigint NOT NULL,
+        state        jsonb NOT NULL,
+        outbox       jsonb NOT NULL DEFAULT '[]'::jsonb,
+        next_due_at  timestamptz,
+        outbox_since timestamptz,
+        created_at   timestamptz NOT NULL,
+        updated_at   timestamptz NOT NULL,
+        finished_at  timestamptz,
+        purge_at     timestamptz
+    );
+    CREATE INDEX "{table}_due" ON "{table}" (next_due_at, saga_id) WHERE {active};
+    CREATE INDEX "{table}_outbox" ON "{table}" (outbox_since, saga_id)
+        WHERE outbox_since IS NOT NULL;
+    CREATE INDEX "{table}_listing" ON "{table}" (status, saga_type, updated_at DESC, saga_id DESC);
+    CREATE INDEX "{table}_purge" ON "{table}" (purge_at) WHERE purge_at IS NOT NULL;
+    """,
+)
+
+_SQL: Final = {
+    # The columns after saga_id are in the order of PostgresStore._columns.
+    "insert": """
+        INSERT INTO "{table}" (saga_id, saga_type, status, version, state, outbox, next_due_at,
+                               outbox_since, created_at, updated_at, finished_at, purge_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+        ON CONFLICT (saga_id) DO NOTHING
+        RETURNING version
+    """,
+    "load": 'SELECT version, state, outbox FROM "{table}" WHERE saga_id = $1',
+    # The new entries join the stored outbox rather than replace it: a handler may have
+    # published and marked an older entry since this writer loaded the row, and writing that
+    # entry back would send it twice. LEAST ignores NULLs: no stored or no new entries.
+    "save": """
+        UPDATE "{table}"
+        SET (saga_type, status, version, state, next_due_at,
+             created_at, updated_at, finished_at, purge_at)
+          = ($3, $4, $5, $6, $8, $10, $11, $12, $13),
+            outbox = outbox || $7::jsonb,
+            outbox_since = LEAST(outbox_since, $9)
+        WHERE saga_id = $1 AND version = $2
+        RETURNING version
+    """,
+    # SET expressions read the row being updated, so a save that commits first is seen (the
+    # update re-reads the new row version) and its outbox entries are kept, not overwritten.
+    "mark_published": """
+        UPDATE "{table}" SET
+            outbox = COALESCE(
+                (SELECT jsonb_agg(e.entry ORDER BY e.position)
+                   FROM jsonb_array_elements(outbox) WITH ORDINALITY AS e(entry, position)
+                  WHERE NOT (e.entry ->> 'message_id' = ANY($2::text[]))),
+                '[]'::jsonb),
+            outbox_since = (
+                SELECT min((e.entry ->> 'created_at')::timestamptz)
+                  FROM jsonb_array_elements(outbox) AS e(entry)
+                 WHERE NOT (e.entry ->> 'message_id' = ANY($2::text[])))
+        WHERE saga_id = $1
+          AND EXISTS (SELECT 1 FROM jsonb_array_elements(outbox) AS e(entry)
+                       WHERE e.entry ->> 'message_id' = ANY($2::text[]))
+    """,
+    "due": """
+        SELECT saga_id FROM "{table}"
+        WHERE {active} AND next_due_at <= $1
+        ORDER BY next_due_at, saga_id
+        LIMIT $2
+    """,
+    "unpublished": """
+        SELECT version, state, outbox FROM "{table}"
+        WHERE outbox_since <= $1
+        ORDER BY outbox_since, saga_id
+        LIMIT $2
+    """,
+    "list": """
+        SELECT state FROM "{table}" {where}
+        ORDER BY updated_at DESC, saga_id DESC
+        LIMIT $1
+    """,
+    "count_by_status": """
+        SELECT saga_type, status, count(*) AS sagas FROM "{table}" GROUP BY saga_type, status
+    """,
+    "outbox_backlog": """
+        SELECT coalesce(sum(jsonb_array_length(outbox)), 0) AS messages,
+               min(outbox_since) AS oldest
+        FROM "{table}" WHERE outbox_since IS NOT NULL
+    """,
+    "purge": """
+        DELETE FROM "{table}" WHERE saga_id IN (
+            SELECT saga_id FROM "{table}" WHERE purge_at <= $1 LIMIT $2)
+    """,
+}
+
+
+def table_name(name: str) -> str:
+    """``name`` if it is a plain lowercase SQL identifier of at most 40 characters.
+
+    Raises:
+        ConfigError: it is not; table names are spliced into SQL, so nothing else is allowed.
+    """
+    if not _TABLE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"table name {name!r} is not allowed; use lowercase letters, digits and "
+            "underscores, starting with a letter or underscore, at most 40 characters"
+        )
+    return name
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+async def _register_json(connection: Any) -> None:
+    """Let JSON columns take and give Python objects (asyncpg's default is text)."""
+    for type_name in ("json", "jsonb"):
+        await connection.set_type_codec(
+            type_name, encoder=_dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+def row_count(status: str) -> int:
+    """The number of rows a command touched, from asyncpg's status tag (``"DELETE 3"``)."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class PostgresPool:
+    """An asyncpg pool, created on first use, that reports connection trouble as one line.
+
+    Every failure to reach the server, authenticate or stay connected surfaces as
+    ``StoreUnavailable`` naming the redacted URL, within ``connect_timeout`` seconds for a
+    server that does not answer. Shared by the saga store and the participant idempotency
+    store.
+
+    Args:
+        what: how the server is named in errors ("PostgreSQL").
+        command_timeout: seconds any one statement may take before it is abandoned.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        what: str = "PostgreSQL",
+        connect_timeout: float = 5.0,
+        command_timeout: float = 30.0,
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> None:
+        self.url = url
+        self.safe_url = redact_url(url)
+        self.what = what
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.min_size = min_size
+        self.max_size = max_size
+        self._pool: Any = None
+        self._lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A pooled connection (an ``asyncpg.Connection``), for one or a few statements.
+
+        Raises:
+            StoreUnavailable: the server cannot be reached, refused us, or went away.
+        """
+        pool = await self._ready()
+        try:
+            async with pool.acquire(timeout=self.connect_timeout) as connection:
+                yield connection
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
+
+    def _unavailable(self, error: BaseException) -> StoreUnavailable:
+        return store_unavailable(self.what, self.safe_url, error, timeout=self.connect_timeout)
+
+    async def _ready(self) -> Any:
+        if self._pool is None:
+            async with self._lock:
+                if self._pool is None:
+                    self._pool = await self._create()
+        return self._pool
+
+    async def _create(self) -> Any:
+        try:
+            # asyncpg's own timeout is per address tried; this one bounds the whole attempt.
+            async with asyncio.timeout(self.connect_timeout):
+                return await asyncpg.create_pool(
+                    self.url,
+                    min_size=self.min_size,
+                    max_size=self.max_size,
+                    timeout=self.connect_timeout,
+                    command_timeout=self.command_timeout,
+                    init=_register_json,
+                )
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from e
+        except ValueError as e:  # asyncpg's DSN parser: bad port, bad option, bad brackets
+            raise ConfigError(f"{self.what} URL {self.safe_url} is invalid: {e}") from e
+
+    async def migrate(self, table: str, migrations: Sequence[str]) -> None:
+        """Bring ``table`` to the last of ``migrations``, each a template over ``{table}``.
+
+        Raises:
+            ConfigError: the table was migrated by a newer release than this one.
+        """
+        async with self.connection() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await connection.execute(_SCHEMA_VERSIONS_SQL["create"])
+            found = await connection.fetchval(_SCHEMA_VERSIONS_SQL["get"], table)
+            current = int(found or 0)
+            if current > len(migrations):
+                raise ConfigError(
+                    f"table {table} is at schema version {current}, but this release only "
+                    f"knows versions up to {len(migrations)}; upgrade saga-orchestrator"
+                )
+            for migration in migrations[current:]:
+                await connection.execute(migration.format(table=table, active=_ACTIVE))
+            if current < len(migrations):
+                await connection.execute(_SCHEMA_VERSIONS_SQL["set"], table, len(migrations))
+
+    async def drop(self, table: str) -> None:
+        """Delete ``table`` and its schema record (for tests and uninstalling)."""
+        async with self.connection() as connection, connection.transaction():
+            await connection.execute(f'DROP TABLE IF EXISTS "{table_name(table)}"')
+            with contextlib.suppress(asyncpg.UndefinedTableError):
+                async with connection.transaction():  # a savepoint: the lookup may fail
+                    await connection.execute(_SCHEMA_VERSIONS_SQL["forget"], table)
+
+    async def close(self) -> None:
+        """Close every connection (waiting for those in use to be released)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+
+class PostgresStore:
+    """Saga records in PostgreSQL; see the module docstring for the schema.
+
+    Args:
+        url: a ``postgresql://`` URL (libpq syntax, as asyncpg reads it).
+        table: the table name (a plain identifier), so that tests and tenants can be isolated.
+        retention: how long a finished saga is kept before :meth:`purge` deletes it.
+        connect_timeout: seconds to wait for the server before raising ``StoreUnavailable``.
+        command_timeout: seconds one statement may take.
+        max_connections: the pool's size.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table: str = DEFAULT_TABLE,
+        retention: timedelta = DEFAULT_RETENTION,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 30.0,
+        max_connections: int = 10,
+    ) -> None:
+        self.table = table_name(table)
+        self.retention = retention
+        self.pool = PostgresPool(
+            url,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+            max_size=max_connections,
+        )
+        self._sql = {
+            name: template.format(table=self.table, active=_ACTIVE, where="{where}")
+            for name, template in _SQL.items()
+        }
+
+    async def setup(self) -> None:
+        """Connect, and create or migrate the table and its indexes; idempotent."""
+        await self.pool.migrate(self.table, _MIGRATIONS)
+
+    async def create(self, record: SagaRecord) -> bool:
+        """Insert a new saga; ``False`` (and nothing written) if the id exists."""
+        async with self.pool.connection() as connection:
+            inserted = await connection.fetchval(
+                self._sql["insert"], record.saga_id, *self._columns(record)
+            )
+        return inserted is not None
+
+    async def load(self, saga_id: str) -> SagaRecord | None:
+        """The saga's record, or ``None``."""
+        async with self.pool.connection() as connection:
+            row = await connection.fetchrow(self._sql["load"], saga_id)
+        return None if row is None else _record(row)
+
+    async def save(self, record: SagaRecord, expected_version: int) -> bool:
+        """Replace the state and append ``record.outbox`` if the version is ``expected_version``."""
+        if record.version != expected_version + 1:
+            raise ValueError("record.version must be expected_version + 1")
+        async with self.pool.connection() as connection:
+            saved = await connection.fetchval(
+                self._sql["save"], record.saga_id, expected_version, *self._columns(record)
+            )
+        return saved is not None
+
+    async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
+        """Drop these messages from the saga's outbox; the version does not change."""
+        if not message_ids:
+            return
+        async with self.pool.connection() as connection:
+            await connection.execute(self._sql["mark_published"], saga_id, list(message_ids))
+
+    async def due(self, now: datetime, limit: int) -> builtins.list[str]:
+        """Ids of active sagas whose ``next_due_at`` is at or before ``now``, oldest first."""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["due"], now, limit)
+        return [row["saga_id"] for row in rows]
+
+    async def unpublished(self, older_than: datetime, limit: int) -> builtins.list[SagaRecord]:
+        """Sagas holding an outbox message written at or before ``older_than``."""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["unpublished"], older_than, limit)
+        return [_record(row) for row in rows]
+
+    async def list(self, query: SagaFilter) -> Sequence[SagaState]:
+        """Sagas matching ``query``, most recently updated first."""
+        conditions: builtins.list[str] = []
+        arguments: builtins.list[object] = [query.limit]
+        if query.status is not None:
+            arguments.append(query.status.value)
+            conditions.append(f"status = ${len(arguments)}")
+        if query.saga_type is not None:
+            arguments.append(query.saga_type)
+            conditions.append(f"saga_type = ${len(arguments)}")
+        where = "WHERE " + " AND ".join(conditions) if conditions else ""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["list"].format(where=where), *arguments)
+        return [SagaState.model_validate(row["state"]) for row in rows]
+
+    async def count_by_status(self) -> dict[tuple[str, str], int]:
+        """Number of sagas per ``(saga_type, status)``."""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["count_by_status"])
+        return {(row["saga_type"], row["status"]): int(row["sagas"]) for row in rows}
+
+    async def outbox_backlog(self) -> tuple[int, datetime | None]:
+        """Number of unpublished messages and the write time of the oldest."""
+        async with self.pool.connection() as connection:
+            row = await connection.fetchrow(self._sql["outbox_backlog"])
+        oldest: datetime | None = row["oldest"]
+        return int(row["messages"]), oldest
+
+    async def purge(self, now: datetime) -> int:
+        """Delete finished sagas whose retention has passed, in small batches."""
+        purged = 0
+        async with self.pool.connection() as connection:
+            while True:
+                status: str = await connection.execute(self._sql["purge"], now, _PURGE_BATCH)
+                deleted = row_count(status)
+                purged += deleted
+                if deleted < _PURGE_BATCH:
+                    return purged
+
+    async def drop(self) -> None:
+        """Delete the table and its schema record (for tests and uninstalling)."""
+        await self.pool.drop(self.table)
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self.pool.close()
+
+    def _columns(self, record: SagaRecord) -> tuple[object, ...]:
+        """The stored columns after ``saga_id``, in the order the statements list them."""
+        state = record.state
+        return (
+            state.saga_type,
+            state.status.value,
+            record.version,
+            state.model_dump(mode="json"),
+            [entry.model_dump(mode="json") for entry in record.outbox],
+            state.next_due_at,
+            record.outbox_since,
+            state.created_at,
+            state.updated_at,
+            state.finished_at,
+            record.purge_at(self.retention),
+        )
+
+
+def _record(row: Any) -> SagaRecord:
+    return SagaRecord(
+        state=SagaState.model_validate(row["state"]),
+        version=int(row["version"]),
+        outbox=tuple(Outgoing.model_validate(entry) for entry in row["outbox"]),
+    )

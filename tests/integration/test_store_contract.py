@@ -1,0 +1,1054 @@
+"""The saga store contract: one suite, run against every store.
+
+Stores: ``memory`` (the reference), ``postgres`` (the server on this machine; a table per test),
+``mongomock`` (the Mongo adapter over an async facade on mongomock) and ``mongo`` (a real
+server, only when ``SAGA_TEST_MONGO_URL`` is set; a database per test). Saga states are built
+with the real engine from the example order saga, so the stores hold what production holds.
+
+Times are whole seconds (BSON dates keep milliseconds, as the Mongo store documents), and
+start from today: MongoDB's TTL index (and mongomock's) deletes a finished saga whose
+``purge_at`` is already in the past by the wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import inspect
+import os
+import socket
+import time
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import bson
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.cursor import AsyncCursor
+from pymongo.asynchronous.database import AsyncDatabase
+
+from contracts.events import EventName
+from contracts.messages import Direction, Reply, ReplyStatus
+from contracts.orders import InventoryReserved, OrderData, ReleaseInventory, ReserveInventory
+from examples.order_fulfillment import order_fulfillment
+from orchestrator.codec import outgoing
+from orchestrator.definition import Saga, Step
+from orchestrator.engine import HISTORY_LIMIT, Decision, Event, ReplyReceived, decide, start_saga
+from orchestrator.errors import ConfigError, StoreUnavailable
+from orchestrator.state import SagaStatus, StepStatus
+from orchestrator.store import SagaFilter, SagaRecord, SagaStore
+from orchestrator.stores import open_store, redact_url
+from orchestrator.stores.memory import MemoryStore
+from orchestrator.stores.mongo import MongoStore
+from orchestrator.stores.postgres import ACTIVE_STATUSES, PostgresStore
+from orchestrator.transport import Outgoing
+from tests.support.mongomock_async import (
+    AsyncMongoMockClient,
+    AsyncMongoMockCollection,
+    AsyncMongoMockCursor,
+    AsyncMongoMockDatabase,
+)
+
+MONGO_URL = os.environ.get("SAGA_TEST_MONGO_URL")
+T0 = datetime.now(UTC).replace(microsecond=0)
+ORDER = {
+    "customer_id": "c-1",
+    "items": [{"sku": "SKU-1", "quantity": 2, "unit_price": "12.50"}],
+    "payment_method": "card",
+    "shipping_address": "1 Main St",
+}
+RESULTS: dict[str, dict[str, Any]] = {
+    "reserve_inventory": {"reservation_id": "res-1"},
+    "process_payment": {"payment_id": "pay-1", "amount": "25.00"},
+    "create_shipment": {"shipment_id": "shp-1", "tracking_number": "TRK-1"},
+    "send_confirmation": {"notification_id": "note-1"},
+}
+
+stock_check = Saga(
+    "stock_check",
+    data=OrderData,
+    steps=[
+        Step(
+            "reserve_inventory",
+            service="inventory",
+            command=ReserveInventory,
+            result=InventoryReserved,
+            compensation=ReleaseInventory,
+            timeout=30,
+        )
+    ],
+)
+"""A second saga type, so that listings have a type to filter on."""
+
+SAGAS = {saga.name: saga for saga in (order_fulfillment, stock_check)}
+OK, FAIL = ReplyStatus.COMPLETED, ReplyStatus.FAILED
+
+
+# --- Building realistic records with the real engine ------------------------------------------
+
+
+def record_of(decision: Decision, version: int, now: datetime) -> SagaRecord:
+    """What the runtime saves for a decision: its state and the messages it adds.
+
+    A record built by a chain of these (``driven``), and then created, holds only its last
+    decision's messages: earlier ones are taken as published.
+    """
+    return SagaRecord(decision.state, version, tuple(outgoing(e, now) for e in decision.effects))
+
+
+def started(saga_id: str, at: datetime = T0, saga: Saga = order_fulfillment) -> SagaRecord:
+    """A saga just started: its first command is out."""
+    decision = start_saga(saga, saga_id, {**ORDER, "order_id": saga_id}, at)
+    return record_of(decision, 1, at)
+
+
+def apply(record: SagaRecord, event: Event, at: datetime) -> SagaRecord:
+    """The record after ``event``, one version on."""
+    decision = decide(record.state, event, at, SAGAS[record.state.saga_type])
+    assert decision.changed
+    return record_of(decision, record.version + 1, at)
+
+
+def answer(record: SagaRecord, status: ReplyStatus, at: datetime) -> ReplyReceived:
+    """The participant's reply to the command the saga is waiting for."""
+    state = record.state
+    for step in state.steps:
+        if step.status is StepStatus.RUNNING:
+            direction, attempt = Direction.FORWARD, step.attempt
+            break
+        if step.status is StepStatus.COMPENSATING:
+            direction, attempt = Direction.COMPENSATION, step.compensation_attempt
+            break
+    else:
+        raise AssertionError(f"saga {state.saga_id} waits for no reply")
+    command = f"{state.saga_id}:{step.name}:{direction.value}:{attempt}"
+    error = None if status is OK else {"type": "Refused", "message": "no"}
+    return ReplyReceived(
+        Reply(
+            message_id=f"reply:{command}",
+            in_reply_to=command,
+            saga_id=state.saga_id,
+            step=step.name,
+            direction=direction,
+            attempt=attempt,
+            status=status,
+            result=RESULTS[step.name] if status is OK else None,
+            error=error,
+            sent_at=at,
+        )
+    )
+
+
+def driven(
+    saga_id: str, at: datetime, *replies: ReplyStatus, saga: Saga = order_fulfillment
+) -> SagaRecord:
+    """A saga started at ``at`` and answered ``replies`` in turn, one second apart."""
+    record = started(saga_id, at, saga)
+    for n, status in enumerate(replies, start=1):
+        now = at + timedelta(seconds=n)
+        record = apply(record, answer(record, status, now), now)
+    return record
+
+
+def completed(saga_id: str, at: datetime = T0, saga: Saga = order_fulfillment) -> SagaRecord:
+    """Every step completed."""
+    return driven(saga_id, at, *[OK] * len(saga.typed_steps), saga=saga)
+
+
+def compensating(saga_id: str, at: datetime = T0) -> SagaRecord:
+    """Payment refused: the inventory reservation is being released."""
+    return driven(saga_id, at, OK, FAIL)
+
+
+def failed(saga_id: str, at: datetime = T0) -> SagaRecord:
+    """Payment refused and the reservation released: rolled back."""
+    return driven(saga_id, at, OK, FAIL, OK)
+
+
+def stuck(saga_id: str, at: datetime = T0) -> SagaRecord:
+    """Payment refused and the release refused too: parked for an operator."""
+    return driven(saga_id, at, OK, FAIL, FAIL)
+
+
+# --- One fixture, every store -----------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    """A store under test and a way to see how big a saga is as stored."""
+
+    store: SagaStore
+    stored_bytes: Callable[[str], Awaitable[int]]
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` naming the database ``name`` (keeping credentials and options)."""
+    parts = urlsplit(url)
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}/{name}{query}"
+
+
+@contextlib.asynccontextmanager
+async def memory_backend(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Backend]:
+    store = MemoryStore()
+
+    async def stored_bytes(saga_id: str) -> int:
+        record = await store.load(saga_id)
+        assert record is not None
+        outbox = sum(len(entry.model_dump_json()) for entry in record.outbox)
+        return len(record.state.model_dump_json()) + outbox
+
+    yield Backend(store, stored_bytes)
+
+
+@contextlib.asynccontextmanager
+async def postgres_backend(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Backend]:
+    store = PostgresStore(request.getfixturevalue("postgres_url"), table=f"saga_test_{unique}")
+
+    async def stored_bytes(saga_id: str) -> int:
+        async with store.pool.connection() as connection:
+            size: int = await connection.fetchval(
+                "SELECT octet_length(state::text) + octet_length(outbox::text) "
+                f'FROM "{store.table}" WHERE saga_id = $1',
+                saga_id,
+            )
+        return size
+
+    try:
+        yield Backend(store, stored_bytes)
+    finally:
+        await store.drop()
+        await store.close()
+
+
+def mongo_sizer(store: MongoStore) -> Callable[[str], Awaitable[int]]:
+    async def stored_bytes(saga_id: str) -> int:
+        document = await store.collection.find_one({"_id": saga_id})
+        assert document is not None
+        return len(bson.encode(document))
+
+    return stored_bytes
+
+
+@contextlib.asynccontextmanager
+async def mongomock_backend(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Backend]:
+    store = MongoStore(AsyncMongoMockClient()[f"saga_test_{unique}"])  # type: ignore[arg-type]
+    yield Backend(store, mongo_sizer(store))
+
+
+@contextlib.asynccontextmanager
+async def mongo_backend(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Backend]:
+    assert MONGO_URL is not None
+    store = MongoStore.from_url(with_database(MONGO_URL, f"saga_test_{unique}"))
+    try:
+        yield Backend(store, mongo_sizer(store))
+    finally:
+        await store.database.client.drop_database(store.database.name)
+        await store.close()
+
+
+BACKENDS = {
+    "memory": memory_backend,
+    "postgres": postgres_backend,
+    "mongomock": mongomock_backend,
+    "mongo": mongo_backend,
+}
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        "mongomock",
+        pytest.param(
+            "mongo",
+            marks=pytest.mark.skipif(MONGO_URL is None, reason="SAGA_TEST_MONGO_URL is not set"),
+        ),
+    ]
+)
+async def backend(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Backend]:
+    """Each store, set up empty, and torn down after the test."""
+    async with BACKENDS[request.param](request, unique) as backend:
+        await backend.store.setup()
+        await backend.store.setup()  # setup is idempotent
+        yield backend
+
+
+@pytest.fixture
+def store(backend: Backend) -> SagaStore:
+    """The store under test."""
+    return backend.store
+
+
+async def create_all(store: SagaStore, *records: SagaRecord) -> None:
+    for record in records:
+        assert await store.create(record)
+
+
+def message(message_id: str, at: datetime) -> Outgoing:
+    """A bare outbox entry, for tests about the outbox itself rather than what it carries."""
+    return Outgoing(
+        message_id=message_id,
+        kind="event",
+        exchange="saga.events",
+        routing_key="test",
+        body="{}",
+        created_at=at,
+    )
+
+
+def ids(outbox: tuple[Outgoing, ...]) -> list[str]:
+    """The entries' message ids, in order."""
+    return [entry.message_id for entry in outbox]
+
+
+# --- Create, load, save -----------------------------------------------------------------------
+
+
+async def test_a_record_round_trips_exactly(store: SagaStore) -> None:
+    record = compensating("rt-1")
+
+    assert await store.create(record)
+
+    assert await store.load("rt-1") == record
+    assert await store.load("nobody") is None
+
+
+async def test_create_is_idempotent(store: SagaStore) -> None:
+    first = started("idem-1")
+    other = started("idem-1", T0 + timedelta(hours=1))
+
+    assert await store.create(first)
+    assert not await store.create(other)
+
+    assert await store.load("idem-1") == first
+
+
+async def test_a_save_with_a_stale_version_is_refused(store: SagaStore) -> None:
+    record = started("cas-1")
+    await store.create(record)
+    winner = apply(record, answer(record, OK, T0 + timedelta(seconds=1)), T0 + timedelta(seconds=1))
+    loser = apply(
+        record, answer(record, FAIL, T0 + timedelta(seconds=2)), T0 + timedelta(seconds=2)
+    )
+
+    assert await store.save(winner, expected_version=1)
+    assert not await store.save(loser, expected_version=1)
+    assert not await store.save(SagaRecord(loser.state, 4, loser.outbox), expected_version=3)
+
+    assert await store.load("cas-1") == SagaRecord(winner.state, 2, record.outbox + winner.outbox)
+    assert not await store.save(SagaRecord(started("nobody").state, 2), expected_version=1)
+    assert await store.load("nobody") is None  # a save never creates
+    with pytest.raises(ValueError, match="expected_version"):
+        await store.save(SagaRecord(winner.state, 7), expected_version=2)
+
+
+async def test_fifty_concurrent_writers_lose_no_update(store: SagaStore) -> None:
+    first = started("race-1")
+    await store.create(first)
+    conflicts = 0
+    committed: dict[int, str] = {}  # version -> the outbox entry its save added
+
+    async def writer(n: int) -> None:
+        nonlocal conflicts
+        added = message(f"writer-{n}", T0 + timedelta(seconds=n + 1))
+        while True:
+            current = await store.load("race-1")
+            assert current is not None
+            data = {**current.state.data, f"writer_{n}": n}
+            state = current.state.model_copy(update={"data": data})
+            await asyncio.sleep(0)  # deciding takes a moment: other writers get in between
+            if await store.save(SagaRecord(state, current.version + 1, (added,)), current.version):
+                committed[current.version + 1] = added.message_id
+                return
+            conflicts += 1
+
+    await asyncio.gather(*(writer(n) for n in range(50)))
+
+    final = await store.load("race-1")
+    assert final is not None
+    assert final.version == 51
+    assert {key for key in final.state.data if key.startswith("writer_")} == {
+        f"writer_{n}" for n in range(50)
+    }
+    # Every writer's entry, once, behind the saga's own, in the order the saves committed.
+    assert ids(final.outbox) == ids(first.outbox) + [committed[v] for v in sorted(committed)]
+    assert sorted(committed.values()) == sorted(f"writer-{n}" for n in range(50))
+    assert await store.outbox_backlog() == (len(first.outbox) + 50, T0)
+    assert conflicts > 0, "the writers never raced, so the test proved nothing"
+
+
+# --- Outbox -----------------------------------------------------------------------------------
+
+
+async def test_mark_published_removes_only_the_named_entries_and_keeps_the_version(
+    store: SagaStore,
+) -> None:
+    first = started("out-1")
+    later = T0 + timedelta(seconds=30)
+    saved = apply(first, answer(first, OK, later), later)
+    await store.create(first)
+    assert await store.save(saved, 1)
+    old_ids = ids(first.outbox)
+
+    await store.mark_published("out-1", old_ids)
+
+    after = await store.load("out-1")
+    assert after == saved
+    assert await store.unpublished(later - timedelta(seconds=1), 10) == []
+    assert await store.unpublished(later, 10) == [after]
+    assert await store.outbox_backlog() == (len(saved.outbox), later)
+
+    await store.mark_published("out-1", ["no-such-message"])
+    await store.mark_published("out-1", [])
+    await store.mark_published("no-such-saga", old_ids)
+    assert await store.load("out-1") == after
+
+    await store.mark_published("out-1", old_ids + ids(saved.outbox))
+    assert await store.load("out-1") == SagaRecord(saved.state, 2, ())
+    assert await store.unpublished(later + timedelta(days=1), 10) == []
+    assert await store.outbox_backlog() == (0, None)
+
+
+async def test_a_save_appends_to_the_unpublished_entries_and_keeps_the_oldest_time(
+    store: SagaStore,
+) -> None:
+    first = started("app-1")
+    later = T0 + timedelta(seconds=30)
+    second = apply(first, answer(first, OK, later), later)
+    await store.create(first)
+
+    assert await store.save(second, 1)
+
+    stored = await store.load("app-1")
+    assert stored == SagaRecord(second.state, 2, first.outbox + second.outbox)
+    assert stored.outbox_since == T0
+    assert await store.unpublished(T0, 10) == [stored]
+    assert await store.outbox_backlog() == (len(first.outbox) + len(second.outbox), T0)
+
+    # Entries stamped earlier than those stored (another replica's clock) become the oldest.
+    skewed = message("skewed", T0 - timedelta(seconds=5))
+    assert await store.save(SagaRecord(second.state, 3, (skewed,)), 2)
+    assert await store.unpublished(T0 - timedelta(seconds=5), 10) == [
+        SagaRecord(second.state, 3, (*stored.outbox, skewed))
+    ]
+    assert await store.outbox_backlog() == (len(stored.outbox) + 1, T0 - timedelta(seconds=5))
+
+
+async def test_a_save_after_everything_was_published_starts_the_outbox_again(
+    store: SagaStore,
+) -> None:
+    """An emptied outbox has no oldest time; the next entries' must become it."""
+    first = started("again-1")
+    empty = SagaRecord(started("again-2").state, 1, ())
+    await create_all(store, first, empty)
+    await store.mark_published("again-1", ids(first.outbox))
+    later = T0 + timedelta(seconds=30)
+    added = message("again-added", later)
+
+    assert await store.save(SagaRecord(first.state, 2, (added,)), 1)
+    assert await store.save(SagaRecord(empty.state, 2, (added,)), 1)
+
+    assert await store.unpublished(later - timedelta(seconds=1), 10) == []
+    assert {record.saga_id for record in await store.unpublished(later, 10)} == {
+        "again-1",
+        "again-2",
+    }
+    assert await store.load("again-1") == SagaRecord(first.state, 2, (added,))
+    assert await store.outbox_backlog() == (2, later)
+
+
+async def test_an_entry_published_after_a_writers_load_is_not_written_back(
+    store: SagaStore,
+) -> None:
+    first = started("res-1")
+    await store.create(first)
+    loaded = await store.load("res-1")
+    assert loaded is not None
+    later = T0 + timedelta(seconds=30)
+    decided = apply(loaded, answer(loaded, OK, later), later)
+
+    # Between this writer's load and its save, another handler publishes the old entries.
+    await store.mark_published("res-1", ids(loaded.outbox))
+    assert await store.save(decided, loaded.version)
+
+    stored = await store.load("res-1")
+    assert stored == SagaRecord(decided.state, 2, decided.outbox)
+    assert await store.unpublished(later - timedelta(seconds=1), 10) == []
+    assert await store.outbox_backlog() == (len(decided.outbox), later)
+
+
+async def test_a_save_without_new_entries_leaves_the_outbox_as_it_was(store: SagaStore) -> None:
+    pending, published = started("keep-1"), started("keep-2", T0 + timedelta(seconds=10))
+    await create_all(store, pending, published)
+    await store.mark_published("keep-2", ids(published.outbox))
+    backlog = await store.outbox_backlog()
+
+    for record in (pending, published):
+        data = {**record.state.data, "touched": True}
+        assert await store.save(SagaRecord(record.state.model_copy(update={"data": data}), 2), 1)
+
+    kept = await store.load("keep-1")
+    assert kept is not None
+    assert (kept.version, kept.state.data["touched"], kept.outbox) == (2, True, pending.outbox)
+    emptied = await store.load("keep-2")
+    assert emptied is not None
+    assert (emptied.version, emptied.outbox) == (2, ())
+    assert await store.unpublished(T0, 10) == [kept]
+    assert await store.unpublished(T0 + timedelta(days=1), 10) == [kept]
+    assert await store.outbox_backlog() == backlog == (len(pending.outbox), T0)
+
+
+async def test_saga_data_that_looks_like_a_query_is_stored_as_data(store: SagaStore) -> None:
+    """Strings starting with ``$`` are field paths to MongoDB's pipelines, unless quoted."""
+    first = started("lit-1")
+    await store.create(first)
+    data = {
+        **first.state.data,
+        "path": "$version",
+        "variable": "$$ROOT",
+        "nested": {"path": "$state", "list": ["$outbox", {"deep": "$_id"}], "empty": {}},
+    }
+    later = T0 + timedelta(seconds=30)
+    added = message("$outbox", later).model_copy(update={"body": '{"$set": "$state"}'})
+    saved = SagaRecord(first.state.model_copy(update={"data": data}), 2, (added,))
+
+    assert await store.save(saved, 1)
+
+    assert await store.load("lit-1") == SagaRecord(saved.state, 2, (*first.outbox, added))
+
+
+async def test_unpublished_finds_old_outboxes_oldest_first(store: SagaStore) -> None:
+    a, b, c = (started(f"un-{n}", T0 + timedelta(seconds=10 * n)) for n in range(3))
+    done = started("un-done")
+    await create_all(store, c, done, a, b)
+    await store.mark_published("un-done", [entry.message_id for entry in done.outbox])
+
+    assert await store.unpublished(T0 + timedelta(seconds=10), 10) == [a, b]
+    assert await store.unpublished(T0 + timedelta(seconds=10), 1) == [a]
+    assert await store.unpublished(T0 - timedelta(seconds=1), 10) == []
+    assert await store.unpublished(T0 + timedelta(hours=1), 10) == [a, b, c]
+
+
+async def test_outbox_backlog_counts_every_unpublished_message(store: SagaStore) -> None:
+    assert await store.outbox_backlog() == (0, None)
+    a, b = started("bl-1", T0 + timedelta(seconds=5)), completed("bl-2", T0)
+    await create_all(store, a, b)
+
+    assert await store.outbox_backlog() == (len(a.outbox) + len(b.outbox), b.outbox_since)
+
+    await store.mark_published("bl-2", [entry.message_id for entry in b.outbox])
+    assert await store.outbox_backlog() == (len(a.outbox), T0 + timedelta(seconds=5))
+
+
+# --- Queries ----------------------------------------------------------------------------------
+
+
+async def test_due_returns_only_active_sagas_past_due_oldest_first(store: SagaStore) -> None:
+    a, b, c = (started(f"due-{n}", T0 + timedelta(seconds=10 * n)) for n in range(3))
+    later = started("due-later", T0 + timedelta(minutes=10))
+    undoing = compensating("due-undoing", T0 - timedelta(minutes=5))
+    done, parked, rolled_back = completed("due-done"), stuck("due-stuck"), failed("due-failed")
+    await create_all(store, later, c, done, b, parked, undoing, a, rolled_back)
+    now = T0 + timedelta(minutes=5)
+    assert undoing.state.status is SagaStatus.COMPENSATING
+    assert parked.state.status is SagaStatus.STUCK
+    assert undoing.state.next_due_at is not None
+    assert a.state.next_due_at is not None
+    assert undoing.state.next_due_at < a.state.next_due_at < now
+
+    assert await store.due(now, 10) == ["due-undoing", "due-0", "due-1", "due-2"]
+    assert await store.due(now, 2) == ["due-undoing", "due-0"]
+    assert await store.due(a.state.next_due_at, 10) == ["due-undoing", "due-0"]  # inclusive
+    assert await store.due(T0 - timedelta(minutes=10), 10) == []
+
+
+async def test_list_filters_by_status_and_type_newest_first(store: SagaStore) -> None:
+    await create_all(
+        store,
+        started("ls-o1", T0),
+        started("ls-s1", T0 + timedelta(seconds=30), stock_check),
+        completed("ls-o2", T0 + timedelta(seconds=50)),  # updated at +54 s
+        completed("ls-s2", T0 + timedelta(seconds=70), stock_check),  # updated at +71 s
+        started("ls-o3", T0 + timedelta(seconds=100)),
+    )
+
+    async def ids(**query: Any) -> list[str]:
+        return [state.saga_id for state in await store.list(SagaFilter(**query))]
+
+    assert await ids() == ["ls-o3", "ls-s2", "ls-o2", "ls-s1", "ls-o1"]
+    assert await ids(limit=2) == ["ls-o3", "ls-s2"]
+    assert await ids(status=SagaStatus.STARTED) == ["ls-o3", "ls-s1", "ls-o1"]
+    assert await ids(saga_type="stock_check") == ["ls-s2", "ls-s1"]
+    assert await ids(status=SagaStatus.COMPLETED, saga_type="order_fulfillment") == ["ls-o2"]
+    assert await ids(status=SagaStatus.STUCK) == []
+    listed = await store.list(SagaFilter(saga_type="stock_check", limit=1))
+    assert listed == [completed("ls-s2", T0 + timedelta(seconds=70), stock_check).state]
+
+
+async def test_count_by_status(store: SagaStore) -> None:
+    assert await store.count_by_status() == {}
+    await create_all(
+        store,
+        started("cnt-1"),
+        started("cnt-2"),
+        completed("cnt-3"),
+        stuck("cnt-4"),
+        started("cnt-5", saga=stock_check),
+    )
+
+    assert await store.count_by_status() == {
+        ("order_fulfillment", "started"): 2,
+        ("order_fulfillment", "completed"): 1,
+        ("order_fulfillment", "stuck"): 1,
+        ("stock_check", "started"): 1,
+    }
+
+
+async def test_purge_deletes_only_finished_sagas_past_retention(store: SagaStore) -> None:
+    retention = timedelta(days=14)  # every store's default
+    done = completed("pg-done")  # finished at T0 + 4 s
+    rolled_back = failed("pg-failed", T0 + timedelta(days=1))  # finished a day later
+    await create_all(store, done, rolled_back, stuck("pg-stuck"), started("pg-running"))
+    assert done.state.finished_at is not None
+    assert rolled_back.state.finished_at is not None
+
+    assert await store.purge(done.state.finished_at + retention - timedelta(seconds=1)) == 0
+    assert await store.purge(done.state.finished_at + retention) == 1
+    assert await store.load("pg-done") is None
+    assert await store.purge(rolled_back.state.finished_at + retention) == 1
+    assert await store.purge(T0 + timedelta(days=3650)) == 0
+    assert {state.saga_id for state in await store.list(SagaFilter())} == {
+        "pg-stuck",
+        "pg-running",
+    }
+
+
+# --- Size -------------------------------------------------------------------------------------
+
+
+async def test_a_long_history_stays_bounded(backend: Backend) -> None:
+    store = backend.store
+    record = started("long-1")
+    await store.create(record)
+    # As in the runtime, each write's messages are published and marked before the next write
+    # (a save appends to the outbox): only the last write's are still there at the end.
+    await store.mark_published("long-1", ids(record.outbox))
+    record = apply(record, answer(record, OK, T0), T0)  # reserve_inventory completed
+    assert await store.save(record, 1)
+    events = len(record.state.history)
+    redeliveries = 2000
+
+    for n in range(redeliveries):  # the same completed reply, redelivered again and again
+        now = T0 + timedelta(seconds=n + 1)
+        late = ReplyReceived(
+            Reply(
+                message_id=f"reply:long-1:reserve:{n}",
+                in_reply_to="long-1:reserve_inventory:forward:1",
+                saga_id="long-1",
+                step="reserve_inventory",
+                direction=Direction.FORWARD,
+                attempt=1,
+                status=OK,
+                result=RESULTS["reserve_inventory"],
+                sent_at=now,
+            )
+        )
+        decision = decide(record.state, late, now, order_fulfillment)
+        events += len(decision.events)
+        saved = record_of(decision, record.version + 1, now)
+        await store.mark_published("long-1", ids(record.outbox))
+        assert await store.save(saved, record.version)
+        record = saved
+
+    stored = await store.load("long-1")
+    assert stored == record
+    assert stored.state.history[0].event is EventName.SAGA_STARTED  # the first entry is kept
+    assert stored.state.history[-1].event is EventName.LATE_REPLY
+    assert len(stored.state.history) == HISTORY_LIMIT
+    assert stored.state.history_dropped + len(stored.state.history) == events
+    assert await backend.stored_bytes("long-1") < 64 * 1024
+
+
+# --- Store specifics: what operators and the query planner rely on -----------------------------
+
+
+@pytest.mark.postgres
+async def test_postgres_keeps_an_outbox_entry_saved_while_another_is_being_marked(
+    postgres_url: str, unique: str
+) -> None:
+    """mark_published must work on the row as it is when it gets the lock, not as it was."""
+    store = PostgresStore(postgres_url, table=f"saga_test_{unique}")
+    await store.setup()
+    try:
+        first = started("mp-1")
+        later = T0 + timedelta(seconds=30)
+        decision = decide(first.state, answer(first, OK, later), later, order_fulfillment)
+        added = [outgoing(e, later).model_dump(mode="json") for e in decision.effects]
+        await store.create(first)
+        async with store.pool.connection() as saver, saver.transaction():
+            await saver.execute(
+                f'UPDATE "{store.table}" SET outbox = outbox || $1::jsonb, version = 2 '
+                "WHERE saga_id = $2",
+                added,
+                "mp-1",
+            )
+            marking = asyncio.create_task(
+                store.mark_published("mp-1", [e.message_id for e in first.outbox])
+            )
+            await asyncio.sleep(0.2)
+            assert not marking.done()  # waiting for the saver's row lock
+        await marking
+
+        after = await store.load("mp-1")
+        assert after is not None
+        assert after.version == 2
+        assert [entry.model_dump(mode="json") for entry in after.outbox] == added
+        assert await store.unpublished(later - timedelta(seconds=1), 10) == []
+    finally:
+        await store.drop()
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_appends_to_the_outbox_as_it_is_when_the_save_gets_the_lock(
+    postgres_url: str, unique: str
+) -> None:
+    """A save waiting for a marker's row lock appends to the marked outbox, not to its read."""
+    store = PostgresStore(postgres_url, table=f"saga_test_{unique}")
+    await store.setup()
+    try:
+        first = started("sv-1")
+        later = T0 + timedelta(seconds=30)
+        saved = apply(first, answer(first, OK, later), later)
+        await store.create(first)
+        async with store.pool.connection() as marker, marker.transaction():
+            await marker.execute(store._sql["mark_published"], "sv-1", ids(first.outbox))
+            saving = asyncio.create_task(store.save(saved, 1))
+            await asyncio.sleep(0.2)
+            assert not saving.done()  # waiting for the marker's row lock
+        assert await saving
+
+        assert await store.load("sv-1") == saved
+        assert await store.outbox_backlog() == (len(saved.outbox), later)
+    finally:
+        await store.drop()
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_queries_use_their_partial_indexes(postgres_url: str, unique: str) -> None:
+    store = PostgresStore(postgres_url, table=f"saga_test_{unique}")
+    await store.setup()
+    try:
+        await create_all(store, *(started(f"ix-{n}") for n in range(20)), completed("ix-done"))
+        async with store.pool.connection() as connection:
+            definitions = {
+                row["indexname"]: row["indexdef"]
+                for row in await connection.fetch(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = $1", store.table
+                )
+            }
+            await connection.execute("SET enable_seqscan = off")  # a tiny table: force the choice
+            plans = {
+                name: "\n".join(
+                    row[0]
+                    for row in await connection.fetch(
+                        f"EXPLAIN {store._sql[name]}", T0 + timedelta(hours=1), 10
+                    )
+                )
+                for name in ("due", "unpublished", "purge")
+            }
+            await connection.execute("RESET enable_seqscan")
+    finally:
+        await store.drop()
+        await store.close()
+    table = store.table
+    assert "WHERE (status = ANY" in definitions[f"{table}_due"]
+    assert "WHERE (outbox_since IS NOT NULL)" in definitions[f"{table}_outbox"]
+    assert "WHERE (purge_at IS NOT NULL)" in definitions[f"{table}_purge"]
+    assert "updated_at DESC" in definitions[f"{table}_listing"]
+    assert f"{table}_due" in plans["due"]
+    assert f"{table}_outbox" in plans["unpublished"]
+    assert f"{table}_purge" in plans["purge"]
+
+
+def test_the_postgres_due_index_covers_exactly_the_active_statuses() -> None:
+    assert set(ACTIVE_STATUSES) == {status.value for status in SagaStatus if status.is_active}
+
+
+@pytest.mark.parametrize(
+    ("fake", "real"),
+    [
+        (AsyncMongoMockClient, AsyncMongoClient),
+        (AsyncMongoMockDatabase, AsyncDatabase),
+        (AsyncMongoMockCollection, AsyncCollection),
+        (AsyncMongoMockCursor, AsyncCursor),
+    ],
+)
+def test_the_mongomock_facade_mirrors_pymongo(fake: type, real: type) -> None:
+    """Code that runs on the facade must run on PyMongo: same names, same awaitability."""
+    for name, ours in vars(fake).items():
+        if name.startswith("_") and name not in ("__getitem__", "__aiter__"):
+            continue
+        theirs = getattr(real, name)
+        if isinstance(ours, property):
+            assert isinstance(theirs, property), name
+            continue
+        assert inspect.iscoroutinefunction(ours) == inspect.iscoroutinefunction(theirs), name
+        their_parameters = inspect.signature(theirs).parameters
+        takes_anything = any(
+            p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in their_parameters.values()
+        )
+        for parameter in inspect.signature(ours).parameters:
+            assert takes_anything or parameter in their_parameters, f"{name}({parameter})"
+
+
+async def test_mongo_creates_its_indexes(unique: str) -> None:
+    store = MongoStore(AsyncMongoMockClient()[f"saga_{unique}"])  # type: ignore[arg-type]
+
+    await store.setup()
+
+    indexes = await store.collection.index_information()  # type: ignore[attr-defined]
+    assert list(indexes["due_v1"]["key"]) == [("next_due_at", 1), ("_id", 1)]
+    assert indexes["due_v1"]["partialFilterExpression"] == {"active": True}
+    assert list(indexes["outbox_v1"]["key"]) == [("outbox_since", 1), ("_id", 1)]
+    assert indexes["outbox_v1"]["partialFilterExpression"] == {"has_outbox": True}
+    assert list(indexes["listing_v1"]["key"]) == [
+        ("status", 1),
+        ("saga_type", 1),
+        ("updated_at", -1),
+        ("_id", -1),
+    ]
+    assert list(indexes["purge_v1"]["key"]) == [("purge_at", 1)]
+    assert indexes["purge_v1"]["expireAfterSeconds"] == 0
+
+
+async def test_mongo_documents_carry_their_index_fields_as_dates(unique: str) -> None:
+    store = MongoStore(AsyncMongoMockClient()[f"saga_{unique}"], retention=timedelta(days=2))  # type: ignore[arg-type]
+    running, done = started("doc-1"), completed("doc-2")
+    await create_all(store, running, done)
+
+    active = await store.collection.find_one({"_id": "doc-1"})
+    finished = await store.collection.find_one({"_id": "doc-2"})
+
+    assert active is not None
+    assert finished is not None
+    assert (active["status"], active["active"], active["has_outbox"]) == ("started", True, True)
+    assert active["next_due_at"] == running.state.next_due_at
+    assert active["outbox_since"] == T0
+    assert active["purge_at"] is None
+    assert (finished["status"], finished["active"], finished["next_due_at"]) == (
+        "completed",
+        False,
+        None,
+    )
+    assert done.state.finished_at is not None
+    assert finished["purge_at"] == done.state.finished_at + timedelta(days=2)
+    assert finished["updated_at"] == done.state.updated_at
+
+
+async def test_mongo_keeps_the_relay_fields_in_step_with_the_outbox(unique: str) -> None:
+    """has_outbox and outbox_since follow every write, including onto a null or absent time."""
+    store = MongoStore(AsyncMongoMockClient()[f"saga_{unique}"])  # type: ignore[arg-type]
+    first = started("relay-1")
+    later = T0 + timedelta(seconds=30)
+    await store.create(first)
+
+    async def relay_fields() -> tuple[bool, datetime | None]:
+        document = await store.collection.find_one({"_id": "relay-1"})
+        assert document is not None
+        return document["has_outbox"], document["outbox_since"]
+
+    assert await relay_fields() == (True, T0)
+    assert await store.save(SagaRecord(first.state, 2, (message("a", later),)), 1)
+    assert await relay_fields() == (True, T0)
+    await store.mark_published("relay-1", [*ids(first.outbox), "a"])
+    assert await relay_fields() == (False, None)
+    assert await store.save(SagaRecord(first.state, 3), 2)
+    assert await relay_fields() == (False, None)
+    assert await store.save(SagaRecord(first.state, 4, (message("b", later),)), 3)
+    assert await relay_fields() == (True, later)
+
+    await store.mark_published("relay-1", ["b"])
+    await store.collection.update_one({"_id": "relay-1"}, {"$unset": {"outbox_since": ""}})
+    assert await store.save(SagaRecord(first.state, 5, (message("c", later),)), 4)
+    assert await relay_fields() == (True, later)
+
+
+async def test_mongo_urls_get_majority_writes_retries_and_timeouts_unless_they_say_otherwise() -> (
+    None
+):
+    default = MongoStore.from_url("mongodb://db.example/orders", connect_timeout=2.5)
+    chosen = MongoStore.from_url("mongodb://db.example/?w=1&retryWrites=false")
+    try:
+        client = default.database.client
+        assert client.write_concern.document == {"w": "majority"}
+        assert client.options.retry_writes is True
+        assert client.options.server_selection_timeout == 2.5
+        assert client.codec_options.tz_aware is True
+        other = chosen.database.client
+        assert other.write_concern.document == {"w": 1}
+        assert other.options.retry_writes is False
+        assert chosen.database.name == "saga"
+    finally:
+        await default.close()
+        await chosen.close()
+
+
+# --- Unavailable servers, URLs ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel does) and never says a word."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+async def close_quietly(store: SagaStore) -> None:
+    """Close a store that never reached its server.
+
+    PyMongo can leave a socket unclosed when close() cancels a monitor in the middle of
+    connecting (PYTHON-3923). Collect it here, its ResourceWarning silenced, rather than have
+    the warning blamed on whichever test runs when the garbage collector next does.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        await store.close()
+        await asyncio.sleep(0)
+        gc.collect()
+
+
+def postgres_store(url: str) -> SagaStore:
+    return PostgresStore(url, connect_timeout=1.0)
+
+
+def mongo_store(url: str) -> SagaStore:
+    return MongoStore.from_url(url, connect_timeout=1.0)
+
+
+UNREACHABLE = [
+    pytest.param(postgres_store, "postgresql://saga:s3cret@127.0.0.1:{port}/saga", id="postgres"),
+    pytest.param(mongo_store, "mongodb://saga:s3cret@127.0.0.1:{port}/saga", id="mongo"),
+]
+
+
+@pytest.mark.parametrize(("make", "url"), UNREACHABLE)
+async def test_a_closed_port_fails_fast_naming_the_url_without_its_password(
+    make: Callable[[str], SagaStore], url: str
+) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    target = url.format(port=port)
+    store = make(target)
+    try:
+        started_at = time.monotonic()
+        with pytest.raises(StoreUnavailable) as raised:
+            await store.setup()
+        assert time.monotonic() - started_at < 5
+        with pytest.raises(StoreUnavailable):
+            await store.load("any")
+    finally:
+        await close_quietly(store)
+    message = str(raised.value)
+    assert f"saga:***@127.0.0.1:{port}/saga" in message
+    assert "s3cret" not in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("make", "url"), UNREACHABLE)
+async def test_a_server_that_never_answers_fails_within_the_connect_timeout(
+    make: Callable[[str], SagaStore], url: str
+) -> None:
+    with silent_port() as port:
+        store = make(url.format(port=port))
+        try:
+            started_at = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=r"saga:\*\*\*@127\.0\.0\.1"):
+                await store.setup()
+            assert time.monotonic() - started_at < 4
+        finally:
+            await close_quietly(store)
+
+
+async def test_open_store_picks_the_store_from_the_url() -> None:
+    assert isinstance(open_store("memory://"), MemoryStore)
+    postgres = open_store("postgres://saga:pw@db.example/saga")
+    assert isinstance(postgres, PostgresStore)
+    assert postgres.table == "saga_instances"
+    mongo = open_store("mongodb://saga:pw@db.example/orders?replicaSet=rs0")
+    assert isinstance(mongo, MongoStore)
+    assert (mongo.database.name, mongo.collection.name) == ("orders", "sagas")
+    await mongo.close()
+    default = open_store("mongodb+srv://saga:pw@cluster.example.net", retention=timedelta(days=2))
+    assert isinstance(default, MongoStore)
+    assert (default.database.name, default.retention) == ("saga", timedelta(days=2))
+    await default.close()
+
+
+def test_an_unknown_scheme_is_a_config_error_naming_the_url_and_the_choices() -> None:
+    with pytest.raises(ConfigError) as raised:
+        open_store("redis://saga:s3cret@cache:6379/0")
+    message = str(raised.value)
+    assert "redis://saga:***@cache:6379/0" in message
+    assert "s3cret" not in message
+    for scheme in ("memory://", "postgresql://", "mongodb://", "mongodb+srv://"):
+        assert scheme in message
+
+
+@pytest.mark.parametrize(
+    "table", ["Sagas", "sagas; DROP TABLE x", "1sagas", "public.sagas", "s" * 41, ""]
+)
+def test_a_table_name_must_be_a_plain_identifier(table: str) -> None:
+    with pytest.raises(ConfigError, match="table name"):
+        PostgresStore("postgresql://db/saga", table=table)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mongodb+srv://saga:s3cret@cluster.example.net:27017/saga",
+        "mongodb://saga:s3cret@db.example:port/saga",
+        "mongodb://saga:s3cret@h1,h2/saga?directConnection=true",
+    ],
+)
+def test_a_malformed_mongo_url_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"saga:\*\*\*@") as raised:
+        open_store(url)
+    assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://saga:s3cret@db:5432/saga", "postgresql://saga:***@db:5432/saga"),
+        ("postgresql://saga:p@ss@db/saga", "postgresql://saga:***@db/saga"),
+        (
+            "mongodb://saga:s3cret@h1:27017,h2:27017/saga?replicaSet=rs0",
+            "mongodb://saga:***@h1:27017,h2:27017/saga?replicaSet=rs0",
+        ),
+        (
+            "mongodb+srv://saga:p%40ss@cluster.example.net/?retryWrites=true",
+            "mongodb+srv://saga:***@cluster.example.net/?retryWrites=true",
+        ),
+        (
+            "postgresql://db/saga?user=saga&password=s3cret&sslmode=require",
+            "postgresql://db/saga?user=saga&password=***&sslmode=require",
+        ),
+        ("postgresql://saga@db/saga", "postgresql://saga@db/saga"),
+        ("memory://", "memory://"),
+        ("postgresql://[::1/saga", "<malformed URL>"),
+    ],
+)
+def test_redact_url_hides_passwords(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
