@@ -8,7 +8,15 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from contracts import names
-from contracts.messages import Reply, StartSaga
+from contracts.messages import (
+    CommandEnvelope,
+    ErrorDetail,
+    JsonObject,
+    Reply,
+    ReplyStatus,
+    StartSaga,
+)
+from orchestrator import tracing
 from orchestrator.engine import Effect, PublishEvent, ScheduleTimer, SendCommand
 from orchestrator.errors import MessageRejected
 from orchestrator.transport import Delivery, Outgoing
@@ -69,6 +77,33 @@ def outgoing(effect: Effect, now: datetime) -> Outgoing:
                 mandatory=False,  # observers are optional; nobody bound is not an error
                 created_at=now,
             )
+
+
+def answer(
+    envelope: CommandEnvelope,
+    status: ReplyStatus,
+    now: datetime,
+    *,
+    result: JsonObject | None = None,
+    error: ErrorDetail | None = None,
+) -> Reply:
+    """The reply to one command attempt, continuing its trace."""
+    message_id = f"reply:{envelope.message_id}"
+    return Reply(
+        message_id=message_id,
+        in_reply_to=envelope.message_id,
+        saga_id=envelope.saga_id,
+        step=envelope.step,
+        direction=envelope.direction,
+        attempt=envelope.attempt,
+        status=status,
+        result=result,
+        error=error,
+        sent_at=now,
+        traceparent=tracing.child(envelope.traceparent, message_id)
+        if envelope.traceparent
+        else None,
+    )
 
 
 def reply_message(reply: Reply, routing_key: str, now: datetime) -> Outgoing:

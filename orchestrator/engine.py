@@ -49,6 +49,7 @@ from contracts.messages import (
     timer_message_id,
 )
 from contracts.names import REPLIES_ROUTING_KEY
+from orchestrator import tracing
 from orchestrator.definition import Saga, Step, StepKind
 from orchestrator.errors import ActionRefused, InvalidSagaData
 from orchestrator.state import HistoryEntry, SagaState, SagaStatus, StepState, StepStatus
@@ -311,18 +312,23 @@ class _Change:
         self.effects.append(
             PublishEvent(
                 cls(
-                    event_id=f"{self.original.saga_id}:{sequence}",
+                    event_id=(event_id := f"{self.original.saga_id}:{sequence}"),
                     saga_id=self.original.saga_id,
                     saga_type=self.original.saga_type,
                     at=self.now,
                     step=step,
                     attempt=attempt,
                     detail=detail,
-                    traceparent=self.original.traceparent,
+                    traceparent=self.span(event_id),
                     **extra,
                 )
             )
         )
+
+    def span(self, message_id: str) -> str | None:
+        """The trace context of one message: the saga's trace, a span per message id."""
+        root = self.original.traceparent
+        return None if root is None else tracing.child(root, message_id)
 
     def set_step(self, index: int, **updates: Any) -> StepState:
         self.steps[index] = self.steps[index].model_copy(update=updates)
@@ -379,8 +385,9 @@ class _Change:
         name = self.definition(index).name
         saga_id = self.original.saga_id
         payload = command.model_validate(self.context(upto)).model_dump(mode="json")
+        message_id = command_message_id(saga_id, name, direction, attempt)
         return CommandEnvelope(
-            message_id=command_message_id(saga_id, name, direction, attempt),
+            message_id=message_id,
             saga_id=saga_id,
             saga_type=self.original.saga_type,
             step=name,
@@ -392,21 +399,22 @@ class _Change:
             reply_to=REPLIES_ROUTING_KEY,
             sent_at=self.now,
             deadline=self.now + timeout,
-            traceparent=self.original.traceparent,
+            traceparent=self.span(message_id),
         )
 
     def timer(self, kind: TimerKind, step: str | None, attempt: int, due: datetime) -> None:
         saga_id = self.original.saga_id
+        message_id = timer_message_id(saga_id, kind, step, attempt)
         self.effects.append(
             ScheduleTimer(
                 TimerMessage(
-                    message_id=timer_message_id(saga_id, kind, step, attempt),
+                    message_id=message_id,
                     saga_id=saga_id,
                     timer=kind,
                     step=step,
                     attempt=attempt,
                     due_at=due,
-                    traceparent=self.original.traceparent,
+                    traceparent=self.span(message_id),
                 )
             )
         )

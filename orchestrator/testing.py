@@ -42,7 +42,7 @@ from contracts.messages import (
     Reply,
     ReplyStatus,
 )
-from orchestrator.codec import reply_message
+from orchestrator.codec import answer, reply_message
 from orchestrator.definition import App
 from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
 from orchestrator.memory import MemoryBroker, VirtualClock
@@ -141,11 +141,11 @@ class ScriptedParticipant:
         """The reply a behaviour gives."""
         if behaviour.kind in ("fail", "error"):
             status = ReplyStatus.FAILED if behaviour.kind == "fail" else ReplyStatus.ERROR
-            return _reply(envelope, status, now, error=behaviour.error)
+            return answer(envelope, status, now, error=behaviour.error)
         result = behaviour.result
         if result is None:
             result = _placeholder(self._results.get(envelope.command), envelope.saga_id)
-        return _reply(envelope, ReplyStatus.COMPLETED, now, result=result)
+        return answer(envelope, ReplyStatus.COMPLETED, now, result=result)
 
     async def on_command(
         self, delivery: Delivery, broker: MemoryBroker
@@ -339,28 +339,6 @@ def _as_data(data: JsonObject | BaseModel) -> JsonObject:
     if isinstance(data, BaseModel):
         return data.model_dump(mode="json", round_trip=True)
     return data
-
-
-def _reply(
-    envelope: CommandEnvelope,
-    status: ReplyStatus,
-    now: datetime,
-    *,
-    result: JsonObject | None = None,
-    error: ErrorDetail | None = None,
-) -> Reply:
-    return Reply(
-        message_id=f"reply:{envelope.message_id}",
-        in_reply_to=envelope.message_id,
-        saga_id=envelope.saga_id,
-        step=envelope.step,
-        direction=envelope.direction,
-        attempt=envelope.attempt,
-        status=status,
-        result=result,
-        error=error,
-        sent_at=now,
-    )
 
 
 def _placeholder(model: type[BaseModel] | None, saga_id: str) -> JsonObject:

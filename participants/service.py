@@ -47,8 +47,9 @@ from contracts.messages import (
     ReplyStatus,
 )
 from contracts.names import command_queue
+from orchestrator import tracing
 from orchestrator.clock import Clock, SystemClock
-from orchestrator.codec import decode, reply_message
+from orchestrator.codec import answer, decode, reply_message
 from orchestrator.errors import DefinitionError, MessageRejected, ParticipantError, PublishFailed
 from orchestrator.metrics import ParticipantMetrics
 from orchestrator.topology import QueuePolicy, participant_topology
@@ -144,7 +145,7 @@ class Participant:
         now = clock.now()
         if envelope.deadline is not None and now > envelope.deadline:
             log.info("command_expired", deadline=envelope.deadline.isoformat())
-            return _reply(
+            return answer(
                 envelope,
                 ReplyStatus.ERROR,
                 now,
@@ -210,7 +211,7 @@ class Participant:
         except ParticipantError as e:
             error = ErrorDetail(type=e.type, message=e.message, code=e.code)
             if not e.non_retryable:
-                return _reply(envelope, ReplyStatus.ERROR, clock.now(), error=error)
+                return answer(envelope, ReplyStatus.ERROR, clock.now(), error=error)
             stored = await self.idempotency.put(
                 envelope.idempotency_key,
                 StoredOutcome(OutcomeKind.FAILED, error=error, stored_at=clock.now()),
@@ -218,7 +219,7 @@ class Participant:
             return _from_stored(envelope, stored, clock.now())
         except Exception as e:  # noqa: BLE001 - any handler exception is an `error` reply by contract
             log.warning("command_errored", error=repr(e))
-            return _reply(
+            return answer(
                 envelope,
                 ReplyStatus.ERROR,
                 clock.now(),
@@ -252,6 +253,7 @@ class Participant:
                 step=envelope.step,
                 attempt=envelope.attempt,
                 command=envelope.command,
+                trace_id=tracing.trace_id(envelope.traceparent),
             )
             started = time.perf_counter()
             reply = await self.handle(envelope, clock)
@@ -300,35 +302,12 @@ class Participant:
         await transport.consume(command_queue(self.service), handler, ready=ready)
 
 
-def _reply(
-    envelope: CommandEnvelope,
-    status: ReplyStatus,
-    now: datetime,
-    *,
-    result: JsonObject | None = None,
-    error: ErrorDetail | None = None,
-) -> Reply:
-    return Reply(
-        message_id=f"reply:{envelope.message_id}",
-        in_reply_to=envelope.message_id,
-        saga_id=envelope.saga_id,
-        step=envelope.step,
-        direction=envelope.direction,
-        attempt=envelope.attempt,
-        status=status,
-        result=result,
-        error=error,
-        sent_at=now,
-        traceparent=envelope.traceparent,
-    )
-
-
 def _from_stored(envelope: CommandEnvelope, stored: StoredOutcome, now: datetime) -> Reply:
     if stored.kind is OutcomeKind.COMPLETED:
-        return _reply(envelope, ReplyStatus.COMPLETED, now, result=stored.result)
+        return answer(envelope, ReplyStatus.COMPLETED, now, result=stored.result)
     if stored.kind is OutcomeKind.TOMBSTONE:
-        return _reply(envelope, ReplyStatus.FAILED, now, error=_CANCELLED)
-    return _reply(envelope, ReplyStatus.FAILED, now, error=stored.error)
+        return answer(envelope, ReplyStatus.FAILED, now, error=_CANCELLED)
+    return answer(envelope, ReplyStatus.FAILED, now, error=stored.error)
 
 
 _SPECIAL_OUTCOMES = {"Cancelled": "cancelled", "DeadlineExceeded": "expired"}
