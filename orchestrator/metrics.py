@@ -46,6 +46,7 @@ from datetime import datetime
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from contracts.events import EventName, LifecycleEvent
+from orchestrator.definition import App
 from orchestrator.state import SagaState, SagaStatus
 
 _STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -174,7 +175,7 @@ class Metrics:
         )
         self.publish_failures = Counter(
             "saga_publish_failures_total",
-            "Publishes the broker did not confirm: returned, nacked, timeout, connection.",
+            "Publishes the broker did not confirm: returned, nacked, timeout, connection, channel.",
             ["reason"],
             registry=registry,
         )
@@ -194,6 +195,31 @@ class Metrics:
             "1 while every consumer is registered with the broker.",
             registry=registry,
         )
+
+    def prepare(self, app: App) -> None:
+        """Create every saga-level series at zero, so ``rate()`` sees even the first event.
+
+        A counter series that first appears already at 1 has no earlier sample, and
+        Prometheus cannot tell that it rose.
+        """
+        for saga in app.sagas:
+            for counter in (
+                self.started,
+                self.completed,
+                self.failed,
+                self.stuck,
+                self.late_replies,
+            ):
+                counter.labels(saga.name)
+            for step in saga.typed_steps:
+                self.step_retries.labels(saga.name, step.name)
+                for outcome in ("completed", "failed", "error", "timed_out"):
+                    self.step_outcomes.labels(saga.name, step.name, outcome)
+                if step.compensation is not None:
+                    for outcome in ("completed", "failed"):
+                        self.compensations.labels(saga.name, step.name, outcome)
+        for reason in ("returned", "nacked", "timeout", "connection", "channel"):
+            self.publish_failures.labels(reason)
 
     def observe_events(
         self, events: tuple[LifecycleEvent, ...], state: SagaState, now: datetime
@@ -276,7 +302,7 @@ class ParticipantMetrics:
         )
         self.publish_failures = Counter(
             "saga_publish_failures_total",
-            "Publishes the broker did not confirm: returned, nacked, timeout, connection.",
+            "Publishes the broker did not confirm: returned, nacked, timeout, connection, channel.",
             ["reason"],
             registry=registry,
         )

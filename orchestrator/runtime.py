@@ -23,6 +23,7 @@ import structlog
 from contracts import names
 from contracts.events import EventName
 from contracts.messages import Reply, StartSaga, TimerMessage
+from orchestrator import tracing
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.codec import decode, outgoing
 from orchestrator.definition import App
@@ -74,6 +75,7 @@ class EngineConfig:
     gauge_interval: float = 15.0
     conflict_retries: int = 25
     store_retry_delay: float = 1.0
+    store_retry_max: float = 30.0
     history_limit: int = HISTORY_LIMIT
     published_events: frozenset[EventName] | None = None
     """Lifecycle events to publish to observers; ``None`` publishes every one."""
@@ -136,7 +138,7 @@ class Orchestrator:
             saga_id,
             data,
             now,
-            traceparent=traceparent,
+            traceparent=tracing.continue_or_start(traceparent),
             history_limit=self.config.history_limit,
         )
         record = SagaRecord(decision.state, 1, self._outbox(decision, now))
@@ -268,10 +270,13 @@ class Orchestrator:
         # Each delivery is handled in its own task, so these bindings die with it.
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
-            queue=queue, message_id=delivery.message_id, correlation_id=delivery.correlation_id
+            queue=queue,
+            message_id=delivery.message_id,
+            correlation_id=delivery.correlation_id,
+            trace_id=tracing.trace_id(delivery.headers.get(names.HEADER_TRACEPARENT)),
         )
         try:
-            outcome = await handler(delivery)
+            outcome = await self._patiently(handler, delivery)
         except (MessageRejected, UnknownSagaType, InvalidSagaData, SagaConflict) as e:
             return self._dead_letter(queue, _reason_label(e), str(e))
         except SagaNotFound as e:
@@ -282,11 +287,31 @@ class Orchestrator:
         except (ConcurrencyExhausted, StoreUnavailable) as e:
             log.warning("message_requeued", error=str(e))
             self._count(queue, "requeued")
-            await self.clock.sleep(self.config.store_retry_delay)
             return Disposition.REQUEUE
         self._count(queue, outcome)
         log.debug("message_handled", outcome=outcome)
         return Disposition.ACK
+
+    async def _patiently(
+        self, handler: Callable[[Delivery], Awaitable[str]], delivery: Delivery
+    ) -> str:
+        """Run ``handler``, waiting out a store outage instead of requeueing.
+
+        Every requeue counts toward the queue's delivery limit, so a short outage would park
+        innocent messages. Holding the message keeps it ours, and the full prefetch window
+        stops the broker from sending more: backpressure, not redelivery. Only a shutdown
+        gives the message back.
+        """
+        delay = self.config.store_retry_delay
+        while True:
+            try:
+                return await handler(delivery)
+            except StoreUnavailable as e:
+                if self._stopping.is_set():
+                    raise
+                log.warning("store_unavailable_waiting", error=str(e), retry_in=delay)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, self.config.store_retry_max)
 
     def _dead_letter(self, queue: str, label: str, reason: str) -> DeadLetter:
         log.warning("message_dead_lettered", reason=reason)

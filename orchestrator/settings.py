@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=5.0, gt=0, le=3600)
     relay_interval: float = Field(default=5.0, gt=0, le=3600)
     outbox_grace: float = Field(default=10.0, ge=0, le=3600)
+    gauge_interval: float = Field(default=15.0, gt=0, le=3600)
     retention_days: float = Field(default=14.0, gt=0, le=3650)
     history_limit: int = Field(default=200, ge=10, le=100_000)
     published_events: Annotated[frozenset[EventName] | None, NoDecode] = Field(

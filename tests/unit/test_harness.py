@@ -180,3 +180,34 @@ async def test_metrics_follow_the_saga() -> None:
     assert sample("saga_in_flight", saga_type="order_fulfillment", status="failed") == 1
     assert sample("saga_in_flight", saga_type="order_fulfillment", status="stuck") == 0
     assert sample("saga_timers_fired_total", source="broker") == 1
+
+
+async def test_a_store_outage_is_waited_out_not_requeued() -> None:
+    from orchestrator.errors import StoreUnavailable
+    from orchestrator.stores.memory import MemoryStore
+
+    class FlakyStore(MemoryStore):
+        failures = 0
+
+        async def load(self, saga_id: str):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise StoreUnavailable("the store is restarting")
+            return await super().load(saga_id)
+
+    def step_status() -> StepStatus:
+        return store.states()[0].step("process_payment").status
+
+    store = FlakyStore()
+    registry = CollectorRegistry()
+    async with SagaHarness(app, store=store, metrics=Metrics(registry)) as h:
+        h.participant("payment").on("process_payment", late(10))
+        await h.start("order_fulfillment", "o-1", ORDER)
+        store.failures = 3
+        await h.advance(seconds=10)  # the reply arrives; loads fail three times (1 s, 2 s, 4 s)
+        assert step_status() is StepStatus.RUNNING
+        await h.advance(seconds=8)
+        assert step_status() is StepStatus.COMPLETED
+        assert store.states()[0].status is SagaStatus.COMPLETED
+    requeued = {"queue": "saga.replies", "outcome": "requeued"}
+    assert registry.get_sample_value("saga_messages_total", requeued) is None
