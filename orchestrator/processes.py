@@ -42,6 +42,15 @@ async def http_status(port: int, path: str, wait: float = 2.0) -> int | None:
     return int(parts[1]) if len(parts) > 1 else None
 
 
+async def wait_for_http(port: int, path: str, within: float = 30.0) -> None:
+    """Poll ``GET path`` on localhost until it answers 200."""
+    async with asyncio.timeout(within):
+        while True:
+            if await http_status(port, path) == 200:
+                return
+            await asyncio.sleep(0.1)
+
+
 @dataclass
 class Daemon:
     """One ``saga`` process: its command line, environment and HTTP port."""

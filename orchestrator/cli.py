@@ -1,0 +1,121 @@
+"""The ``saga`` command line: demo, daemons, operator commands, schema and topology.
+
+Every failure an operator can cause (a bad setting, an unreachable store or broker, an unknown
+saga) ends with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from orchestrator.errors import SagaError
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saga", description="Saga orchestrator over RabbitMQ: run, operate and inspect sagas."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the order saga three ways and print the timelines")
+    demo.add_argument("--json", action="store_true", help='print {"sagas": [...]} instead')
+
+    schema = sub.add_parser("schema", help="print the message schemas (AsyncAPI 3 by default)")
+    schema.add_argument("--format", choices=("asyncapi", "jsonschema"), default="asyncapi")
+
+    for name, text in (
+        ("orchestrator", "run the orchestrator daemon"),
+        ("participant", "run a participant service"),
+    ):
+        daemon = sub.add_parser(name, help=text)
+        daemon.add_argument("--app", help="MODULE:ATTR (default: $SAGA_APP)")
+
+    start = sub.add_parser(
+        "start", help="ask the orchestrator to start a saga (idempotent on --id)"
+    )
+    start.add_argument("saga_type")
+    start.add_argument("--id", required=True, dest="saga_id")
+    start.add_argument("--data", required=True, help="the saga's data as a JSON object")
+    start.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
+
+    ls = sub.add_parser("ls", help="list sagas from the store")
+    ls.add_argument("--status")
+    ls.add_argument("--type", dest="saga_type")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--json", action="store_true")
+
+    show = sub.add_parser("show", help="show one saga's timeline")
+    show.add_argument("saga_id")
+    show.add_argument("--json", action="store_true")
+
+    for name, text in (
+        ("retry", "re-drive a stuck saga (send its failing compensation again)"),
+        ("abort", "stop a running saga and compensate it now"),
+        ("resolve", "mark a stuck compensation as done by hand and carry on"),
+    ):
+        action = sub.add_parser(name, help=text)
+        action.add_argument("saga_id")
+        action.add_argument(
+            "--app", help="MODULE:ATTR of the saga definitions (default: $SAGA_APP)"
+        )
+        if name != "retry":
+            action.add_argument("--reason", default=None, help="recorded in the saga's history")
+
+    topology = sub.add_parser("topology", help="print (or declare) the RabbitMQ topology")
+    topology.add_argument("--app", help="MODULE:ATTR (default: $SAGA_APP)")
+    topology.add_argument("--declare", action="store_true", help="declare it on $SAGA_AMQP_URL")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``saga`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return asyncio.run(_dispatch(args))
+    except SagaError as e:
+        print(f"saga {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`saga schema | head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+async def _dispatch(args: argparse.Namespace) -> int:
+    from orchestrator import commands
+
+    handlers: dict[str, Any] = {
+        "demo": commands.demo,
+        "schema": commands.schema,
+        "orchestrator": commands.orchestrator,
+        "participant": commands.participant,
+        "start": commands.start,
+        "ls": commands.ls,
+        "show": commands.show,
+        "retry": commands.retry,
+        "abort": commands.abort,
+        "resolve": commands.resolve,
+        "topology": commands.topology,
+    }
+    result: int = await handlers[args.command](args)
+    return result
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON."""
+    json.dump(value, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
