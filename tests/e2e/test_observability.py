@@ -1,0 +1,246 @@
+"""What operators see: the daemons' /metrics after a small run, and a real Prometheus server
+that scrapes the daemon and fires the step-timeout alert from deploy/prometheus/alerts.yml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from contracts.messages import StartSaga
+from orchestrator.clock import SystemClock
+from orchestrator.codec import start_message
+from orchestrator.processes import SagaProcesses, free_port, http_status, wait_for_http
+from orchestrator.rabbitmq import RabbitTransport
+from orchestrator.stores import open_store
+from orchestrator.topology import QueuePolicy, orchestrator_topology
+from tests.conftest import unavailable
+from tests.e2e.test_order_saga_e2e import APP, SERVICES, STEPS, wait_until_settled
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.rabbitmq,
+    pytest.mark.postgres,
+    pytest.mark.timeout(300),
+]
+
+ALERTS = Path(__file__).parents[2] / "deploy" / "prometheus" / "alerts.yml"
+
+
+def order(order_id: str, simulate: dict[str, str]) -> dict[str, object]:
+    return {
+        "order_id": order_id,
+        "customer_id": "c-1",
+        "items": [{"sku": "SKU-1", "quantity": 2, "unit_price": "12.50"}],
+        "payment_method": "card",
+        "shipping_address": "1 Main St",
+        "simulate": simulate,
+    }
+
+
+def env(amqp: str, database: str, **extra: str) -> dict[str, str]:
+    return {
+        "SAGA_AMQP_URL": amqp,
+        "SAGA_STORE_URL": database,
+        "SAGA_STEP_TIMEOUTS": json.dumps({f"order_fulfillment.{s}": 2 for s in STEPS}),
+        "SAGA_SWEEP_INTERVAL": "1",
+        "SAGA_GAUGE_INTERVAL": "1",
+        "SAGA_LOG_LEVEL": "error",
+        **extra,
+    }
+
+
+async def start_orders(url: str, orders: list[dict[str, object]]) -> None:
+    transport = RabbitTransport(url)
+    try:
+        await transport.declare(orchestrator_topology((), QueuePolicy()))
+        for data in orders:
+            request = StartSaga(
+                saga_type="order_fulfillment", saga_id=str(data["order_id"]), data=data
+            )
+            await transport.publish(start_message(request, SystemClock().now()))
+    finally:
+        await transport.close()
+
+
+async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample on a /metrics page, keyed by name and labels."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metrics_after_a_small_run(vhost_url: str, database_url: str) -> None:
+    processes = SagaProcesses(APP, SERVICES, env(vhost_url, database_url))
+    store = open_store(database_url)
+    try:
+        await processes.start()
+        assert await http_status(processes.orchestrator.port, "/healthz") == 200
+        await start_orders(
+            vhost_url,
+            [
+                order("m-ok", {}),
+                order("m-declined", {"process_payment": "fail"}),
+                order("m-hang", {"create_shipment": "hang"}),
+                order("m-flaky", {"reserve_inventory": "error:1"}),
+            ],
+        )
+        await wait_until_settled(store, 4, within=60)
+        await asyncio.sleep(2.5)  # the gauges refresh every second
+
+        o = await scrape(processes.orchestrator.port)
+        kind = {"saga_type": "order_fulfillment"}
+        assert value(o, "saga_started_total", **kind) == 4
+        assert value(o, "saga_completed_total", **kind) == 2
+        assert value(o, "saga_failed_total", **kind) == 2
+        assert value(o, "saga_stuck_total", **kind) == 0
+
+        def step(name: str, outcome: str) -> float:
+            return value(o, "saga_step_outcomes_total", **kind, step=name, outcome=outcome)
+
+        assert step("reserve_inventory", "completed") == 4
+        assert step("reserve_inventory", "error") == 1
+        assert step("process_payment", "failed") == 1
+        assert step("create_shipment", "timed_out") == 1
+        assert step("send_confirmation", "completed") == 2
+        assert value(o, "saga_step_retries_total", **kind, step="reserve_inventory") == 1
+
+        def undone(name: str) -> float:
+            return value(o, "saga_compensations_total", **kind, step=name, outcome="completed")
+
+        assert (
+            undone("reserve_inventory"),
+            undone("process_payment"),
+            undone("create_shipment"),
+        ) == (2, 1, 1)
+        assert value(o, "saga_in_flight", **kind, status="completed") == 2
+        assert value(o, "saga_in_flight", **kind, status="failed") == 2
+        assert value(o, "saga_in_flight", **kind, status="started") == 0
+        assert value(o, "saga_outbox_backlog") == 0
+        assert value(o, "saga_consumers_ready") == 1
+        assert value(o, "saga_timers_fired_total", source="broker") >= 2  # timeout + retry
+        assert value(o, "saga_step_duration_seconds_count", **kind, step="process_payment") == 3
+        assert value(o, "saga_duration_seconds_count", **kind, status="failed") == 2
+
+        p = await scrape(processes.daemons["payment"].port)
+        commands = {"service": "payment", "command": "process_payment"}
+        assert value(p, "saga_participant_commands_total", **commands, outcome="completed") == 3
+        assert value(p, "saga_participant_commands_total", **commands, outcome="failed") == 1
+        assert value(p, "saga_consumers_ready") == 1
+    finally:
+        await processes.stop()
+        await store.close()
+
+
+def fast_rules(tmp: Path) -> Path:
+    """The production step-timeout alert with windows short enough for a test.
+
+    The expression, metric and labels are the ones in deploy/prometheus/alerts.yml; only
+    the range window shrinks to one minute and ``for`` to nothing.
+    """
+    rules = yaml.safe_load(ALERTS.read_text())
+    alert = next(
+        rule
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == "SagaStepTimeouts"
+    )
+    alert["expr"] = re.sub(r"\[\d+[smhd]\]", "[1m]", alert["expr"])
+    alert["for"] = "0s"
+    path = tmp / "alerts.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "test", "rules": [alert]}]}))
+    return path
+
+
+def prometheus_get(port: int, path: str, **params: str) -> dict[str, Any]:
+    query = urllib.parse.urlencode(params)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}?{query}", timeout=5) as r:
+        answer: dict[str, Any] = json.loads(r.read())
+    return answer
+
+
+async def test_prometheus_fires_the_step_timeout_alert(
+    vhost_url: str, database_url: str, tmp_path: Path
+) -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        unavailable("prometheus", "the binary is not installed (Debian package: prometheus)")
+    processes = SagaProcesses(APP, SERVICES, env(vhost_url, database_url))
+    config = tmp_path / "prometheus.yml"
+    web = free_port()
+    server = None
+    try:
+        await processes.start()
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(fast_rules(tmp_path))],
+                    "scrape_configs": [
+                        {
+                            "job_name": "saga-orchestrator",
+                            "static_configs": [
+                                {"targets": [f"127.0.0.1:{processes.orchestrator.port}"]}
+                            ],
+                        }
+                    ],
+                }
+            )
+        )
+        server = await asyncio.create_subprocess_exec(
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await wait_for_http(web, "/-/ready")
+        await asyncio.sleep(3)  # a few scrapes of the zeroed series first
+        await start_orders(
+            vhost_url, [order(f"h-{n}", {"create_shipment": "hang"}) for n in range(12)]
+        )
+        firing: list[dict[str, Any]] = []
+        async with asyncio.timeout(90):
+            while not firing:
+                await asyncio.sleep(1)
+                alerts = (await asyncio.to_thread(prometheus_get, web, "/api/v1/alerts"))["data"][
+                    "alerts"
+                ]
+                firing = [
+                    a
+                    for a in alerts
+                    if a["labels"]["alertname"] == "SagaStepTimeouts" and a["state"] == "firing"
+                ]
+        assert firing[0]["labels"]["step"] == "create_shipment"
+        assert firing[0]["labels"]["saga_type"] == "order_fulfillment"
+        assert firing[0]["labels"]["severity"] == "warning"
+        up = await asyncio.to_thread(
+            prometheus_get, web, "/api/v1/query", query='up{job="saga-orchestrator"}'
+        )
+        assert up["data"]["result"][0]["value"][1] == "1"
+    finally:
+        if server is not None and server.returncode is None:
+            server.terminate()
+            await server.wait()
+        await processes.stop()
