@@ -71,11 +71,35 @@ _SAGA_COUNTERS = {
 }
 
 
-class Metrics:
-    """Every metric the orchestrator exports, registered on ``registry``."""
+class ProcessMetrics:
+    """Families every saga process exports, the orchestrator and participants alike."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.dead_lettered = Counter(
+            "saga_dead_lettered_total",
+            "Messages parked in the dead-letter queue.",
+            ["queue", "reason"],
+            registry=registry,
+        )
+        self.publish_failures = Counter(
+            "saga_publish_failures_total",
+            "Publishes the broker did not confirm: returned, nacked, timeout, connection, channel.",
+            ["reason"],
+            registry=registry,
+        )
+        self.consumers_ready = Gauge(
+            "saga_consumers_ready",
+            "1 while every consumer is registered with the broker.",
+            registry=registry,
+        )
+
+
+class Metrics(ProcessMetrics):
+    """Every metric the orchestrator exports, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
         self.started = Counter(
             "saga_started_total", "Sagas started.", ["saga_type"], registry=registry
         )
@@ -167,18 +191,6 @@ class Metrics:
             ["source"],
             registry=registry,
         )
-        self.dead_lettered = Counter(
-            "saga_dead_lettered_total",
-            "Messages parked in the dead-letter queue.",
-            ["queue", "reason"],
-            registry=registry,
-        )
-        self.publish_failures = Counter(
-            "saga_publish_failures_total",
-            "Publishes the broker did not confirm: returned, nacked, timeout, connection, channel.",
-            ["reason"],
-            registry=registry,
-        )
         self.version_conflicts = Counter(
             "saga_version_conflicts_total",
             "Transitions that lost the version race and were decided again.",
@@ -188,11 +200,6 @@ class Metrics:
             "saga_messages_total",
             "Messages handled, by queue and outcome.",
             ["queue", "outcome"],
-            registry=registry,
-        )
-        self.consumers_ready = Gauge(
-            "saga_consumers_ready",
-            "1 while every consumer is registered with the broker.",
             registry=registry,
         )
 
@@ -275,11 +282,11 @@ class Metrics:
         self.outbox_oldest_age.set(max((now - oldest).total_seconds(), 0.0) if oldest else 0.0)
 
 
-class ParticipantMetrics:
+class ParticipantMetrics(ProcessMetrics):
     """The metrics a participant service exports (``saga participant``)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+        super().__init__(registry)
         self.commands = Counter(
             "saga_participant_commands_total",
             "Commands handled, by outcome: completed, failed, error, duplicate, cancelled, "
@@ -292,22 +299,5 @@ class ParticipantMetrics:
             "Time spent in a command handler.",
             ["service", "command"],
             buckets=_STEP_BUCKETS,
-            registry=registry,
-        )
-        self.dead_lettered = Counter(
-            "saga_dead_lettered_total",
-            "Messages parked in the dead-letter queue.",
-            ["queue", "reason"],
-            registry=registry,
-        )
-        self.publish_failures = Counter(
-            "saga_publish_failures_total",
-            "Publishes the broker did not confirm: returned, nacked, timeout, connection, channel.",
-            ["reason"],
-            registry=registry,
-        )
-        self.consumers_ready = Gauge(
-            "saga_consumers_ready",
-            "1 while every consumer is registered with the broker.",
             registry=registry,
         )

@@ -106,15 +106,17 @@ class SagaProcesses:
     app: str
     participants: tuple[str, ...]
     env: Mapping[str, str]
+    replicas: int = 1
+    """How many orchestrator daemons share the broker and the store."""
     daemons: dict[str, Daemon] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         base = {**os.environ, **self.env}
-        targets = [("orchestrator", self.app)]
+        targets = [(_replica_name(n), self.app) for n in range(self.replicas)]
         targets += [(spec.rsplit(":", 1)[1], spec) for spec in self.participants]
         for name, target in targets:
             port = free_port()
-            command = "orchestrator" if name == "orchestrator" else "participant"
+            command = "orchestrator" if name.startswith("orchestrator") else "participant"
             env = {**base, "SAGA_HTTP_HOST": "127.0.0.1", "SAGA_HTTP_PORT": str(port)}
             self.daemons[name] = Daemon(name, (command, "--app", target), env, port)
 
@@ -125,11 +127,16 @@ class SagaProcesses:
         for daemon in self.daemons.values():
             await daemon.wait_ready(within)
 
-    async def stop(self) -> None:
-        """Stop every process gracefully."""
-        await asyncio.gather(*(daemon.stop() for daemon in self.daemons.values()))
+    async def stop(self) -> dict[str, int | None]:
+        """Stop every process gracefully; their exit statuses by name."""
+        codes = await asyncio.gather(*(daemon.stop() for daemon in self.daemons.values()))
+        return dict(zip(self.daemons, codes, strict=True))
 
     @property
     def orchestrator(self) -> Daemon:
-        """The orchestrator daemon."""
-        return self.daemons["orchestrator"]
+        """The (first) orchestrator daemon."""
+        return self.daemons[_replica_name(0)]
+
+
+def _replica_name(index: int) -> str:
+    return "orchestrator" if index == 0 else f"orchestrator-{index + 1}"

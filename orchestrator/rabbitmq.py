@@ -80,6 +80,7 @@ from orchestrator.delays import DelayLadder
 from orchestrator.errors import ConfigError, PublishFailed
 from orchestrator.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
 from orchestrator.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
+from orchestrator.urls import redact_url
 
 log = structlog.get_logger("rabbitmq")
 
@@ -166,7 +167,7 @@ class RabbitTransport:
         if poison_threshold is not None and poison_threshold < 1:
             raise ConfigError(f"the poison threshold must be at least 1, not {poison_threshold}")
         self.url = url
-        self.safe_url = redact(url)
+        self.safe_url = redact_url(url)
         """The URL with its password hidden, for logs and errors."""
         self.prefetch = prefetch
         self.heartbeat = heartbeat
@@ -715,17 +716,6 @@ class RabbitTransport:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``, also when it is not a valid URL."""
-    try:
-        parsed: URL | None = URL(url)
-    except (ValueError, TypeError):
-        parsed = None
-    if parsed is not None and parsed.password is not None:
-        return str(parsed.with_password("***"))
-    return re.sub(r"(^|//)([^:@/]*):[^@]*@", r"\1\2:***@", url)
-
-
 def broker_url(url: str, heartbeat: int) -> URL:
     """The URL to connect to, with the heartbeat set unless the URL sets it.
 
@@ -735,10 +725,10 @@ def broker_url(url: str, heartbeat: int) -> URL:
     try:
         parsed = URL(url)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"the RabbitMQ URL {redact(url)!r} is malformed: {e}") from e
+        raise ConfigError(f"the RabbitMQ URL {redact_url(url)!r} is malformed: {e}") from e
     if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
         raise ConfigError(
-            f"the RabbitMQ URL {redact(url)!r} is not valid: use "
+            f"the RabbitMQ URL {redact_url(url)!r} is not valid: use "
             "amqp://user:password@host:5672/vhost (or amqps:// for TLS)"
         )
     if "heartbeat" in parsed.query:

@@ -17,13 +17,11 @@ name the saga and step, so services may share one table or collection.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from pymongo import ASCENDING, AsyncMongoClient, IndexModel
-from pymongo.asynchronous.collection import AsyncCollection
+from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -31,13 +29,8 @@ from contracts.messages import ErrorDetail
 from orchestrator.clock import Clock, SystemClock, utc
 from orchestrator.errors import ConfigError, StoreUnavailable
 from orchestrator.stores import MONGO_SCHEMES, POSTGRES_SCHEMES, redact_url
-from orchestrator.stores.mongo import (
-    DEFAULT_DATABASE,
-    Document,
-    open_client,
-    unavailable_errors,
-)
-from orchestrator.stores.postgres import PostgresPool, row_count, table_name
+from orchestrator.stores.mongo import Document, MongoCollection
+from orchestrator.stores.postgres import PostgresPool, table_name
 from participants.idempotency import (
     DEFAULT_IDEMPOTENCY_RETENTION,
     IdempotencyStore,
@@ -51,7 +44,6 @@ DEFAULT_TABLE: Final = "saga_idempotency"
 DEFAULT_COLLECTION: Final = "idempotency"
 """The MongoDB collection outcomes are kept in unless another name is given."""
 
-_PURGE_BATCH: Final = 1000
 _PUT_ATTEMPTS: Final = 3  # an entry can expire between a refused insert and the read-back
 
 _MIGRATIONS: Final = (
@@ -147,14 +139,7 @@ class PostgresIdempotency:
     async def purge(self, now: datetime | None = None) -> int:
         """Delete entries stored more than the retention before ``now``; returns how many."""
         cutoff = (now or self.clock.now()) - self.retention
-        purged = 0
-        async with self.pool.connection() as connection:
-            while True:
-                status: str = await connection.execute(self._sql["purge"], cutoff, _PURGE_BATCH)
-                deleted = row_count(status)
-                purged += deleted
-                if deleted < _PURGE_BATCH:
-                    return purged
+        return await self.pool.delete_in_batches(self._sql["purge"], cutoff)
 
     async def drop(self) -> None:
         """Delete the table and its schema record (for tests and uninstalling)."""
@@ -165,7 +150,7 @@ class PostgresIdempotency:
         await self.pool.close()
 
 
-class MongoIdempotency:
+class MongoIdempotency(MongoCollection):
     """Outcomes in a MongoDB collection, ``_id`` = key, expired by a TTL index on ``stored_at``.
 
     Build it with :meth:`from_url`, or over a database you already have.
@@ -185,13 +170,9 @@ class MongoIdempotency:
         retention: timedelta = DEFAULT_IDEMPOTENCY_RETENTION,
         clock: Clock | None = None,
     ) -> None:
-        self.database = database
-        self.collection: AsyncCollection[Document] = database[collection]
+        super().__init__(database, collection)
         self.retention = retention
         self.clock: Clock = clock or SystemClock()
-        self._where = f"database {database.name}"
-        self._timeout: float | None = None
-        self._client: AsyncMongoClient[Document] | None = None
 
     @classmethod
     def from_url(
@@ -203,16 +184,7 @@ class MongoIdempotency:
         connect_timeout: float = 5.0,
     ) -> MongoIdempotency:
         """A store over the database named by the URL's path (default ``saga``)."""
-        client = open_client(url, connect_timeout=connect_timeout)
-        store = cls(
-            client.get_default_database(DEFAULT_DATABASE),
-            collection=collection,
-            retention=retention,
-        )
-        store._client = client
-        store._where = redact_url(url)
-        store._timeout = connect_timeout
-        return store
+        return cls._connected(url, connect_timeout, collection=collection, retention=retention)
 
     async def setup(self) -> None:
         """Check the server answers and create the TTL index; idempotent.
@@ -263,15 +235,6 @@ class MongoIdempotency:
         with self._errors():
             result = await self.collection.delete_many({"stored_at": {"$lt": cutoff}})
         return int(result.deleted_count)
-
-    async def close(self) -> None:
-        """Close the client if this store opened it."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
-
-    def _errors(self) -> AbstractContextManager[None]:
-        return unavailable_errors(self._where, timeout=self._timeout)
 
 
 def _from_document(document: Document) -> StoredOutcome:

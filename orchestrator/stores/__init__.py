@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from orchestrator.errors import ConfigError, StoreUnavailable
 from orchestrator.store import DEFAULT_RETENTION, SagaStore
 from orchestrator.stores.memory import MemoryStore
+from orchestrator.urls import redact_url
 
 __all__ = ["open_store", "redact_url", "store_unavailable"]
 
@@ -35,10 +36,6 @@ MONGO_SCHEMES: Final = frozenset({"mongodb", "mongodb+srv"})
 """URL schemes served by the MongoDB store."""
 
 _SUPPORTED = "memory://, postgresql://, postgres://, mongodb:// or mongodb+srv://"
-_MASK = "***"
-# Query parameters that carry credentials: libpq's password and sslpassword, MongoDB's
-# tlsCertificateKeyFilePassword, and authMechanismProperties (it can hold an AWS session token).
-_SECRET_PARAMETERS = ("password", "secret", "token", "authmechanismproperties")
 _MAX_REASON = 200
 
 
@@ -77,40 +74,6 @@ def _scheme(url: str) -> str:
         return urlsplit(url).scheme.lower()
     except ValueError as e:
         raise ConfigError(f"saga store URL {redact_url(url)} is malformed: {e}") from e
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password, and any credential-like query parameter, shown as ``***``.
-
-    Used by every error message that names a store URL. A URL too malformed to parse is not
-    echoed at all, since where its password starts cannot be known.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<malformed URL>"
-    netloc = parts.netloc
-    # The last "@" ends the credentials: an unescaped "@" in a password stays hidden.
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:{_MASK}@{hosts}"
-    query = "&".join(_redact_parameter(item) for item in parts.query.split("&"))
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    # Rebuilt by hand: urlunsplit drops the "//" of schemes it does not know (mongodb, memory).
-    redacted = f"{parts.scheme}://{netloc}{parts.path}"
-    if parts.query:
-        redacted += f"?{query}"
-    if parts.fragment:
-        redacted += f"#{parts.fragment}"
-    return redacted
-
-
-def _redact_parameter(item: str) -> str:
-    key, equals, _ = item.partition("=")
-    if equals and any(secret in key.lower() for secret in _SECRET_PARAMETERS):
-        return f"{key}={_MASK}"
-    return item
 
 
 def store_unavailable(

@@ -41,7 +41,7 @@ import builtins
 import contextlib
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import parse_qsl, urlsplit
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
@@ -157,7 +157,44 @@ def unavailable_errors(where: str, *, timeout: float | None = None) -> Iterator[
         raise store_unavailable("MongoDB", where, e, timeout=timeout) from e
 
 
-class MongoStore:
+class MongoCollection:
+    """One MongoDB collection, and the client behind it when this object opened it.
+
+    The plumbing the saga store and the participants' idempotency store share: building over
+    a database or from a URL, turning driver errors into ``StoreUnavailable`` that name the
+    URL, and closing what was opened.
+    """
+
+    def __init__(self, database: AsyncDatabase[Document], collection: str) -> None:
+        self.database = database
+        self.collection: AsyncCollection[Document] = database[collection]
+        self._where = f"database {database.name}"
+        self._timeout: float | None = None
+        self._client: AsyncMongoClient[Document] | None = None
+
+    @classmethod
+    def _connected(cls, url: str, connect_timeout: float, **options: Any) -> Self:
+        """An instance over the database named by the URL's path (default ``saga``).
+
+        Raises:
+            ConfigError: PyMongo refuses the URL.
+        """
+        client = open_client(url, connect_timeout=connect_timeout)
+        made = cls(client.get_default_database(DEFAULT_DATABASE), **options)
+        made._client, made._where, made._timeout = client, redact_url(url), connect_timeout
+        return made
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]:
+        return unavailable_errors(self._where, timeout=self._timeout)
+
+    async def close(self) -> None:
+        """Close the client if this object opened it."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
+class MongoStore(MongoCollection):
     """Saga records in MongoDB; see the module docstring for the document and its indexes.
 
     Build it with :meth:`from_url`, or over a database you already have (tests hand it an
@@ -176,12 +213,8 @@ class MongoStore:
         collection: str = DEFAULT_COLLECTION,
         retention: timedelta = DEFAULT_RETENTION,
     ) -> None:
-        self.database = database
-        self.collection: AsyncCollection[Document] = database[collection]
+        super().__init__(database, collection)
         self.retention = retention
-        self._where = f"database {database.name}"
-        self._timeout: float | None = None
-        self._client: AsyncMongoClient[Document] | None = None
 
     @classmethod
     def from_url(
@@ -197,19 +230,7 @@ class MongoStore:
         Raises:
             ConfigError: PyMongo refuses the URL.
         """
-        client = open_client(url, connect_timeout=connect_timeout)
-        store = cls(
-            client.get_default_database(DEFAULT_DATABASE),
-            collection=collection,
-            retention=retention,
-        )
-        store._client = client
-        store._where = redact_url(url)
-        store._timeout = connect_timeout
-        return store
-
-    def _errors(self) -> contextlib.AbstractContextManager[None]:
-        return unavailable_errors(self._where, timeout=self._timeout)
+        return cls._connected(url, connect_timeout, collection=collection, retention=retention)
 
     async def setup(self) -> None:
         """Check the server answers and create the indexes; idempotent."""
@@ -348,12 +369,6 @@ class MongoStore:
         with self._errors():
             result = await self.collection.delete_many({"purge_at": {"$lte": now}})
         return int(result.deleted_count)
-
-    async def close(self) -> None:
-        """Close the client if this store opened it."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
 
     async def _find(
         self,

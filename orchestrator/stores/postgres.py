@@ -311,6 +311,20 @@ class PostgresPool:
             if current < len(migrations):
                 await connection.execute(_SCHEMA_VERSIONS_SQL["set"], table, len(migrations))
 
+    async def delete_in_batches(self, statement: str, cutoff: datetime) -> int:
+        """Run a ``DELETE ... LIMIT $2`` statement until it deletes less than a batch.
+
+        Small deletes keep locks and WAL bursts short; returns how many rows went.
+        """
+        deleted_total = 0
+        async with self.connection() as connection:
+            while True:
+                status: str = await connection.execute(statement, cutoff, _PURGE_BATCH)
+                deleted = row_count(status)
+                deleted_total += deleted
+                if deleted < _PURGE_BATCH:
+                    return deleted_total
+
     async def drop(self, table: str) -> None:
         """Delete ``table`` and its schema record (for tests and uninstalling)."""
         async with self.connection() as connection, connection.transaction():
@@ -438,14 +452,7 @@ class PostgresStore:
 
     async def purge(self, now: datetime) -> int:
         """Delete finished sagas whose retention has passed, in small batches."""
-        purged = 0
-        async with self.pool.connection() as connection:
-            while True:
-                status: str = await connection.execute(self._sql["purge"], now, _PURGE_BATCH)
-                deleted = row_count(status)
-                purged += deleted
-                if deleted < _PURGE_BATCH:
-                    return purged
+        return await self.pool.delete_in_batches(self._sql["purge"], now)
 
     async def drop(self) -> None:
         """Delete the table and its schema record (for tests and uninstalling)."""

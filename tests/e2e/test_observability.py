@@ -179,6 +179,51 @@ def prometheus_get(port: int, path: str, **params: str) -> dict[str, Any]:
     return answer
 
 
+TIMED_OUT = 'saga_step_outcomes_total{outcome="timed_out",step="create_shipment"}'
+
+
+async def wait_for_sample(port: int, query: str, within: float = 60) -> None:
+    """Wait until an instant query for ``query`` returns a series."""
+    async with asyncio.timeout(within):
+        while True:
+            answer = await asyncio.to_thread(prometheus_get, port, "/api/v1/query", query=query)
+            if answer["data"]["result"]:
+                return
+            await asyncio.sleep(0.5)
+
+
+async def wait_for_alert(port: int, name: str, within: float) -> list[dict[str, Any]]:
+    """The firing instances of alert ``name``; on timeout, fail with what Prometheus saw."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + within
+    while loop.time() < give_up:
+        await asyncio.sleep(1)
+        alerts = (await asyncio.to_thread(prometheus_get, port, "/api/v1/alerts"))["data"]["alerts"]
+        firing = [a for a in alerts if a["labels"]["alertname"] == name and a["state"] == "firing"]
+        if firing:
+            return firing
+    targets = await asyncio.to_thread(prometheus_get, port, "/api/v1/targets")
+    health = [
+        (t["scrapeUrl"], t["health"], t["lastError"]) for t in targets["data"]["activeTargets"]
+    ]
+    series = await asyncio.to_thread(
+        prometheus_get,
+        port,
+        "/api/v1/query",
+        query=f"{TIMED_OUT}[2m]",
+    )
+    rules = await asyncio.to_thread(prometheus_get, port, "/api/v1/rules")
+    states = [
+        (r.get("name"), r.get("health"), r.get("lastError"), r.get("query"))
+        for group in rules["data"]["groups"]
+        for r in group["rules"]
+    ]
+    pytest.fail(
+        f"{name} never fired: targets {health}, rules {states}, alerts {alerts}, "
+        f"series {series['data']}"
+    )
+
+
 async def test_prometheus_fires_the_step_timeout_alert(
     vhost_url: str, database_url: str, tmp_path: Path
 ) -> None:
@@ -194,7 +239,11 @@ async def test_prometheus_fires_the_step_timeout_alert(
         config.write_text(
             yaml.safe_dump(
                 {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "global": {
+                        "scrape_interval": "2s",
+                        "scrape_timeout": "2s",
+                        "evaluation_interval": "1s",
+                    },
                     "rule_files": [str(fast_rules(tmp_path))],
                     "scrape_configs": [
                         {
@@ -216,22 +265,13 @@ async def test_prometheus_fires_the_step_timeout_alert(
             stderr=asyncio.subprocess.DEVNULL,
         )
         await wait_for_http(web, "/-/ready")
-        await asyncio.sleep(3)  # a few scrapes of the zeroed series first
+        # rate() needs a sample from before the first timeout: wait until Prometheus has
+        # scraped the zeroed series (it applies new targets only after a reload throttle).
+        await wait_for_sample(web, TIMED_OUT)
         await start_orders(
             vhost_url, [order(f"h-{n}", {"create_shipment": "hang"}) for n in range(12)]
         )
-        firing: list[dict[str, Any]] = []
-        async with asyncio.timeout(90):
-            while not firing:
-                await asyncio.sleep(1)
-                alerts = (await asyncio.to_thread(prometheus_get, web, "/api/v1/alerts"))["data"][
-                    "alerts"
-                ]
-                firing = [
-                    a
-                    for a in alerts
-                    if a["labels"]["alertname"] == "SagaStepTimeouts" and a["state"] == "firing"
-                ]
+        firing = await wait_for_alert(web, "SagaStepTimeouts", within=90)
         assert firing[0]["labels"]["step"] == "create_shipment"
         assert firing[0]["labels"]["saga_type"] == "order_fulfillment"
         assert firing[0]["labels"]["severity"] == "warning"

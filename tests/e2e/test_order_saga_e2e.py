@@ -209,18 +209,23 @@ async def test_200_orders_reach_the_right_end_and_garbage_is_parked(
         parked = await parked_reasons(vhost_url)
         assert len(parked) == 1, parked
         assert "not a valid Reply" in parked[0]
+        codes = await processes.stop()  # SIGTERM: finish in flight, flush, exit cleanly
+        assert set(codes.values()) == {0}, codes
     finally:
         await processes.stop()
         await transport.close()
         await store.close()
 
 
-async def test_200_orders_survive_a_killed_daemon_and_a_broker_restart(
+async def test_200_orders_survive_a_killed_replica_and_a_broker_restart(
     vhost_url: str, database_url: str
 ) -> None:
     # Timeouts well beyond the outages, so that no step times out because of them and every
-    # saga must end exactly as its scenario says.
-    processes = SagaProcesses(APP, SERVICES, environment(vhost_url, database_url, timeout=30))
+    # saga must end exactly as its scenario says. Two orchestrator replicas share the broker
+    # and the store; one of them is killed.
+    processes = SagaProcesses(
+        APP, SERVICES, environment(vhost_url, database_url, timeout=30), replicas=2
+    )
     store = open_store(database_url)
     transport = RabbitTransport(vhost_url)
     work = orders(200)

@@ -17,10 +17,10 @@ from contracts.messages import (
     CommandEnvelope,
     Direction,
     ErrorDetail,
-    Reply,
     ReplyStatus,
     TimerMessage,
 )
+from orchestrator.codec import answer
 from orchestrator.definition import RetryPolicy, Saga, Step, StepKind
 from orchestrator.engine import (
     Decision,
@@ -129,18 +129,8 @@ class Driver:
         error = (
             None if status is ReplyStatus.COMPLETED else ErrorDetail(type=error_type, message="x")
         )
-        reply = Reply(
-            message_id=f"reply:{envelope.message_id}",
-            in_reply_to=envelope.message_id,
-            saga_id=envelope.saga_id,
-            step=envelope.step,
-            direction=envelope.direction,
-            attempt=envelope.attempt,
-            status=status,
-            result=result if status is ReplyStatus.COMPLETED else None,
-            error=error,
-            sent_at=self.now,
-        )
+        result = result if status is ReplyStatus.COMPLETED else None
+        reply = answer(envelope, status, self.now, result=result, error=error)
         return self.apply(ReplyReceived(reply))
 
     def advance(self, seconds: float) -> None:
