@@ -18,7 +18,7 @@ from orchestrator.definition import App
 from orchestrator.delays import DelayLadder
 from orchestrator.errors import ConfigError
 from orchestrator.http import ProbeServer
-from orchestrator.metrics import Metrics, ParticipantMetrics
+from orchestrator.metrics import Metrics, ParticipantMetrics, ProcessMetrics
 from orchestrator.rabbitmq import RabbitTransport
 from orchestrator.runtime import EngineConfig, Orchestrator
 from orchestrator.settings import Settings
@@ -42,10 +42,8 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
-def rabbit_transport(
-    settings: Settings, on_publish_failure: Callable[[str], None] | None = None
-) -> RabbitTransport:
-    """The RabbitMQ transport the settings describe."""
+def rabbit_transport(settings: Settings, metrics: ProcessMetrics | None = None) -> RabbitTransport:
+    """The RabbitMQ transport the settings describe, counting into ``metrics`` if given."""
     if not settings.amqp_url:
         raise ConfigError(
             "SAGA_AMQP_URL is not set; give the RabbitMQ URL, e.g. amqp://guest:guest@localhost:5672/"
@@ -58,7 +56,16 @@ def rabbit_transport(
         ladder=DelayLadder(levels=settings.delay_levels, queue_type=settings.queue_type),
         # Park a poison message ourselves, with a reason, before the broker's limit drops it.
         poison_threshold=max(1, min(10, settings.delivery_limit - 1)),
-        on_publish_failure=on_publish_failure,
+        on_publish_failure=(
+            None
+            if metrics is None
+            else lambda reason: metrics.publish_failures.labels(reason).inc()
+        ),
+        on_poison=(
+            None
+            if metrics is None
+            else lambda queue: metrics.dead_lettered.labels(queue, "poison").inc()
+        ),
     )
 
 
@@ -74,9 +81,7 @@ async def run_orchestrator(app: App, settings: Settings) -> None:
     metrics = Metrics(registry)
     metrics.prepare(app)
     store = open_store(settings.store_url, retention=settings.retention)
-    transport = rabbit_transport(
-        settings, lambda reason: metrics.publish_failures.labels(reason).inc()
-    )
+    transport = rabbit_transport(settings, metrics)
     orchestrator = Orchestrator(
         app, store, transport, config=engine_config(settings), metrics=metrics
     )
@@ -102,9 +107,7 @@ async def run_participant(participant: Participant, settings: Settings) -> None:
     if isinstance(participant.idempotency, MemoryIdempotency):
         # A service that did not choose its own store gets the configured one.
         participant.idempotency = open_idempotency(settings.idempotency_url)
-    transport = rabbit_transport(
-        settings, lambda reason: metrics.publish_failures.labels(reason).inc()
-    )
+    transport = rabbit_transport(settings, metrics)
     ready = asyncio.Event()
     probes = ProbeServer(registry, ready.is_set, settings.http_host, settings.http_port)
     stopping = asyncio.Event()

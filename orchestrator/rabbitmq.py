@@ -160,6 +160,7 @@ class RabbitTransport:
         delayed_queues: Iterable[str] = (names.TIMERS_QUEUE,),
         poison_threshold: int | None = 15,
         on_publish_failure: Callable[[str], None] | None = None,
+        on_poison: Callable[[str], None] | None = None,
         clock: Clock | None = None,
     ) -> None:
         if prefetch < 1:
@@ -179,6 +180,8 @@ class RabbitTransport:
         self.ladder.topology(self.delayed_queues)  # a name the ladder cannot route fails here
         self.poison_threshold = poison_threshold
         self.on_publish_failure = on_publish_failure
+        self.on_poison = on_poison
+        """Called with the queue name when a poison message is parked (for the metrics)."""
         self.clock: Clock = clock or SystemClock()
         self._connection: aio_pika.RobustConnection | None = None
         self._closed = False
@@ -642,6 +645,8 @@ class RabbitTransport:
             message_id=delivery.message_id,
             delivery_count=count,
         )
+        if self.on_poison is not None:
+            self.on_poison(delivery.queue)
         return DeadLetter(
             f"poison message: redelivered {count} times without being acknowledged "
             f"(threshold {threshold})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 _MASK = "***"
@@ -21,6 +22,10 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<malformed URL>"
     netloc = parts.netloc
+    if not netloc and "@" in url:
+        # Not a URL urlsplit understands (``amqp//user:pw@host``), but it may still hold a
+        # password: mask anything between a user name's colon and the "@".
+        return re.sub(r"(^|//)([^:@/]*):[^@]*@", rf"\1\2:{_MASK}@", url)
     # The last "@" ends the credentials: an unescaped "@" in a password stays hidden.
     userinfo, at, hosts = netloc.rpartition("@")
     if at and ":" in userinfo:
