@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator.definition import App
 from orchestrator.delays import DelayLadder
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, StoreUnavailable
 from orchestrator.http import ProbeServer
 from orchestrator.metrics import Metrics, ParticipantMetrics, ProcessMetrics
 from orchestrator.rabbitmq import RabbitTransport
@@ -27,6 +27,8 @@ from participants.idempotency import MemoryIdempotency, open_idempotency
 from participants.service import Participant
 
 log = structlog.get_logger("daemon")
+
+_PURGE_INTERVAL = 3600.0
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -119,6 +121,7 @@ async def run_participant(participant: Participant, settings: Settings) -> None:
             consumer = group.create_task(
                 participant.run(transport, policy=settings.queue_policy, ready=ready)
             )
+            purger = group.create_task(_purge_outcomes(participant))
             await _until_ready_or_done(ready, consumer)
             metrics.consumers_ready.set(1 if ready.is_set() else 0)
             log.info("participant_ready", service=participant.service)
@@ -126,11 +129,25 @@ async def run_participant(participant: Participant, settings: Settings) -> None:
             ready.clear()
             metrics.consumers_ready.set(0)
             consumer.cancel()  # the transport lets in-flight commands finish first
+            purger.cancel()
     finally:
         await probes.close()
         await transport.close()
         await participant.idempotency.close()
     log.info("participant_stopped", service=participant.service)
+
+
+async def _purge_outcomes(participant: Participant) -> None:
+    """Forget idempotency outcomes past their retention, hourly (PostgreSQL has no TTL)."""
+    while True:
+        await asyncio.sleep(_PURGE_INTERVAL)
+        try:
+            purged = await participant.idempotency.purge()
+        except StoreUnavailable as e:
+            log.warning("idempotency_purge_failed", error=str(e))
+            continue
+        if purged:
+            log.info("idempotency_outcomes_purged", count=purged)
 
 
 async def _until_ready_or_done(ready: asyncio.Event, task: asyncio.Task[None]) -> None:

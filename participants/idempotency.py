@@ -17,7 +17,7 @@ Backends: :class:`MemoryIdempotency` here, ``PostgresIdempotency`` and ``MongoId
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
@@ -60,6 +60,10 @@ class IdempotencyStore(Protocol):
         """Store ``outcome`` unless something is stored already; returns what is stored now."""
         ...
 
+    async def purge(self, now: datetime | None = None) -> int:
+        """Forget outcomes stored longer than the retention ago; returns how many."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
@@ -68,7 +72,8 @@ class IdempotencyStore(Protocol):
 class MemoryIdempotency:
     """Outcomes in a dict: for tests, the demo and single-process services."""
 
-    def __init__(self) -> None:
+    def __init__(self, retention: timedelta = DEFAULT_IDEMPOTENCY_RETENTION) -> None:
+        self.retention = retention
         self._outcomes: dict[str, StoredOutcome] = {}
 
     async def setup(self) -> None:
@@ -81,6 +86,14 @@ class MemoryIdempotency:
     async def put(self, key: str, outcome: StoredOutcome) -> StoredOutcome:
         """First writer wins."""
         return self._outcomes.setdefault(key, outcome)
+
+    async def purge(self, now: datetime | None = None) -> int:
+        """Forget outcomes stored before the retention (outcomes without a time are kept)."""
+        cutoff = (now or datetime.now(UTC)) - self.retention
+        old = [k for k, o in self._outcomes.items() if o.stored_at and o.stored_at < cutoff]
+        for key in old:
+            del self._outcomes[key]
+        return len(old)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -243,3 +243,17 @@ def test_handlers_must_name_their_command() -> None:
     service.handler(charge)
     with pytest.raises(DefinitionError, match="two handlers for 'charge'"):
         service.handler(charge)
+
+
+async def test_outcomes_are_forgotten_after_their_retention() -> None:
+    from datetime import UTC, datetime
+
+    from participants.idempotency import MemoryIdempotency, OutcomeKind, StoredOutcome
+
+    store = MemoryIdempotency(retention=timedelta(days=7))
+    now = datetime(2026, 3, 1, tzinfo=UTC)
+    await store.put("old", StoredOutcome(OutcomeKind.COMPLETED, stored_at=now - timedelta(days=8)))
+    await store.put("new", StoredOutcome(OutcomeKind.COMPLETED, stored_at=now - timedelta(days=6)))
+    assert await store.purge(now) == 1
+    assert await store.get("old") is None
+    assert await store.get("new") is not None
