@@ -24,6 +24,13 @@ from orchestrator.state import SagaStatus, StepStatus
 from tests.unit.driver import Driver, chain
 
 N = 5
+ORDER_1 = {
+    "order_id": "o-1",
+    "customer_id": "c-1",
+    "items": [{"sku": "a", "quantity": 1, "unit_price": "5.00"}],
+    "payment_method": "card",
+    "shipping_address": "x",
+}
 
 
 def events(driver: Driver) -> list[str]:
@@ -140,14 +147,7 @@ def test_step_results_flow_into_later_commands() -> None:
     d = Driver(order_fulfillment)
     from orchestrator.engine import start_saga
 
-    data = {
-        "order_id": "o-1",
-        "customer_id": "c-1",
-        "items": [{"sku": "a", "quantity": 1, "unit_price": "5.00"}],
-        "payment_method": "card",
-        "shipping_address": "x",
-    }
-    d._record(start_saga(order_fulfillment, "o-1", data, d.now))
+    d._record(start_saga(order_fulfillment, "o-1", ORDER_1, d.now))
     assert d.last.payload["items"] == [{"sku": "a", "quantity": 1, "unit_price": "5.00"}]
     d.reply(result={"reservation_id": "r-1"})
     assert d.last.command == "process_payment"
@@ -488,14 +488,7 @@ def test_invalid_result_is_an_error_that_is_retried() -> None:
     d = Driver(order_fulfillment)
     from orchestrator.engine import start_saga
 
-    data = {
-        "order_id": "o-1",
-        "customer_id": "c-1",
-        "items": [{"sku": "a", "quantity": 1, "unit_price": "5.00"}],
-        "payment_method": "card",
-        "shipping_address": "x",
-    }
-    d._record(start_saga(order_fulfillment, "o-1", data, d.now))
+    d._record(start_saga(order_fulfillment, "o-1", ORDER_1, d.now))
     d.reply(result={"wrong": "shape"})
     assert d.state is not None
     assert d.state.steps[0].status is StepStatus.RETRY_SCHEDULED
