@@ -122,10 +122,10 @@ async def run_participant(participant: Participant, settings: Settings) -> None:
                 participant.run(transport, policy=settings.queue_policy, ready=ready)
             )
             purger = group.create_task(_purge_outcomes(participant))
-            await _until_ready_or_done(ready, consumer)
+            await _until_set_or_done(ready, consumer)
             metrics.consumers_ready.set(1 if ready.is_set() else 0)
             log.info("participant_ready", service=participant.service)
-            await _until_stopping_or_done(stopping, consumer)
+            await _until_set_or_done(stopping, consumer)
             ready.clear()
             metrics.consumers_ready.set(0)
             consumer.cancel()  # the transport lets in-flight commands finish first
@@ -150,16 +150,9 @@ async def _purge_outcomes(participant: Participant) -> None:
             log.info("idempotency_outcomes_purged", count=purged)
 
 
-async def _until_ready_or_done(ready: asyncio.Event, task: asyncio.Task[None]) -> None:
-    waiter = asyncio.ensure_future(ready.wait())
-    try:
-        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-
-
-async def _until_stopping_or_done(stopping: asyncio.Event, task: asyncio.Task[None]) -> None:
-    waiter = asyncio.ensure_future(stopping.wait())
+async def _until_set_or_done(event: asyncio.Event, task: asyncio.Task[None]) -> None:
+    """Wait until ``event`` is set or ``task`` ends, whichever comes first."""
+    waiter = asyncio.ensure_future(event.wait())
     try:
         await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -166,6 +166,11 @@ class Orchestrator:
             ConcurrencyExhausted: the version race was lost ``conflict_retries`` times.
             ActionRefused: an operator action does not apply.
         """
+        _, decision = await self._apply(saga_id, event)
+        return decision
+
+    async def _apply(self, saga_id: str, event: Event) -> tuple[SagaState, Decision]:
+        """:meth:`apply`, also returning the state the winning decision was made from."""
         for _ in range(self.config.conflict_retries):
             record = await self.store.load(saga_id)
             if record is None:
@@ -185,14 +190,14 @@ class Orchestrator:
             )
             if not decision.changed:
                 self._observe(decision, now)
-                return decision
+                return record.state, decision
             # The store appends these to the saga's outbox; entries of earlier decisions stay
             # with whoever is publishing them (or the relay, if they were left behind).
             saved = SagaRecord(decision.state, record.version + 1, self._outbox(decision, now))
             if await self.store.save(saved, record.version):
                 self._observe(decision, now)
                 await self._publish(saved)
-                return decision
+                return record.state, decision
             if self.metrics:
                 self.metrics.version_conflicts.inc()
         raise ConcurrencyExhausted(
@@ -366,12 +371,11 @@ class Orchestrator:
         now = self.clock.now()
         fired = 0
         for saga_id in await self.store.due(now, self.config.sweep_batch):
-            record = await self.store.load(saga_id)
-            due_at = record.state.next_due_at if record else None
             try:
-                decision = await self.apply(saga_id, Wakeup())
+                before, decision = await self._apply(saga_id, Wakeup())
             except SagaNotFound:
                 continue
+            due_at = before.next_due_at
             if decision.outcome is Outcome.APPLIED:
                 fired += 1
                 if self.metrics:
