@@ -185,7 +185,7 @@ def _channels() -> dict[str, Any]:
 
 
 def _queue_binding(queue: str) -> dict[str, Any]:
-    # Every queue is durable (a quorum queue by default, see orchestrator.topology).
+    # Every queue is durable (a quorum queue by default, see plumbing.topology).
     return {
         "amqp": {
             "is": "queue",

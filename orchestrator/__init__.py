@@ -2,9 +2,9 @@
 
 from orchestrator.definition import App, RetryPolicy, Saga, Step, StepKind
 from orchestrator.engine import Decision, decide
-from orchestrator.errors import SagaError
 from orchestrator.runtime import EngineConfig, Orchestrator
 from orchestrator.state import SagaState, SagaStatus, StepStatus
+from plumbing.errors import SagaError
 
 __all__ = [
     "App",

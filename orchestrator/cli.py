@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from orchestrator.errors import SagaError
+from plumbing.errors import SagaError
 
 EXIT_USAGE = 2
 

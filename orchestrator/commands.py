@@ -12,26 +12,28 @@ from importlib.metadata import PackageNotFoundError, version
 from contracts import names
 from contracts.messages import StartSaga
 from orchestrator import demo as demos
-from orchestrator import tracing
 from orchestrator.cli import print_json
-from orchestrator.clock import SystemClock
-from orchestrator.codec import start_message
-from orchestrator.delays import DelayLadder
 from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
-from orchestrator.errors import ConfigError, PublishFailed, SagaNotFound
-from orchestrator.loader import load_app, load_participant
-from orchestrator.logs import configure_logging
+from orchestrator.loader import load_app
 from orchestrator.runtime import OperatorAction, Orchestrator
-from orchestrator.settings import Settings, load_settings
+from orchestrator.settings import Settings
 from orchestrator.state import SagaState, SagaStatus
 from orchestrator.store import SagaFilter, SagaStore
-from orchestrator.stores import open_store, redact_url
-from orchestrator.topology import Topology, orchestrator_topology
-from orchestrator.transport import Outgoing
+from orchestrator.stores import open_store
+from plumbing import tracing
+from plumbing.clock import SystemClock
+from plumbing.codec import start_message
+from plumbing.delays import DelayLadder
+from plumbing.errors import ConfigError, PublishFailed, SagaNotFound
+from plumbing.logs import configure_logging
+from plumbing.settings import load_settings
+from plumbing.topology import Topology, orchestrator_topology
+from plumbing.transport import Outgoing
+from plumbing.urls import redact_url
 
 
 def _quiet_settings() -> Settings:
-    settings = load_settings()
+    settings = load_settings(Settings)
     configure_logging("warning", json=settings.log_format.value == "json")
     return settings
 
@@ -74,7 +76,7 @@ async def orchestrator(args: argparse.Namespace) -> int:
     """``saga orchestrator``: the daemon."""
     from orchestrator.daemon import run_orchestrator
 
-    settings = load_settings()
+    settings = load_settings(Settings)
     configure_logging(settings.log_level, json=settings.log_format.value == "json")
     app = load_app(args.app or settings.app, settings.step_timeouts)
     await run_orchestrator(app, settings)
@@ -83,9 +85,11 @@ async def orchestrator(args: argparse.Namespace) -> int:
 
 async def participant(args: argparse.Namespace) -> int:
     """``saga participant``: a participant service."""
-    from orchestrator.daemon import run_participant
+    # The CLI is the one place that knows both sides: a participant never loads the engine.
+    from participants.daemon import load_participant, run_participant
+    from participants.settings import ParticipantSettings
 
-    settings = load_settings()
+    settings = load_settings(ParticipantSettings)
     configure_logging(settings.log_level, json=settings.log_format.value == "json")
     service = load_participant(args.app or settings.app)
     await run_participant(service, settings)
@@ -94,7 +98,7 @@ async def participant(args: argparse.Namespace) -> int:
 
 async def start(args: argparse.Namespace) -> int:
     """``saga start``: send a start request over RabbitMQ."""
-    from orchestrator.daemon import rabbit_transport
+    from plumbing.daemons import rabbit_transport
 
     settings = _quiet_settings()
     try:
@@ -216,7 +220,7 @@ async def _operate(args: argparse.Namespace, action: OperatorAction) -> int:
     app = load_app(args.app or settings.app, settings.step_timeouts)
     async with _store(settings) as store:
         if settings.amqp_url:
-            from orchestrator.daemon import rabbit_transport
+            from plumbing.daemons import rabbit_transport
 
             transport = rabbit_transport(settings)
         else:
@@ -254,9 +258,9 @@ async def resolve(args: argparse.Namespace) -> int:
 
 async def topology(args: argparse.Namespace) -> int:
     """``saga topology``: print (or declare) exchanges, queues, bindings and the delay ladder."""
-    from orchestrator.daemon import rabbit_transport
+    from plumbing.daemons import rabbit_transport
 
-    settings = load_settings()
+    settings = load_settings(Settings)
     spec = args.app or settings.app
     services = load_app(spec).services if spec else frozenset[str]()
     wanted = orchestrator_topology(services, settings.queue_policy)

@@ -37,7 +37,7 @@ from enum import StrEnum
 from pydantic import BaseModel
 
 from contracts.messages import Command
-from orchestrator.errors import DefinitionError
+from plumbing.errors import DefinitionError
 
 MAX_TIMER = timedelta(days=30)
 """The longest timeout, backoff or deadline: the delay ladder carries up to 30 days."""

@@ -12,17 +12,17 @@ import json
 import time
 
 from contracts.messages import StartSaga
-from orchestrator.clock import SystemClock
-from orchestrator.codec import start_message
-from orchestrator.daemon import rabbit_transport
 from orchestrator.demo import DEMO_ORDERS
-from orchestrator.errors import ConfigError
 from orchestrator.processes import SagaProcesses
 from orchestrator.settings import Settings
 from orchestrator.state import SagaState
 from orchestrator.store import SagaStore
 from orchestrator.stores import open_store
-from orchestrator.topology import orchestrator_topology
+from plumbing.clock import SystemClock
+from plumbing.codec import start_message
+from plumbing.daemons import rabbit_transport
+from plumbing.errors import ConfigError
+from plumbing.topology import orchestrator_topology
 
 SERVICES = tuple(
     f"examples.order_fulfillment:{service}"

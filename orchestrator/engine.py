@@ -49,10 +49,11 @@ from contracts.messages import (
     timer_message_id,
 )
 from contracts.names import REPLIES_ROUTING_KEY
-from orchestrator import tracing
 from orchestrator.definition import Saga, Step, StepKind
-from orchestrator.errors import ActionRefused, InvalidSagaData
+from orchestrator.effects import Effect, PublishEvent, ScheduleTimer, SendCommand
 from orchestrator.state import HistoryEntry, SagaState, SagaStatus, StepState, StepStatus
+from plumbing import tracing
+from plumbing.errors import ActionRefused, InvalidSagaData
 
 HISTORY_LIMIT = 200
 """Default cap on a saga's stored history; older entries after the first are dropped."""
@@ -103,35 +104,6 @@ class OperatorResolve:
 
 Event = Start | ReplyReceived | Wakeup | OperatorRetry | OperatorAbort | OperatorResolve
 """Everything that can happen to a saga."""
-
-
-# --- Effects out -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SendCommand:
-    """Publish a command to a participant service's queue."""
-
-    service: str
-    envelope: CommandEnvelope
-
-
-@dataclass(frozen=True)
-class ScheduleTimer:
-    """Publish a delayed wake-up that arrives at ``message.due_at``."""
-
-    message: TimerMessage
-
-
-@dataclass(frozen=True)
-class PublishEvent:
-    """Publish a lifecycle event to observers."""
-
-    event: LifecycleEvent
-
-
-Effect = SendCommand | ScheduleTimer | PublishEvent
-"""Everything the shell must do after saving a decision."""
 
 
 class Outcome(StrEnum):

@@ -32,10 +32,8 @@ Families (all prefixed ``saga_``):
 ``saga_consumers_ready``                      1 while every consumer is registered
 ============================================  ==========================================
 
-Participant services export :class:`ParticipantMetrics`:
-``saga_participant_commands_total`` (by service, command and outcome),
-``saga_participant_handler_seconds``, ``saga_dead_lettered_total``,
-``saga_publish_failures_total`` and ``saga_consumers_ready``.
+Participant services export their own families (:mod:`participants.metrics`) beside the
+ones every process has (:class:`plumbing.metrics.ProcessMetrics`).
 """
 
 from __future__ import annotations
@@ -48,8 +46,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from contracts.events import EventName, LifecycleEvent
 from orchestrator.definition import App
 from orchestrator.state import SagaState, SagaStatus
+from plumbing.metrics import STEP_BUCKETS, ProcessMetrics
 
-_STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 _SAGA_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600, 4 * 3600, 86400)
 _LATENESS_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
@@ -69,30 +67,6 @@ _SAGA_COUNTERS = {
     EventName.SAGA_STUCK: "stuck",
     EventName.LATE_REPLY: "late_replies",
 }
-
-
-class ProcessMetrics:
-    """Families every saga process exports, the orchestrator and participants alike."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.dead_lettered = Counter(
-            "saga_dead_lettered_total",
-            "Messages parked in the dead-letter queue.",
-            ["queue", "reason"],
-            registry=registry,
-        )
-        self.publish_failures = Counter(
-            "saga_publish_failures_total",
-            "Publishes the broker did not confirm: returned, nacked, timeout, connection, channel.",
-            ["reason"],
-            registry=registry,
-        )
-        self.consumers_ready = Gauge(
-            "saga_consumers_ready",
-            "1 while every consumer is registered with the broker.",
-            registry=registry,
-        )
 
 
 class Metrics(ProcessMetrics):
@@ -152,7 +126,7 @@ class Metrics(ProcessMetrics):
             "saga_step_duration_seconds",
             "Time from a step's first command to its completion.",
             ["saga_type", "step"],
-            buckets=_STEP_BUCKETS,
+            buckets=STEP_BUCKETS,
             registry=registry,
         )
         self.saga_duration = Histogram(
@@ -280,24 +254,3 @@ class Metrics(ProcessMetrics):
         """Record the outbox backlog read from the store."""
         self.outbox_backlog.set(size)
         self.outbox_oldest_age.set(max((now - oldest).total_seconds(), 0.0) if oldest else 0.0)
-
-
-class ParticipantMetrics(ProcessMetrics):
-    """The metrics a participant service exports (``saga participant``)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__(registry)
-        self.commands = Counter(
-            "saga_participant_commands_total",
-            "Commands handled, by outcome: completed, failed, error, duplicate, cancelled, "
-            "expired, no_reply.",
-            ["service", "command", "outcome"],
-            registry=registry,
-        )
-        self.handler_duration = Histogram(
-            "saga_participant_handler_seconds",
-            "Time spent in a command handler.",
-            ["service", "command"],
-            buckets=_STEP_BUCKETS,
-            registry=registry,
-        )

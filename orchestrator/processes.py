@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from orchestrator.errors import ConfigError
+from plumbing.errors import ConfigError
 
 
 def free_port() -> int:

@@ -23,10 +23,8 @@ import structlog
 from contracts import names
 from contracts.events import EventName
 from contracts.messages import Reply, StartSaga, TimerMessage
-from orchestrator import tracing
-from orchestrator.clock import Clock, SystemClock
-from orchestrator.codec import decode, outgoing
 from orchestrator.definition import App
+from orchestrator.effects import PublishEvent, outgoing
 from orchestrator.engine import (
     HISTORY_LIMIT,
     Decision,
@@ -35,13 +33,18 @@ from orchestrator.engine import (
     OperatorResolve,
     OperatorRetry,
     Outcome,
-    PublishEvent,
     ReplyReceived,
     Wakeup,
     decide,
     start_saga,
 )
-from orchestrator.errors import (
+from orchestrator.metrics import Metrics
+from orchestrator.state import SagaState
+from orchestrator.store import SagaRecord, SagaStore
+from plumbing import tracing
+from plumbing.clock import Clock, SystemClock
+from plumbing.codec import decode
+from plumbing.errors import (
     ConcurrencyExhausted,
     InvalidSagaData,
     MessageRejected,
@@ -51,11 +54,8 @@ from orchestrator.errors import (
     StoreUnavailable,
     UnknownSagaType,
 )
-from orchestrator.metrics import Metrics
-from orchestrator.state import SagaState
-from orchestrator.store import SagaRecord, SagaStore
-from orchestrator.topology import QueuePolicy, Topology, orchestrator_topology
-from orchestrator.transport import DeadLetter, Delivery, Disposition, Outgoing, Transport
+from plumbing.topology import QueuePolicy, Topology, orchestrator_topology
+from plumbing.transport import DeadLetter, Delivery, Disposition, Outgoing, Transport
 
 log = structlog.get_logger("orchestrator")
 

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from orchestrator.state import SagaState, SagaStatus
-from orchestrator.transport import Outgoing
+from plumbing.transport import Outgoing
 
 DEFAULT_RETENTION = timedelta(days=14)
 """How long a finished saga is kept before it is purged."""

@@ -14,8 +14,9 @@ Each participant service of the app is scripted by default to succeed, with a pl
 result built from the step's result model. Script any command per attempt (the last behaviour
 repeats): ``succeed(result)``, ``fail(message)``, ``error(message)``, ``hang()``,
 ``late(seconds, result)``, or ``*errors_then(2, succeed())``. ``await h.advance(minutes=16)``
-moves virtual time, firing timeouts and retries in order. Real participant services
-(:class:`participants.Participant`) can be mounted in place of a script with ``h.mount(...)``.
+moves virtual time, firing timeouts and retries in order. Real participant services (a
+:class:`participants.Participant`, or anything with its ``service`` and ``run``) can be
+mounted in place of a script with ``h.mount(...)``.
 """
 
 from __future__ import annotations
@@ -42,17 +43,16 @@ from contracts.messages import (
     Reply,
     ReplyStatus,
 )
-from orchestrator.codec import answer, reply_message
 from orchestrator.definition import App
 from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
-from orchestrator.memory import MemoryBroker, VirtualClock
 from orchestrator.metrics import Metrics
 from orchestrator.runtime import EngineConfig, Orchestrator
 from orchestrator.state import HistoryEntry, SagaState
 from orchestrator.store import SagaStore
 from orchestrator.stores.memory import MemoryStore
-from orchestrator.transport import DeadLetter, Delivery, Disposition, Outgoing
-from participants.service import Participant
+from plumbing.codec import answer, reply_message
+from plumbing.memory import MemoryBroker, VirtualClock
+from plumbing.transport import CommandService, DeadLetter, Delivery, Disposition, Outgoing
 
 __all__ = [
     "Behaviour",
@@ -202,7 +202,7 @@ class SagaHarness:
         self._scripted = {
             service: ScriptedParticipant(service, results) for service in app.services
         }
-        self._mounted: dict[str, Participant] = {}
+        self._mounted: dict[str, CommandService] = {}
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -212,7 +212,7 @@ class SagaHarness:
             raise ValueError(f"service {service!r} is a mounted Participant, not a script")
         return self._scripted[service]
 
-    def mount(self, *participants: Participant) -> SagaHarness:
+    def mount(self, *participants: CommandService) -> SagaHarness:
         """Run real participant services instead of scripts (before entering the harness)."""
         for participant in participants:
             self._mounted[participant.service] = participant

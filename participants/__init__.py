@@ -1,8 +1,8 @@
 """The participant SDK: typed async handlers for saga commands, with idempotency built in."""
 
-from orchestrator.errors import ParticipantError
 from participants.idempotency import IdempotencyStore, MemoryIdempotency, open_idempotency
 from participants.service import CommandContext, NoReply, Participant
+from plumbing.errors import ParticipantError
 
 __all__ = [
     "CommandContext",

@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from contracts.messages import ErrorDetail, JsonObject
+from plumbing.stores import StoreKind, store_kind
 
 DEFAULT_IDEMPOTENCY_RETENTION = timedelta(days=7)
 """How long outcomes are kept: longer than any redelivery or manual retry horizon."""
@@ -106,16 +107,16 @@ def forward_key(compensation_key: str) -> str:
 
 
 def open_idempotency(url: str) -> IdempotencyStore:
-    """An idempotency store for ``memory://``, ``postgresql://...`` or ``mongodb://...``."""
-    from orchestrator.errors import ConfigError
+    """An idempotency store for ``memory://``, ``postgresql://...`` or ``mongodb://...``.
 
-    if url.startswith("memory://"):
+    Raises:
+        ConfigError: the URL is malformed or names another kind of server.
+    """
+    kind = store_kind(url, "idempotency store")
+    if kind is StoreKind.MEMORY:
         return MemoryIdempotency()
-    if url.startswith(("postgresql://", "postgres://", "mongodb://", "mongodb+srv://")):
-        from participants.idempotency_stores import open_durable_idempotency
+    from participants.idempotency_stores import MongoIdempotency, PostgresIdempotency
 
-        store: IdempotencyStore = open_durable_idempotency(url)
-        return store
-    raise ConfigError(
-        f"idempotency store URL {url!r} is not supported; use memory://, postgresql://... or mongodb://..."
-    )
+    if kind is StoreKind.POSTGRES:
+        return PostgresIdempotency(url)
+    return MongoIdempotency.from_url(url)

@@ -19,24 +19,21 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from contracts.messages import ErrorDetail
-from orchestrator.clock import Clock, SystemClock, utc
-from orchestrator.errors import ConfigError, StoreUnavailable
-from orchestrator.stores import MONGO_SCHEMES, POSTGRES_SCHEMES, redact_url
-from orchestrator.stores.mongo import Document, MongoCollection
-from orchestrator.stores.postgres import PostgresPool, table_name
 from participants.idempotency import (
     DEFAULT_IDEMPOTENCY_RETENTION,
-    IdempotencyStore,
     OutcomeKind,
     StoredOutcome,
 )
+from plumbing.clock import Clock, SystemClock, utc
+from plumbing.errors import StoreUnavailable
+from plumbing.mongo import Document, MongoCollection
+from plumbing.postgres import PostgresPool, table_name
 
 DEFAULT_TABLE: Final = "saga_idempotency"
 """The PostgreSQL table outcomes are kept in unless another name is given."""
@@ -240,24 +237,4 @@ class MongoIdempotency(MongoCollection):
 def _from_document(document: Document) -> StoredOutcome:
     return _outcome(
         document["kind"], document.get("result"), document.get("error"), document["stored_at"]
-    )
-
-
-def open_durable_idempotency(url: str) -> IdempotencyStore:
-    """The durable idempotency store for a ``postgresql://`` or ``mongodb://`` URL.
-
-    Raises:
-        ConfigError: the URL's scheme is neither.
-    """
-    try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError as e:
-        raise ConfigError(f"idempotency store URL {redact_url(url)} is malformed: {e}") from e
-    if scheme in POSTGRES_SCHEMES:
-        return PostgresIdempotency(url)
-    if scheme in MONGO_SCHEMES:
-        return MongoIdempotency.from_url(url)
-    raise ConfigError(
-        f"idempotency store URL {redact_url(url)} is not supported; use postgresql://, "
-        "postgres://, mongodb:// or mongodb+srv://"
     )

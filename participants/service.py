@@ -47,13 +47,6 @@ from contracts.messages import (
     ReplyStatus,
 )
 from contracts.names import command_queue
-from orchestrator import tracing
-from orchestrator.clock import Clock, SystemClock
-from orchestrator.codec import answer, decode, reply_message
-from orchestrator.errors import DefinitionError, MessageRejected, ParticipantError, PublishFailed
-from orchestrator.metrics import ParticipantMetrics
-from orchestrator.topology import QueuePolicy, participant_topology
-from orchestrator.transport import DeadLetter, Delivery, Disposition, Transport
 from participants.idempotency import (
     IdempotencyStore,
     MemoryIdempotency,
@@ -61,6 +54,13 @@ from participants.idempotency import (
     StoredOutcome,
     forward_key,
 )
+from participants.metrics import ParticipantMetrics
+from plumbing import tracing
+from plumbing.clock import Clock, SystemClock
+from plumbing.codec import answer, decode, reply_message
+from plumbing.errors import DefinitionError, MessageRejected, ParticipantError, PublishFailed
+from plumbing.topology import QueuePolicy, participant_topology
+from plumbing.transport import DeadLetter, Delivery, Disposition, Transport
 
 log = structlog.get_logger("participant")
 

@@ -26,8 +26,7 @@ from contracts.orders import (
     SendConfirmation,
     ShipmentCreated,
 )
-from orchestrator.errors import ParticipantError
-from participants.service import CommandContext, NoReply, Participant
+from participants import CommandContext, NoReply, Participant, ParticipantError
 
 
 async def simulate(

@@ -12,31 +12,18 @@
     :class:`~orchestrator.stores.mongo.MongoStore` (PyMongo's async API): one document per saga
     in the collection ``sagas`` of the database named by the URL's path (default ``saga``).
 
-The durable drivers are imported only when their scheme is used. Every error message that
-names a URL names it through :func:`redact_url`, so a password never reaches a log line.
+The durable drivers are imported only when their scheme is used.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Final
-from urllib.parse import urlsplit
 
-from orchestrator.errors import ConfigError, StoreUnavailable
 from orchestrator.store import DEFAULT_RETENTION, SagaStore
 from orchestrator.stores.memory import MemoryStore
-from orchestrator.urls import redact_url
+from plumbing.stores import StoreKind, store_kind
 
-__all__ = ["open_store", "redact_url", "store_unavailable"]
-
-POSTGRES_SCHEMES: Final = frozenset({"postgresql", "postgres"})
-"""URL schemes served by the PostgreSQL store."""
-
-MONGO_SCHEMES: Final = frozenset({"mongodb", "mongodb+srv"})
-"""URL schemes served by the MongoDB store."""
-
-_SUPPORTED = "memory://, postgresql://, postgres://, mongodb:// or mongodb+srv://"
-_MAX_REASON = 200
+__all__ = ["open_store"]
 
 
 def open_store(
@@ -55,44 +42,14 @@ def open_store(
     Raises:
         ConfigError: the URL's scheme is not supported, or the URL is malformed.
     """
-    scheme = _scheme(url)
-    if scheme == "memory":
-        return MemoryStore(retention)
-    if scheme in POSTGRES_SCHEMES:
-        from orchestrator.stores.postgres import PostgresStore
+    match store_kind(url, "saga store"):
+        case StoreKind.MEMORY:
+            return MemoryStore(retention)
+        case StoreKind.POSTGRES:
+            from orchestrator.stores.postgres import PostgresStore
 
-        return PostgresStore(url, retention=retention, connect_timeout=connect_timeout)
-    if scheme in MONGO_SCHEMES:
-        from orchestrator.stores.mongo import MongoStore
+            return PostgresStore(url, retention=retention, connect_timeout=connect_timeout)
+        case StoreKind.MONGO:
+            from orchestrator.stores.mongo import MongoStore
 
-        return MongoStore.from_url(url, retention=retention, connect_timeout=connect_timeout)
-    raise ConfigError(f"saga store URL {redact_url(url)} is not supported; use {_SUPPORTED}")
-
-
-def _scheme(url: str) -> str:
-    try:
-        return urlsplit(url).scheme.lower()
-    except ValueError as e:
-        raise ConfigError(f"saga store URL {redact_url(url)} is malformed: {e}") from e
-
-
-def store_unavailable(
-    what: str, where: str, error: BaseException, *, timeout: float | None = None
-) -> StoreUnavailable:
-    """The one-line error for a store that cannot be reached.
-
-    ``where`` is already safe to show: a redacted URL, or a database name. ``timeout`` is
-    named in the message when ``error`` is a bare timeout, which says nothing by itself.
-
-    Drivers put topology dumps and tracebacks-worth of detail in their messages; only the
-    first line is kept, so the error reads as one log line.
-    """
-    lines = str(error).strip().splitlines()
-    if not lines and isinstance(error, TimeoutError) and timeout is not None:
-        lines = [f"no answer within {timeout:g} s"]
-    reason = type(error).__name__
-    if lines:
-        reason = f"{reason}: {lines[0]}"
-    if len(reason) > _MAX_REASON:
-        reason = reason[: _MAX_REASON - 3] + "..."
-    return StoreUnavailable(f"{what} at {where} is unavailable ({reason})")
+            return MongoStore.from_url(url, retention=retention, connect_timeout=connect_timeout)

@@ -18,12 +18,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.messages import StartSaga
-from orchestrator.clock import SystemClock
-from orchestrator.codec import start_message
 from orchestrator.processes import SagaProcesses, free_port, http_status, wait_for_http
-from orchestrator.rabbitmq import RabbitTransport
 from orchestrator.stores import open_store
-from orchestrator.topology import QueuePolicy, orchestrator_topology
+from plumbing.clock import SystemClock
+from plumbing.codec import start_message
+from plumbing.rabbitmq import RabbitTransport
+from plumbing.topology import QueuePolicy, orchestrator_topology
 from tests.conftest import unavailable
 from tests.e2e.test_order_saga_e2e import APP, SERVICES, STEPS, wait_until_settled
 

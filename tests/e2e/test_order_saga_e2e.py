@@ -21,15 +21,15 @@ import pytest
 from contracts import names
 from contracts.events import EventName
 from contracts.messages import StartSaga
-from orchestrator.clock import SystemClock
-from orchestrator.codec import start_message
-from orchestrator.errors import PublishFailed
 from orchestrator.processes import SagaProcesses
-from orchestrator.rabbitmq import RabbitTransport
 from orchestrator.state import SagaState
 from orchestrator.store import SagaStore
 from orchestrator.stores import open_store
-from orchestrator.topology import QueuePolicy, orchestrator_topology
+from plumbing.clock import SystemClock
+from plumbing.codec import start_message
+from plumbing.errors import PublishFailed
+from plumbing.rabbitmq import RabbitTransport
+from plumbing.topology import QueuePolicy, orchestrator_topology
 from tests.integration.rabbit_support import rabbitmqctl
 
 pytestmark = [

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from contracts.messages import ErrorDetail
-from orchestrator.errors import ConfigError
 from participants.idempotency import (
     DEFAULT_IDEMPOTENCY_RETENTION,
     IdempotencyStore,
@@ -23,8 +22,8 @@ from participants.idempotency import (
 from participants.idempotency_stores import (
     MongoIdempotency,
     PostgresIdempotency,
-    open_durable_idempotency,
 )
+from plumbing.errors import ConfigError
 from tests.support.mongomock_async import AsyncMongoMockClient
 
 MONGO_URL = os.environ.get("SAGA_TEST_MONGO_URL")
@@ -166,7 +165,7 @@ async def test_mongo_expires_entries_with_a_ttl_index(unique: str) -> None:
 
 async def test_urls_pick_the_backend() -> None:
     assert isinstance(open_idempotency("memory://"), MemoryIdempotency)
-    postgres = open_durable_idempotency("postgresql://svc:pw@db.example/payments")
+    postgres = open_idempotency("postgresql://svc:pw@db.example/payments")
     assert isinstance(postgres, PostgresIdempotency)
     assert postgres.table == "saga_idempotency"
     assert isinstance(open_idempotency("postgres://db.example/payments"), PostgresIdempotency)
@@ -178,6 +177,11 @@ async def test_urls_pick_the_backend() -> None:
 
 def test_an_unknown_scheme_is_a_config_error_without_the_password() -> None:
     with pytest.raises(ConfigError) as raised:
-        open_durable_idempotency("redis://svc:s3cret@cache/0")
+        open_idempotency("redis://svc:s3cret@cache/0")
     assert "redis://svc:***@cache/0" in str(raised.value)
     assert "s3cret" not in str(raised.value)
+
+
+def test_schemes_are_case_insensitive_as_for_the_saga_store() -> None:
+    assert isinstance(open_idempotency("MEMORY://"), MemoryIdempotency)
+    assert isinstance(open_idempotency("PostgreSQL://db.example/payments"), PostgresIdempotency)

@@ -21,10 +21,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from contracts import names
-from orchestrator.delays import DelayLadder
-from orchestrator.errors import ConfigError, PublishFailed
-from orchestrator.rabbitmq import RabbitTransport
-from orchestrator.topology import (
+from plumbing.delays import DelayLadder
+from plumbing.errors import ConfigError, PublishFailed
+from plumbing.rabbitmq import RabbitTransport
+from plumbing.topology import (
     QueuePolicy,
     QueueSpec,
     QueueType,
@@ -33,7 +33,7 @@ from orchestrator.topology import (
     orchestrator_topology,
     participant_topology,
 )
-from orchestrator.transport import DeadLetter, Delivery, Disposition, Outgoing
+from plumbing.transport import DeadLetter, Delivery, Disposition, MessageKind, Outgoing
 from tests.integration.rabbit_support import (
     queue_arguments,
     rabbitmqctl,
@@ -89,7 +89,7 @@ def message(
     """An outgoing message like the codec builds, addressed to a queue by default."""
     return Outgoing(
         message_id=message_id,
-        kind="test",
+        kind=MessageKind.EVENT,
         exchange=exchange,
         routing_key=routing_key,
         body=body,
@@ -202,7 +202,7 @@ async def test_published_messages_are_persistent_json_with_a_fresh_amqp_id_per_a
         assert received.content_type == "application/json"
         assert received.correlation_id == "saga-1"
         assert received.headers[names.HEADER_MESSAGE_ID] == "deterministic-1"
-        assert received.type == "test"
+        assert received.type == "event"
     assert first.message_id != second.message_id
     assert "deterministic-1" not in (first.message_id, second.message_id)
 

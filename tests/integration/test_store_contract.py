@@ -37,17 +37,18 @@ from contracts.events import EventName
 from contracts.messages import Direction, Reply, ReplyStatus
 from contracts.orders import InventoryReserved, OrderData, ReleaseInventory, ReserveInventory
 from examples.order_fulfillment import order_fulfillment
-from orchestrator.codec import outgoing
 from orchestrator.definition import Saga, Step
+from orchestrator.effects import outgoing
 from orchestrator.engine import HISTORY_LIMIT, Decision, Event, ReplyReceived, decide, start_saga
-from orchestrator.errors import ConfigError, StoreUnavailable
 from orchestrator.state import SagaStatus, StepStatus
 from orchestrator.store import SagaFilter, SagaRecord, SagaStore
-from orchestrator.stores import open_store, redact_url
+from orchestrator.stores import open_store
 from orchestrator.stores.memory import MemoryStore
 from orchestrator.stores.mongo import MongoStore
 from orchestrator.stores.postgres import ACTIVE_STATUSES, PostgresStore
-from orchestrator.transport import Outgoing
+from plumbing.errors import ConfigError, StoreUnavailable
+from plumbing.transport import Outgoing
+from plumbing.urls import redact_url
 from tests.support.mongomock_async import (
     AsyncMongoMockClient,
     AsyncMongoMockCollection,

@@ -14,7 +14,7 @@ from contracts import names
 from contracts.events import EventName
 from contracts.messages import Reply, ReplyStatus
 from examples.order_fulfillment import app, order_fulfillment
-from orchestrator.codec import outgoing
+from orchestrator.effects import outgoing
 from orchestrator.engine import start_saga
 from orchestrator.metrics import Metrics
 from orchestrator.runtime import EngineConfig, Orchestrator
@@ -22,7 +22,7 @@ from orchestrator.state import SagaState, SagaStatus, StepStatus
 from orchestrator.store import SagaRecord
 from orchestrator.stores.postgres import PostgresStore
 from orchestrator.testing import SagaHarness, hang
-from orchestrator.transport import Delivery, Disposition, Outgoing
+from plumbing.transport import Delivery, Disposition, Outgoing
 
 pytestmark = pytest.mark.postgres
 

@@ -20,19 +20,18 @@ from contracts.messages import (
     ReplyStatus,
     TimerMessage,
 )
-from orchestrator.codec import answer
 from orchestrator.definition import RetryPolicy, Saga, Step, StepKind
+from orchestrator.effects import ScheduleTimer, SendCommand
 from orchestrator.engine import (
     Decision,
     Event,
     ReplyReceived,
-    ScheduleTimer,
-    SendCommand,
     Wakeup,
     decide,
     start_saga,
 )
 from orchestrator.state import SagaState
+from plumbing.codec import answer
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -11,7 +11,7 @@ from contracts.messages import Command
 from contracts.orders import OrderData, ProcessPayment, RefundPayment
 from examples.order_fulfillment import app, order_fulfillment
 from orchestrator.definition import App, RetryPolicy, Saga, Step, StepKind
-from orchestrator.errors import DefinitionError
+from plumbing.errors import DefinitionError
 from tests.unit.driver import command
 
 DO, UNDO = command("do_it"), command("undo_it")

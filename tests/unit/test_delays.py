@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from contracts import names
-from orchestrator.delays import DEFAULT_LEVELS, MAX_LEVELS, DelayLadder
-from orchestrator.errors import ConfigError
-from orchestrator.topology import QueueType, Topology
+from plumbing.delays import DEFAULT_LEVELS, MAX_LEVELS, DelayLadder
+from plumbing.errors import ConfigError
+from plumbing.topology import QueueType, Topology
 
 LADDER = DelayLadder()
 THIRTY_DAYS = 30 * 24 * 3600

@@ -24,8 +24,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from orchestrator.metrics import Metrics, ParticipantMetrics
+from orchestrator.metrics import Metrics
 from orchestrator.settings import Settings
+from participants.metrics import ParticipantMetrics
+from participants.settings import ParticipantSettings
 from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -330,7 +332,11 @@ def assert_app_exists(reference: str) -> None:
 
 def assert_known_settings(names: set[str]) -> None:
     """Every SAGA_* variable is one the settings read (a typo would be silently ignored)."""
-    fields = {f"SAGA_{field.upper()}" for field in Settings.model_fields}
+    fields = {
+        f"SAGA_{field.upper()}"
+        for model in (Settings, ParticipantSettings)
+        for field in model.model_fields
+    }
     unknown = {name for name in names if name.startswith("SAGA_")} - fields
     assert not unknown, f"settings that do not exist: {unknown}"
 

@@ -11,16 +11,16 @@ from contracts.messages import Direction, ReplyStatus, TimerKind
 from contracts.orders import OrderData
 from examples.order_fulfillment import order_fulfillment
 from orchestrator.definition import RetryPolicy
+from orchestrator.effects import SendCommand
 from orchestrator.engine import (
     OperatorAbort,
     OperatorResolve,
     OperatorRetry,
     Outcome,
-    SendCommand,
     Wakeup,
 )
-from orchestrator.errors import ActionRefused
 from orchestrator.state import SagaStatus, StepStatus
+from plumbing.errors import ActionRefused
 from tests.unit.driver import Driver, chain
 
 N = 5

@@ -30,6 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from contracts.events import EventName
 from contracts.messages import CommandEnvelope, Direction, ReplyStatus
 from orchestrator.definition import RetryPolicy, StepKind
+from orchestrator.effects import ScheduleTimer, SendCommand
 from orchestrator.engine import (
     Decision,
     Event,
@@ -37,12 +38,10 @@ from orchestrator.engine import (
     OperatorResolve,
     OperatorRetry,
     Outcome,
-    ScheduleTimer,
-    SendCommand,
     Wakeup,
 )
-from orchestrator.errors import ActionRefused
 from orchestrator.state import SagaStatus, StepStatus
+from plumbing.errors import ActionRefused
 from tests.unit.driver import Driver, chain
 
 STATUSES = st.sampled_from([ReplyStatus.COMPLETED, ReplyStatus.FAILED, ReplyStatus.ERROR])

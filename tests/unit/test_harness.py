@@ -129,7 +129,7 @@ async def test_a_lost_timer_is_repaired_by_the_sweep() -> None:
 async def test_garbage_on_the_reply_queue_is_dead_lettered_and_counted() -> None:
     registry = CollectorRegistry()
     async with SagaHarness(app, metrics=Metrics(registry)) as h:
-        from orchestrator.transport import Outgoing
+        from plumbing.transport import Outgoing
 
         await h.broker.publish(
             Outgoing(
@@ -183,8 +183,8 @@ async def test_metrics_follow_the_saga() -> None:
 
 
 async def test_a_store_outage_is_waited_out_not_requeued() -> None:
-    from orchestrator.errors import StoreUnavailable
     from orchestrator.stores.memory import MemoryStore
+    from plumbing.errors import StoreUnavailable
 
     class FlakyStore(MemoryStore):
         failures = 0

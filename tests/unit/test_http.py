@@ -6,7 +6,7 @@ import asyncio
 
 from prometheus_client import CollectorRegistry, Counter
 
-from orchestrator.http import ProbeServer
+from plumbing.http import ProbeServer
 
 
 async def get(port: int, path: str) -> tuple[int, str]:

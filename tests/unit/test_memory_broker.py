@@ -7,16 +7,16 @@ from datetime import timedelta
 
 import pytest
 
-from orchestrator.errors import PublishFailed
-from orchestrator.memory import MemoryBroker, VirtualClock, _topic_match
-from orchestrator.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
-from orchestrator.transport import Delivery, Disposition, Outgoing
+from plumbing.errors import PublishFailed
+from plumbing.memory import MemoryBroker, VirtualClock, _topic_match
+from plumbing.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
+from plumbing.transport import Delivery, Disposition, Outgoing
 
 
 def message(exchange: str, key: str, **extra: object) -> Outgoing:
     fields: dict[str, object] = {
         "message_id": f"{exchange}:{key}",
-        "kind": "test",
+        "kind": "event",
         "exchange": exchange,
         "routing_key": key,
         "body": "{}",

@@ -15,10 +15,10 @@ from contracts.messages import (
     command_message_id,
     idempotency_key,
 )
-from orchestrator.errors import DefinitionError, MessageRejected, ParticipantError
-from orchestrator.memory import MemoryBroker, VirtualClock
-from orchestrator.transport import DeadLetter, Delivery
 from participants import CommandContext, NoReply, Participant
+from plumbing.errors import DefinitionError, MessageRejected, ParticipantError
+from plumbing.memory import MemoryBroker, VirtualClock
+from plumbing.transport import DeadLetter, Delivery
 
 
 class Charge(Command):

@@ -49,9 +49,9 @@ from contracts.schema import (
     asyncapi_document,
     json_schema_bundle,
 )
-from orchestrator.codec import outgoing, reply_message, start_message
-from orchestrator.engine import PublishEvent, ScheduleTimer, SendCommand
-from orchestrator.transport import Outgoing
+from orchestrator.effects import PublishEvent, ScheduleTimer, SendCommand, outgoing
+from plumbing.codec import reply_message, start_message
+from plumbing.transport import Outgoing
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SAGA = "o-1"

@@ -7,16 +7,18 @@ import re
 import pytest
 
 from contracts.events import EventName
-from orchestrator.errors import ConfigError
-from orchestrator.loader import load_app, load_participant
-from orchestrator.settings import load_settings
-from orchestrator.topology import QueueType
+from orchestrator.loader import load_app
+from orchestrator.settings import Settings
+from participants.daemon import load_participant
+from plumbing.errors import ConfigError
+from plumbing.settings import load_settings
+from plumbing.topology import QueueType
 
 
 def test_defaults_work_on_a_laptop(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("SAGA_AMQP_URL", "SAGA_STORE_URL", "SAGA_STEP_TIMEOUTS", "SAGA_QUEUE_TYPE"):
         monkeypatch.delenv(name, raising=False)
-    settings = load_settings()
+    settings = load_settings(Settings)
     assert settings.amqp_url is None
     assert settings.store_url == "memory://"
     assert settings.queue_type is QueueType.QUORUM
@@ -27,7 +29,7 @@ def test_values_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("SAGA_STEP_TIMEOUTS", '{"order_fulfillment.create_shipment": 5}')
     monkeypatch.setenv("SAGA_PUBLISHED_EVENTS", "SagaFailed, SagaStuck")
     monkeypatch.setenv("SAGA_QUEUE_TYPE", "classic")
-    settings = load_settings()
+    settings = load_settings(Settings)
     assert settings.step_timeouts == {"order_fulfillment.create_shipment": 5}
     assert settings.published_events == {EventName.SAGA_FAILED, EventName.SAGA_STUCK}
     assert settings.queue_policy.arguments()["x-queue-type"] == "classic"
@@ -51,7 +53,7 @@ def test_bad_values_fail_with_a_sentence(
 ) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_settings()
+        load_settings(Settings)
 
 
 def test_apps_and_participants_load_with_clear_errors() -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from examples.order_fulfillment import app, inventory, notification, payment, shipping
-from orchestrator import tracing
-from orchestrator.memory import MemoryBroker
 from orchestrator.testing import SagaHarness, hang
+from plumbing import tracing
+from plumbing.memory import MemoryBroker
 from tests.unit.test_harness import ORDER
 
 CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.urls import redact_url
+from plumbing.urls import redact_url
 
 
 @pytest.mark.parametrize(

@@ -50,8 +50,8 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from contracts import names
-from orchestrator.errors import ConfigError
-from orchestrator.topology import BindingSpec, ExchangeSpec, QueueSpec, QueueType, Topology
+from plumbing.errors import ConfigError
+from plumbing.topology import BindingSpec, ExchangeSpec, QueueSpec, QueueType, Topology
 
 DEFAULT_LEVELS: Final = 22
 """Delays up to 2^22 - 1 s (48.5 days), comfortably more than 30 days."""

@@ -1,4 +1,8 @@
-"""Turning decisions into outgoing messages, and incoming bytes into validated messages."""
+"""The wire codec both sides share: replies and start requests as messages, bytes as models.
+
+The orchestrator turns its decisions into messages in :mod:`orchestrator.effects`; what
+participants and clients send, and how any process validates what it receives, lives here.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +20,17 @@ from contracts.messages import (
     ReplyStatus,
     StartSaga,
 )
-from orchestrator import tracing
-from orchestrator.engine import Effect, PublishEvent, ScheduleTimer, SendCommand
-from orchestrator.errors import MessageRejected
-from orchestrator.transport import Delivery, Outgoing
+from plumbing import tracing
+from plumbing.errors import MessageRejected
+from plumbing.transport import Delivery, MessageKind, Outgoing
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def _headers(saga_id: str, message_id: str, kind: str, traceparent: str | None) -> dict[str, str]:
+def message_headers(
+    saga_id: str, message_id: str, kind: MessageKind, traceparent: str | None
+) -> dict[str, str]:
+    """The headers every message carries: saga id, our message id, kind and trace context."""
     headers = {
         names.HEADER_SAGA_ID: saga_id,
         names.HEADER_MESSAGE_ID: message_id,
@@ -33,50 +39,6 @@ def _headers(saga_id: str, message_id: str, kind: str, traceparent: str | None) 
     if traceparent:
         headers[names.HEADER_TRACEPARENT] = traceparent
     return headers
-
-
-def outgoing(effect: Effect, now: datetime) -> Outgoing:
-    """The message that carries out one effect of a decision."""
-    match effect:
-        case SendCommand(service=service, envelope=envelope):
-            return Outgoing(
-                message_id=envelope.message_id,
-                kind="command",
-                exchange=names.COMMANDS_EXCHANGE,
-                routing_key=service,
-                body=envelope.model_dump_json(),
-                headers=_headers(
-                    envelope.saga_id, envelope.message_id, "command", envelope.traceparent
-                ),
-                correlation_id=envelope.saga_id,
-                created_at=now,
-            )
-        case ScheduleTimer(message=timer):
-            headers = _headers(timer.saga_id, timer.message_id, "timer", timer.traceparent)
-            headers[names.HEADER_DUE_AT] = timer.due_at.isoformat()
-            return Outgoing(
-                message_id=timer.message_id,
-                kind="timer",
-                exchange="",
-                routing_key=names.TIMERS_QUEUE,
-                body=timer.model_dump_json(),
-                headers=headers,
-                correlation_id=timer.saga_id,
-                deliver_at=timer.due_at,
-                created_at=now,
-            )
-        case PublishEvent(event=event):
-            return Outgoing(
-                message_id=event.event_id,
-                kind="event",
-                exchange=names.EVENTS_EXCHANGE,
-                routing_key=names.event_routing_key(event.saga_type, event.event.value),
-                body=event.model_dump_json(),
-                headers=_headers(event.saga_id, event.event_id, "event", event.traceparent),
-                correlation_id=event.saga_id,
-                mandatory=False,  # observers are optional; nobody bound is not an error
-                created_at=now,
-            )
 
 
 def answer(
@@ -110,11 +72,13 @@ def reply_message(reply: Reply, routing_key: str, now: datetime) -> Outgoing:
     """The message that carries a participant's reply."""
     return Outgoing(
         message_id=reply.message_id,
-        kind="reply",
+        kind=MessageKind.REPLY,
         exchange=names.REPLIES_EXCHANGE,
         routing_key=routing_key,
         body=reply.model_dump_json(),
-        headers=_headers(reply.saga_id, reply.message_id, "reply", reply.traceparent),
+        headers=message_headers(
+            reply.saga_id, reply.message_id, MessageKind.REPLY, reply.traceparent
+        ),
         correlation_id=reply.saga_id,
         created_at=now,
     )
@@ -125,11 +89,11 @@ def start_message(start: StartSaga, now: datetime) -> Outgoing:
     message_id = f"{start.saga_id}:start"
     return Outgoing(
         message_id=message_id,
-        kind="start",
+        kind=MessageKind.START,
         exchange=names.START_EXCHANGE,
         routing_key=names.START_ROUTING_KEY,
         body=start.model_dump_json(),
-        headers=_headers(start.saga_id, message_id, "start", start.traceparent),
+        headers=message_headers(start.saga_id, message_id, MessageKind.START, start.traceparent),
         correlation_id=start.saga_id,
         created_at=now,
     )

@@ -19,7 +19,7 @@ What it promises, and how:
   never sent: RabbitMQ owns that prefix, and a re-published ``x-death`` makes RabbitMQ 3.10-3.12
   drop a message in the delay ladder as a dead-letter cycle.
 * **Delays.** A message with ``deliver_at`` goes through the binary delay ladder
-  (:mod:`orchestrator.delays`) to its destination queue; it is never early.
+  (:mod:`plumbing.delays`) to its destination queue; it is never early.
 * **Consuming.** Manual acks only, a channel per consumer with ``prefetch`` unacknowledged
   deliveries, each handled in its own task. The handler's verdict is applied after it returns:
   ack, requeue, or dead-letter: a copy of the raw body goes to ``saga.dead-letter`` with the
@@ -75,12 +75,12 @@ from aiormq.exceptions import ChannelAccessRefused
 from yarl import URL
 
 from contracts import names
-from orchestrator.clock import Clock, SystemClock
-from orchestrator.delays import DelayLadder
-from orchestrator.errors import ConfigError, PublishFailed
-from orchestrator.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
-from orchestrator.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
-from orchestrator.urls import redact_url
+from plumbing.clock import Clock, SystemClock
+from plumbing.delays import DelayLadder
+from plumbing.errors import ConfigError, PublishFailed
+from plumbing.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
+from plumbing.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
+from plumbing.urls import redact_url
 
 log = structlog.get_logger("rabbitmq")
 
@@ -119,7 +119,7 @@ class _Publisher:
 
 
 class RabbitTransport:
-    """The :class:`~orchestrator.transport.Transport` for RabbitMQ (aio-pika).
+    """The :class:`~plumbing.transport.Transport` for RabbitMQ (aio-pika).
 
     Connects lazily on first use (or explicitly with :meth:`connect` or ``async with``) and
     cannot be reused after :meth:`close`.

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from orchestrator.errors import PublishFailed
-from orchestrator.topology import BindingSpec, Topology
-from orchestrator.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
+from plumbing.errors import PublishFailed
+from plumbing.topology import BindingSpec, Topology
+from plumbing.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
 
 _QUICK_TURNS = 1000  # event-loop turns before settle() starts sleeping between checks
 
@@ -103,7 +103,7 @@ class _Queue:
 
 
 class MemoryBroker:
-    """An in-process message broker that implements :class:`~orchestrator.transport.Transport`.
+    """An in-process message broker that implements :class:`~plumbing.transport.Transport`.
 
     Args:
         clock: the clock delayed messages wait on; a :class:`VirtualClock` also gets busy

@@ -1,7 +1,7 @@
 """The message transport seam: what the orchestrator and participants need from a broker.
 
-Two implementations: RabbitMQ (``orchestrator.rabbitmq``) in production and the embedded
-in-memory broker (``orchestrator.memory``) for tests and the demo. Both follow RabbitMQ's
+Two implementations: RabbitMQ (``plumbing.rabbitmq``) in production and the embedded
+in-memory broker (``plumbing.memory``) for tests and the demo. Both follow RabbitMQ's
 routing rules, including raising on an unroutable mandatory publish.
 
 The ack policy lives in one place, the transport: a handler returns a :class:`Disposition`
@@ -19,7 +19,18 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.topology import Topology
+from plumbing.clock import Clock
+from plumbing.topology import Topology
+
+
+class MessageKind(StrEnum):
+    """What a message is; the ``saga-kind`` header and the AMQP ``type`` carry it."""
+
+    COMMAND = "command"
+    REPLY = "reply"
+    TIMER = "timer"
+    EVENT = "event"
+    START = "start"
 
 
 class Outgoing(BaseModel):
@@ -32,7 +43,7 @@ class Outgoing(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     message_id: str
-    kind: str
+    kind: MessageKind
     exchange: str
     routing_key: str
     body: str
@@ -101,4 +112,21 @@ class Transport(Protocol):
 
     async def close(self) -> None:
         """Release connections; consumers stop."""
+        ...
+
+
+class CommandService(Protocol):
+    """A service that consumes its command queue over any transport (a participant service).
+
+    The test harness runs real services through this seam, so the orchestrator never has to
+    import the participant SDK.
+    """
+
+    @property
+    def service(self) -> str:
+        """The service's name: its command queue is ``saga.<service>.commands``."""
+        ...
+
+    async def run(self, transport: Transport, *, clock: Clock | None = None) -> None:
+        """Declare the service's queue and consume commands until cancelled."""
         ...

@@ -1,0 +1,87 @@
+"""``saga participant``: a participant service as a daemon.
+
+It reads its settings from the environment, logs JSON, serves ``/metrics``, ``/healthz`` and
+``/readyz``, forgets idempotency outcomes past their retention every hour, and shuts down
+gracefully on SIGTERM or SIGINT: stop consuming, let in-flight commands finish, then close
+connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from participants.idempotency import MemoryIdempotency, open_idempotency
+from participants.metrics import ParticipantMetrics
+from participants.service import Participant
+from participants.settings import ParticipantSettings
+from plumbing.daemons import on_signals, rabbit_transport, until_set_or_done
+from plumbing.errors import ConfigError, StoreUnavailable
+from plumbing.http import ProbeServer
+from plumbing.loader import load_object
+
+log = structlog.get_logger("daemon")
+
+_PURGE_INTERVAL = 3600.0
+
+
+def load_participant(spec: str | None) -> Participant:
+    """The :class:`Participant` service at ``spec``."""
+    participant = load_object(spec, "participant service")
+    if not isinstance(participant, Participant):
+        raise ConfigError(
+            f"{spec} is a {type(participant).__name__}, not a participants.Participant "
+            "(did you mean `saga orchestrator`?)"
+        )
+    return participant
+
+
+async def run_participant(participant: Participant, settings: ParticipantSettings) -> None:
+    """Run a participant service until SIGTERM or SIGINT."""
+    registry = CollectorRegistry()
+    metrics = ParticipantMetrics(registry)
+    participant.metrics = metrics
+    if isinstance(participant.idempotency, MemoryIdempotency):
+        # A service that did not choose its own store gets the configured one.
+        participant.idempotency = open_idempotency(settings.idempotency_url)
+    transport = rabbit_transport(settings, metrics)
+    ready = asyncio.Event()
+    probes = ProbeServer(registry, ready.is_set, settings.http_host, settings.http_port)
+    stopping = asyncio.Event()
+    on_signals(stopping.set)
+    try:
+        if settings.http_port:
+            await probes.start()
+        async with asyncio.TaskGroup() as group:
+            consumer = group.create_task(
+                participant.run(transport, policy=settings.queue_policy, ready=ready)
+            )
+            purger = group.create_task(_purge_outcomes(participant))
+            await until_set_or_done(ready, consumer)
+            metrics.consumers_ready.set(1 if ready.is_set() else 0)
+            log.info("participant_ready", service=participant.service)
+            await until_set_or_done(stopping, consumer)
+            ready.clear()
+            metrics.consumers_ready.set(0)
+            consumer.cancel()  # the transport lets in-flight commands finish first
+            purger.cancel()
+    finally:
+        await probes.close()
+        await transport.close()
+        await participant.idempotency.close()
+    log.info("participant_stopped", service=participant.service)
+
+
+async def _purge_outcomes(participant: Participant) -> None:
+    """Forget idempotency outcomes past their retention, hourly (PostgreSQL has no TTL)."""
+    while True:
+        await asyncio.sleep(_PURGE_INTERVAL)
+        try:
+            purged = await participant.idempotency.purge()
+        except StoreUnavailable as e:
+            log.warning("idempotency_purge_failed", error=str(e))
+            continue
+        if purged:
+            log.info("idempotency_outcomes_purged", count=purged)
