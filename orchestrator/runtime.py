@@ -45,6 +45,7 @@ from plumbing import tracing
 from plumbing.clock import Clock, SystemClock
 from plumbing.codec import decode
 from plumbing.errors import (
+    BrokerError,
     ConcurrencyExhausted,
     InvalidSagaData,
     MessageRejected,
@@ -422,7 +423,7 @@ class Orchestrator:
         while True:
             try:
                 await job()
-            except (StoreUnavailable, PublishFailed) as e:
+            except (StoreUnavailable, BrokerError) as e:
                 log.warning("background_job_failed", job=name, error=str(e))
             await self.clock.sleep(interval)
 
@@ -481,7 +482,7 @@ class Orchestrator:
             await asyncio.gather(*consumers, return_exceptions=True)
             try:
                 await self.relay_once(grace=0)
-            except (StoreUnavailable, PublishFailed) as e:
+            except (StoreUnavailable, BrokerError) as e:
                 log.warning("outbox_flush_failed", error=str(e))
             for task in loops:
                 task.cancel()

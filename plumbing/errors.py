@@ -12,7 +12,10 @@
     ├── ActionRefused                     an operator action does not apply in this state
     ├── ConcurrencyExhausted              version conflicts kept winning; the message is retried
     ├── StoreUnavailable                  the saga store cannot be reached
-    ├── PublishFailed                     the broker did not confirm a publish
+    ├── BrokerError                       RabbitMQ did not do what was asked
+    │   ├── BrokerUnavailable             it cannot be reached, or the connection is closed
+    │   ├── QueueNotFound                 a queue to consume from does not exist
+    │   └── PublishFailed                 a publish was returned, nacked or not confirmed
     ├── MessageRejected                   an incoming message cannot be decoded or validated
     └── ParticipantError                  raised by a participant handler to fail a step
 
@@ -62,8 +65,22 @@ class StoreUnavailable(SagaError):
     """Raised when the saga store cannot be reached or refuses the connection."""
 
 
-class PublishFailed(SagaError):
-    """Raised when the broker returns, nacks or does not confirm a publish in time."""
+class BrokerError(SagaError):
+    """Root of the errors RabbitMQ (or the in-memory broker) causes."""
+
+
+class BrokerUnavailable(BrokerError):
+    """Raised when the broker cannot be reached, does not answer in time, or the connection
+    (or the transport) is closed while declaring or consuming."""
+
+
+class QueueNotFound(BrokerError):
+    """Raised when a consumer is started on a queue that does not exist (declare it first)."""
+
+
+class PublishFailed(BrokerError):
+    """Raised when the broker returns, nacks or does not confirm a publish in time; only ever
+    by a publish."""
 
 
 class MessageRejected(SagaError):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from plumbing.errors import PublishFailed
+from plumbing.errors import PublishFailed, QueueNotFound
 from plumbing.topology import BindingSpec, Topology
 from plumbing.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
 
@@ -166,7 +166,7 @@ class MemoryBroker:
         On cancellation the consumer stops taking deliveries and waits for those in flight.
         """
         if queue not in self._queues:
-            raise PublishFailed(f"cannot consume from undeclared queue {queue!r}")
+            raise QueueNotFound(f"cannot consume from undeclared queue {queue!r}")
         source = self._queues[queue]
         slots = asyncio.Semaphore(self.prefetch)
         in_flight: set[asyncio.Task[None]] = set()

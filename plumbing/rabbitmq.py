@@ -6,7 +6,7 @@ What it promises, and how:
   queues and consumers) with a 10 s heartbeat, so a dead peer is noticed in about 30 s instead
   of three minutes. Start-up fails fast with one line that names the URL (password hidden): a
   malformed URL, refused credentials or an unknown virtual host raise :class:`ConfigError`;
-  a broker that does not answer raises :class:`PublishFailed`.
+  a broker that does not answer raises :class:`BrokerUnavailable`.
 * **Publishing.** One long-lived publisher channel with publisher confirms and
   ``on_return_raises``; a publish returns once the broker has taken responsibility for the
   message. Messages are persistent, JSON, carry the saga id as correlation id and our
@@ -77,7 +77,7 @@ from yarl import URL
 from contracts import names
 from plumbing.clock import Clock, SystemClock
 from plumbing.delays import DelayLadder
-from plumbing.errors import ConfigError, PublishFailed
+from plumbing.errors import BrokerUnavailable, ConfigError, PublishFailed, QueueNotFound
 from plumbing.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
 from plumbing.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
 from plumbing.urls import redact_url
@@ -200,11 +200,12 @@ class RabbitTransport:
 
         Raises:
             ConfigError: the URL is malformed, or the broker refused the login or vhost.
-            PublishFailed: nothing answered at the URL within ``connect_timeout``.
+            BrokerUnavailable: nothing answered at the URL within ``connect_timeout``, or
+                the transport was closed.
         """
         async with self._connect_lock:
             if self._closed:
-                raise PublishFailed(f"the transport for {self.safe_url} has been closed")
+                raise BrokerUnavailable(f"the transport for {self.safe_url} has been closed")
             if self._connection is None:
                 self._connection = await self._open_connection()
                 log.info("broker_connected", url=self.safe_url)
@@ -226,7 +227,7 @@ class RabbitTransport:
             raise
         return connection
 
-    def _connect_error(self, error: Exception) -> ConfigError | PublishFailed:
+    def _connect_error(self, error: Exception) -> ConfigError | BrokerUnavailable:
         where = f"RabbitMQ at {self.safe_url}"
         if isinstance(error, ProbableAuthenticationError | AuthenticationError):
             return ConfigError(f"{where} refused the login: check the user name and password")
@@ -237,8 +238,8 @@ class RabbitTransport:
                 "does not exist or the user may not access it"
             )
         if isinstance(error, TimeoutError):
-            return PublishFailed(f"{where} did not answer within {self.connect_timeout:g} s")
-        return PublishFailed(f"cannot connect to {where}: {_describe(error)}")
+            return BrokerUnavailable(f"{where} did not answer within {self.connect_timeout:g} s")
+        return BrokerUnavailable(f"cannot connect to {where}: {_describe(error)}")
 
     @property
     def connected(self) -> bool:
@@ -284,7 +285,7 @@ class RabbitTransport:
         Raises:
             ConfigError: an exchange or queue exists with other settings, or the user may not
                 declare it; the message says what differs and how to fix it.
-            PublishFailed: the broker cannot be reached.
+            BrokerUnavailable: the broker cannot be reached, or went away meanwhile.
         """
         full = self.full_topology(topology)
         connection = await self.connect()
@@ -301,12 +302,12 @@ class RabbitTransport:
             for binding in full.bindings:
                 await self._bind(amqp, binding)
         except TimeoutError as e:
-            raise PublishFailed(
+            raise BrokerUnavailable(
                 f"RabbitMQ at {self.safe_url} did not answer a declaration within "
                 f"{self.publish_timeout:g} s"
             ) from e
         except (ConnectionError, OSError, ChannelInvalidStateError) as e:
-            raise PublishFailed(
+            raise BrokerUnavailable(
                 f"lost RabbitMQ at {self.safe_url} while declaring the topology: {_describe(e)}"
             ) from e
         finally:
@@ -444,6 +445,8 @@ class RabbitTransport:
                 publisher = await self._get_publisher()
                 exchange = await publisher.exchange(exchange_name)
                 await exchange.publish(message, routing_key, mandatory=mandatory)
+        except BrokerUnavailable as e:  # could not (re)connect: still a publish that failed
+            raise self._failed("connection", f"{target}: {e}") from e
         except PublishError as e:
             raise self._failed("returned", f"{target} was returned: no queue is bound") from e
         except DeliveryError as e:
@@ -510,7 +513,8 @@ class RabbitTransport:
         settle them, requeue deliveries not yet started, then re-raise the cancellation.
 
         Raises:
-            PublishFailed: the queue does not exist (declare the topology first).
+            QueueNotFound: the queue does not exist (declare the topology first).
+            BrokerUnavailable: the broker cannot be reached.
         """
         connection = await self.connect()
         channel = connection.channel(publisher_confirms=False)
@@ -540,12 +544,12 @@ class RabbitTransport:
             source = await channel.declare_queue(queue, passive=True)
             tag = await source.consume(inbox.put)
         except ChannelNotFoundEntity as e:
-            raise PublishFailed(
+            raise QueueNotFound(
                 f"cannot consume from queue {queue!r}: it does not exist at {self.safe_url}; "
                 "declare the topology first"
             ) from e
         except _BROKER_ERRORS as e:
-            raise PublishFailed(
+            raise BrokerUnavailable(
                 f"cannot consume from queue {queue!r} at {self.safe_url}: {_describe(e)}"
             ) from e
         return source, tag

@@ -89,7 +89,12 @@ class Transport(Protocol):
     """Publishes and consumes messages."""
 
     async def declare(self, topology: Topology) -> None:
-        """Declare exchanges, queues and bindings; idempotent."""
+        """Declare exchanges, queues and bindings; idempotent.
+
+        Raises:
+            ConfigError: something exists with other arguments, or may not be declared.
+            BrokerUnavailable: the broker cannot be reached.
+        """
         ...
 
     async def publish(self, message: Outgoing) -> None:
@@ -107,6 +112,10 @@ class Transport(Protocol):
         """Deliver messages from ``queue`` to ``handler`` until cancelled.
 
         ``ready`` is set once the consumer is registered with the broker.
+
+        Raises:
+            QueueNotFound: the queue has not been declared.
+            BrokerUnavailable: the broker cannot be reached.
         """
         ...
 

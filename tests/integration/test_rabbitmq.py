@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from contracts import names
 from plumbing.delays import DelayLadder
-from plumbing.errors import ConfigError, PublishFailed
+from plumbing.errors import BrokerUnavailable, ConfigError, PublishFailed, QueueNotFound
 from plumbing.rabbitmq import RabbitTransport
 from plumbing.topology import (
     QueuePolicy,
@@ -552,7 +552,7 @@ async def test_close_stops_consumers(transport: RabbitTransport, unique: str) ->
 
 
 async def test_consuming_a_missing_queue_says_so(transport: RabbitTransport, unique: str) -> None:
-    with pytest.raises(PublishFailed, match=f"queue 'nothing-{unique}': it does not exist"):
+    with pytest.raises(QueueNotFound, match=f"queue 'nothing-{unique}': it does not exist"):
         await transport.consume(f"nothing-{unique}", Recorder())
 
 
@@ -662,7 +662,7 @@ async def test_a_ladder_level_with_another_ttl_is_a_clear_config_error(
     ("case", "error", "says"),
     [
         ("wrong password", ConfigError, "refused the login"),
-        ("closed port", PublishFailed, "cannot connect to RabbitMQ at"),
+        ("closed port", BrokerUnavailable, "cannot connect to RabbitMQ at"),
         ("not amqp", ConfigError, "is not valid: use amqp://"),
         ("unknown vhost", ConfigError, "does not exist or the user may not access it"),
         ("not a url", ConfigError, "is not valid: use amqp://"),
