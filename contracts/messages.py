@@ -81,6 +81,11 @@ class ErrorDetail(BaseModel):
     message: str = ""
     code: str | None = None
 
+    @property
+    def summary(self) -> str:
+        """``type: message``, or the type alone when there is no message."""
+        return f"{self.type}: {self.message}" if self.message else self.type
+
 
 class CommandEnvelope(Contract):
     """A command from the orchestrator to a participant service."""

@@ -148,7 +148,7 @@ async def ls(args: argparse.Namespace) -> int:
                 f"--status {args.status!r} is not a status; use one of {known}"
             ) from e
     async with _store(settings) as store:
-        states = await store.list(
+        states = await store.find(
             SagaFilter(status=status, saga_type=args.saga_type, limit=args.limit)
         )
     if args.json:

@@ -30,9 +30,10 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from enum import StrEnum
+from functools import cached_property
 
 from pydantic import BaseModel
 
@@ -67,8 +68,20 @@ class StepKind(StrEnum):
     RETRIABLE = "retriable"
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
+@dataclass(frozen=True, kw_only=True)
+class _RetryFields:
+    """The exact fields of a :class:`RetryPolicy` (its constructor also takes seconds)."""
+
+    max_attempts: int | None
+    initial_backoff: timedelta
+    multiplier: float
+    max_backoff: timedelta
+    jitter: float
+    retry_on: frozenset[str] | None
+    retry_timeouts: bool
+
+
+class RetryPolicy(_RetryFields):
     """When and how often to try a step (or a compensation) again.
 
     Backoff is exponential, ``initial_backoff * multiplier ** (attempt - 1)`` capped at
@@ -77,30 +90,30 @@ class RetryPolicy:
 
     Args:
         max_attempts: attempts in all, the first included; ``None`` retries forever.
+        initial_backoff: the first delay, as a ``timedelta`` or seconds.
+        max_backoff: the longest delay, as a ``timedelta`` or seconds.
         retry_on: error types (``ErrorDetail.type``) that are retried; ``None`` retries every
             error. Business failures (``failed`` replies) are never retried.
         retry_timeouts: whether a timed-out attempt is re-sent (with the same idempotency key)
             instead of failing the step.
     """
 
-    max_attempts: int | None = 3
-    initial_backoff: Duration = 1.0
-    multiplier: float = 2.0
-    max_backoff: Duration = 60.0
-    jitter: float = 0.2
-    retry_on: frozenset[str] | None = None
-    retry_timeouts: bool = False
-
-    def __post_init__(self) -> None:
-        initial = _duration(self.initial_backoff, "initial_backoff")
-        maximum = _duration(self.max_backoff, "max_backoff")
-        object.__setattr__(self, "initial_backoff", initial)
-        object.__setattr__(self, "max_backoff", maximum)
-        if self.retry_on is not None:
-            object.__setattr__(self, "retry_on", frozenset(self.retry_on))
-        if self.max_attempts is not None and self.max_attempts < 1:
+    def __init__(
+        self,
+        *,
+        max_attempts: int | None = 3,
+        initial_backoff: Duration = 1.0,
+        multiplier: float = 2.0,
+        max_backoff: Duration = 60.0,
+        jitter: float = 0.2,
+        retry_on: Iterable[str] | None = None,
+        retry_timeouts: bool = False,
+    ) -> None:
+        initial = _duration(initial_backoff, "initial_backoff")
+        maximum = _duration(max_backoff, "max_backoff")
+        if max_attempts is not None and max_attempts < 1:
             raise DefinitionError(
-                f"max_attempts is {self.max_attempts}; it counts the first attempt, so it must "
+                f"max_attempts is {max_attempts}; it counts the first attempt, so it must "
                 "be at least 1 (or None to retry forever)"
             )
         if initial <= timedelta(0):
@@ -111,10 +124,19 @@ class RetryPolicy:
             )
         if maximum > MAX_TIMER:
             raise DefinitionError(f"max_backoff ({maximum}) is longer than {MAX_TIMER.days} days")
-        if not 1.0 <= self.multiplier <= 100.0:
-            raise DefinitionError(f"multiplier is {self.multiplier}; use a value from 1 to 100")
-        if not 0.0 <= self.jitter <= 1.0:
-            raise DefinitionError(f"jitter is {self.jitter}; it is a fraction from 0 to 1")
+        if not 1.0 <= multiplier <= 100.0:
+            raise DefinitionError(f"multiplier is {multiplier}; use a value from 1 to 100")
+        if not 0.0 <= jitter <= 1.0:
+            raise DefinitionError(f"jitter is {jitter}; it is a fraction from 0 to 1")
+        super().__init__(
+            max_attempts=max_attempts,
+            initial_backoff=initial,
+            multiplier=multiplier,
+            max_backoff=maximum,
+            jitter=jitter,
+            retry_on=None if retry_on is None else frozenset(retry_on),
+            retry_timeouts=retry_timeouts,
+        )
 
     @classmethod
     def forever(cls, max_backoff: Duration = 300.0) -> RetryPolicy:
@@ -136,10 +158,11 @@ class RetryPolicy:
 
     def backoff(self, attempts_made: int, seed: str) -> timedelta:
         """The delay before the attempt that follows ``attempts_made`` attempts."""
-        initial = _duration(self.initial_backoff, "initial_backoff")
-        cap = _duration(self.max_backoff, "max_backoff")
         exponent = min(attempts_made - 1, 64)
-        raw = min(initial.total_seconds() * self.multiplier**exponent, cap.total_seconds())
+        raw = min(
+            self.initial_backoff.total_seconds() * self.multiplier**exponent,
+            self.max_backoff.total_seconds(),
+        )
         digest = hashlib.sha256(f"{seed}:{attempts_made}".encode()).digest()
         fraction = int.from_bytes(digest[:8], "big") / 2**64
         return timedelta(seconds=max(raw * (1.0 - self.jitter * fraction), 1.0))
@@ -150,8 +173,24 @@ DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=10, max_backoff=300.0, ret
 the saga is parked as ``stuck`` for an operator."""
 
 
-@dataclass(frozen=True)
-class Step:
+@dataclass(frozen=True, kw_only=True)
+class _StepFields:
+    """The exact fields of a :class:`Step` (its constructor infers and converts)."""
+
+    name: str
+    service: str
+    command: type[Command]
+    result: type[BaseModel] | None
+    compensation: type[Command] | None
+    kind: StepKind
+    timeout: timedelta
+    retry: RetryPolicy
+    compensation_timeout: timedelta
+    compensation_retry: RetryPolicy
+    compensate_on_timeout: bool
+
+
+class Step(_StepFields):
     """One step of a saga.
 
     Args:
@@ -161,7 +200,7 @@ class Step:
             into the context of later steps. ``None`` keeps whatever the participant returns.
         compensation: the command that undoes the step; required for compensatable steps.
         kind: inferred as compensatable when a compensation is given.
-        timeout: how long one forward attempt may go unanswered.
+        timeout: how long one forward attempt may go unanswered (``timedelta`` or seconds).
         retry: the forward retry policy; retriable steps default to :meth:`RetryPolicy.forever`.
         compensation_timeout: how long one compensation attempt may go unanswered
             (default: ``timeout``).
@@ -170,98 +209,82 @@ class Step:
             participant may have acted (default yes).
     """
 
-    name: str
-    service: str
-    command: type[Command]
-    result: type[BaseModel] | None = None
-    compensation: type[Command] | None = None
-    kind: StepKind | None = None
-    timeout: Duration = 60.0
-    retry: RetryPolicy | None = None
-    compensation_timeout: Duration | None = None
-    compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
-    compensate_on_timeout: bool = True
-
-    def __post_init__(self) -> None:
-        where = f"step {self.name!r}"
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+    def __init__(
+        self,
+        name: str,
+        *,
+        service: str,
+        command: type[Command],
+        result: type[BaseModel] | None = None,
+        compensation: type[Command] | None = None,
+        kind: StepKind | None = None,
+        timeout: Duration = 60.0,
+        retry: RetryPolicy | None = None,
+        compensation_timeout: Duration | None = None,
+        compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY,
+        compensate_on_timeout: bool = True,
+    ) -> None:
+        where = f"step {name!r}"
+        if not isinstance(name, str) or not _NAME.match(name):
             raise DefinitionError(
-                f"step name {self.name!r} must be lower_snake_case (a-z, 0-9, _), "
-                "starting with a letter"
+                f"step name {name!r} must be lower_snake_case (a-z, 0-9, _), starting with a letter"
             )
-        if not isinstance(self.service, str) or not _NAME.match(self.service):
-            raise DefinitionError(f"{where}: service {self.service!r} must be lower_snake_case")
-        _check_command(self.command, f"{where}: command")
-        if self.compensation is not None:
-            _check_command(self.compensation, f"{where}: compensation")
-        if self.result is not None and not (
-            isinstance(self.result, type) and issubclass(self.result, BaseModel)
-        ):
+        if not isinstance(service, str) or not _NAME.match(service):
+            raise DefinitionError(f"{where}: service {service!r} must be lower_snake_case")
+        _check_command(command, f"{where}: command")
+        if compensation is not None:
+            _check_command(compensation, f"{where}: compensation")
+        if result is not None and not (isinstance(result, type) and issubclass(result, BaseModel)):
             raise DefinitionError(f"{where}: result must be a pydantic model class")
-        kind = self.kind or self._inferred_kind()
-        object.__setattr__(self, "kind", kind)
-        if kind is StepKind.COMPENSATABLE and self.compensation is None:
+        kind = kind or _inferred_kind(name, compensation)
+        if kind is StepKind.COMPENSATABLE and compensation is None:
             raise DefinitionError(
                 f"{where} is compensatable but has no compensation; give it one, or declare "
                 "it kind=StepKind.PIVOT or kind=StepKind.RETRIABLE"
             )
-        if kind is not StepKind.COMPENSATABLE and self.compensation is not None:
+        if kind is not StepKind.COMPENSATABLE and compensation is not None:
             raise DefinitionError(
                 f"{where} is a {kind.value} step and cannot have a compensation: "
                 "nothing after the point of no return is undone"
             )
-        timeout = _timer(self.timeout, f"{where}: timeout")
-        object.__setattr__(self, "timeout", timeout)
-        comp_timeout = self.compensation_timeout
-        object.__setattr__(
-            self,
-            "compensation_timeout",
-            timeout
-            if comp_timeout is None
-            else _timer(comp_timeout, f"{where}: compensation_timeout"),
+        forward = _timer(timeout, f"{where}: timeout")
+        super().__init__(
+            name=name,
+            service=service,
+            command=command,
+            result=result,
+            compensation=compensation,
+            kind=kind,
+            timeout=forward,
+            retry=_forward_retry(retry, kind, where),
+            compensation_timeout=(
+                forward
+                if compensation_timeout is None
+                else _timer(compensation_timeout, f"{where}: compensation_timeout")
+            ),
+            compensation_retry=compensation_retry,
+            compensate_on_timeout=compensate_on_timeout,
         )
-        self._settle_retry(kind, where)
 
-    def _inferred_kind(self) -> StepKind:
-        if self.compensation is None:
-            raise DefinitionError(
-                f"step {self.name!r} has no compensation; give it one, or declare it "
-                "kind=StepKind.PIVOT or kind=StepKind.RETRIABLE"
-            )
-        return StepKind.COMPENSATABLE
 
-    def _settle_retry(self, kind: StepKind, where: str) -> None:
-        if self.retry is None:
-            default = RetryPolicy.forever() if kind is StepKind.RETRIABLE else RetryPolicy()
-            object.__setattr__(self, "retry", default)
-        elif kind is StepKind.RETRIABLE and self.retry.gives_up:
-            raise DefinitionError(
-                f"{where} is retriable, so it must never give up: use RetryPolicy.forever() "
-                "(max_attempts=None, retry_on=None, retry_timeouts=True)"
-            )
+def _inferred_kind(name: str, compensation: type[Command] | None) -> StepKind:
+    if compensation is None:
+        raise DefinitionError(
+            f"step {name!r} has no compensation; give it one, or declare it "
+            "kind=StepKind.PIVOT or kind=StepKind.RETRIABLE"
+        )
+    return StepKind.COMPENSATABLE
 
-    @property
-    def forward_timeout(self) -> timedelta:
-        """The forward timeout as a ``timedelta``."""
-        return _duration(self.timeout, "timeout")
 
-    @property
-    def undo_timeout(self) -> timedelta:
-        """The compensation timeout as a ``timedelta``."""
-        assert self.compensation_timeout is not None  # set in __post_init__
-        return _duration(self.compensation_timeout, "compensation_timeout")
-
-    @property
-    def step_kind(self) -> StepKind:
-        """The step's kind (inferred when not given)."""
-        assert self.kind is not None  # set in __post_init__
-        return self.kind
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        """The forward retry policy (defaulted when not given)."""
-        assert self.retry is not None  # set in __post_init__
-        return self.retry
+def _forward_retry(retry: RetryPolicy | None, kind: StepKind, where: str) -> RetryPolicy:
+    if retry is None:
+        return RetryPolicy.forever() if kind is StepKind.RETRIABLE else RetryPolicy()
+    if kind is StepKind.RETRIABLE and retry.gives_up:
+        raise DefinitionError(
+            f"{where} is retriable, so it must never give up: use RetryPolicy.forever() "
+            "(max_attempts=None, retry_on=None, retry_timeouts=True)"
+        )
+    return retry
 
 
 def _check_command(value: object, what: str) -> None:
@@ -280,113 +303,114 @@ def _timer(value: Duration, what: str) -> timedelta:
     return duration
 
 
-@dataclass(frozen=True)
-class Saga:
+@dataclass(frozen=True, kw_only=True)
+class _SagaFields:
+    """The exact fields of a :class:`Saga` (its constructor checks and converts)."""
+
+    name: str
+    steps: tuple[Step, ...]
+    data: type[BaseModel] | None
+    deadline: timedelta | None
+
+
+class Saga(_SagaFields):
     """A saga type: a name, the model of its start data, its steps and an optional deadline.
 
     The deadline bounds the whole saga: when it passes before the point of no return, the saga
     is rolled back as if an operator had aborted it.
     """
 
-    name: str
-    steps: tuple[Step, ...] | list[Step]
-    data: type[BaseModel] | None = None
-    deadline: Duration | None = None
-    index: Mapping[str, int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise DefinitionError(f"saga name {self.name!r} must be lower_snake_case")
-        steps = tuple(self.steps)
-        object.__setattr__(self, "steps", steps)
-        if not steps:
-            raise DefinitionError(f"saga {self.name!r} has no steps")
-        index: dict[str, int] = {}
-        for position, step in enumerate(steps):
+    def __init__(
+        self,
+        name: str,
+        steps: Iterable[Step],
+        data: type[BaseModel] | None = None,
+        deadline: Duration | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise DefinitionError(f"saga name {name!r} must be lower_snake_case")
+        ordered = tuple(steps)
+        if not ordered:
+            raise DefinitionError(f"saga {name!r} has no steps")
+        seen: set[str] = set()
+        for position, step in enumerate(ordered):
             if not isinstance(step, Step):
-                raise DefinitionError(f"saga {self.name!r}: step {position} is not a Step")
-            if step.name in index:
-                raise DefinitionError(f"saga {self.name!r} has two steps named {step.name!r}")
-            index[step.name] = position
-        object.__setattr__(self, "index", index)
-        self._check_order()
-        if self.deadline is not None:
-            object.__setattr__(
-                self, "deadline", _timer(self.deadline, f"saga {self.name!r}: deadline")
-            )
-        if self.data is not None and not (
-            isinstance(self.data, type) and issubclass(self.data, BaseModel)
-        ):
-            raise DefinitionError(f"saga {self.name!r}: data must be a pydantic model class")
-        self._check_inputs()
+                raise DefinitionError(f"saga {name!r}: step {position} is not a Step")
+            if step.name in seen:
+                raise DefinitionError(f"saga {name!r} has two steps named {step.name!r}")
+            seen.add(step.name)
+        _check_order(name, ordered)
+        if data is not None and not (isinstance(data, type) and issubclass(data, BaseModel)):
+            raise DefinitionError(f"saga {name!r}: data must be a pydantic model class")
+        _check_inputs(name, ordered, data)
+        super().__init__(
+            name=name,
+            steps=ordered,
+            data=data,
+            deadline=None if deadline is None else _timer(deadline, f"saga {name!r}: deadline"),
+        )
 
-    def _check_order(self) -> None:
-        point_of_no_return: Step | None = None
-        for step in self.typed_steps:
-            kind = step.step_kind
-            if point_of_no_return is not None and kind is not StepKind.RETRIABLE:
-                raise DefinitionError(
-                    f"saga {self.name!r}: step {step.name!r} is {kind.value} but comes after "
-                    f"{point_of_no_return.name!r}, the point of no return; only retriable steps "
-                    "may follow it"
-                )
-            if kind is not StepKind.COMPENSATABLE:
-                point_of_no_return = point_of_no_return or step
-
-    def _check_inputs(self) -> None:
-        """Every required command field must come from the data or an earlier step's result."""
-        if self.data is None:
-            return
-        known: set[str] = set(self.data.model_fields) | set(self.data.model_computed_fields)
-        complete = True  # False once a step without a declared result model is seen
-        for step in self.typed_steps:
-            if complete:
-                _require(step.command, known, f"saga {self.name!r}: step {step.name!r}")
-                if step.compensation is not None:
-                    _require(
-                        step.compensation,
-                        known,
-                        f"saga {self.name!r}: compensation of {step.name!r}",
-                    )
-            if step.result is None:
-                complete = False
-            else:
-                known |= set(step.result.model_fields) | set(step.result.model_computed_fields)
-
-    @property
-    def typed_steps(self) -> tuple[Step, ...]:
-        """The steps as a tuple."""
-        return tuple(self.steps)
-
-    @property
-    def deadline_delta(self) -> timedelta | None:
-        """The deadline as a ``timedelta``."""
-        return None if self.deadline is None else _duration(self.deadline, "deadline")
+    @cached_property
+    def index(self) -> Mapping[str, int]:
+        """Each step's position, by name."""
+        return {step.name: position for position, step in enumerate(self.steps)}
 
     @property
     def services(self) -> frozenset[str]:
         """The participant services this saga sends commands to."""
-        return frozenset(step.service for step in self.typed_steps)
+        return frozenset(step.service for step in self.steps)
 
     def step(self, name: str) -> Step:
         """The step called ``name``."""
-        return self.typed_steps[self.index[name]]
+        return self.steps[self.index[name]]
 
     def with_timeouts(self, timeouts: Mapping[str, Duration]) -> Saga:
-        """A copy with some steps' timeouts replaced (keys are step names)."""
+        """A copy with some steps' timeouts replaced (keys are step names); a step's
+        compensation timeout follows its new timeout."""
         unknown = sorted(set(timeouts) - set(self.index))
         if unknown:
             raise DefinitionError(
                 f"saga {self.name!r} has no step named {', '.join(map(repr, unknown))}; "
                 f"its steps are {', '.join(self.index)}"
             )
-        steps = [
-            replace(step, timeout=timeouts[step.name], compensation_timeout=None)
-            if step.name in timeouts
-            else step
-            for step in self.typed_steps
-        ]
-        return replace(self, steps=tuple(steps))
+        return replace(self, steps=tuple(_with_timeout(step, timeouts) for step in self.steps))
+
+
+def _with_timeout(step: Step, timeouts: Mapping[str, Duration]) -> Step:
+    if step.name not in timeouts:
+        return step
+    timeout = _timer(timeouts[step.name], f"step {step.name!r}: timeout")
+    return replace(step, timeout=timeout, compensation_timeout=timeout)
+
+
+def _check_order(name: str, steps: tuple[Step, ...]) -> None:
+    point_of_no_return: Step | None = None
+    for step in steps:
+        if point_of_no_return is not None and step.kind is not StepKind.RETRIABLE:
+            raise DefinitionError(
+                f"saga {name!r}: step {step.name!r} is {step.kind.value} but comes after "
+                f"{point_of_no_return.name!r}, the point of no return; only retriable steps "
+                "may follow it"
+            )
+        if step.kind is not StepKind.COMPENSATABLE:
+            point_of_no_return = point_of_no_return or step
+
+
+def _check_inputs(name: str, steps: tuple[Step, ...], data: type[BaseModel] | None) -> None:
+    """Every required command field must come from the data or an earlier step's result."""
+    if data is None:
+        return
+    known: set[str] = set(data.model_fields) | set(data.model_computed_fields)
+    complete = True  # False once a step without a declared result model is seen
+    for step in steps:
+        if complete:
+            _require(step.command, known, f"saga {name!r}: step {step.name!r}")
+            if step.compensation is not None:
+                _require(step.compensation, known, f"saga {name!r}: compensation of {step.name!r}")
+        if step.result is None:
+            complete = False
+        else:
+            known |= set(step.result.model_fields) | set(step.result.model_computed_fields)
 
 
 def _require(command: type[Command], known: set[str], where: str) -> None:

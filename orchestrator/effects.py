@@ -1,17 +1,31 @@
 """What a decision asks the shell to do, and the messages that carry it out.
 
-The pure core (:mod:`orchestrator.engine`) returns effects; the shell appends the message of
-each one to the saga's outbox (:func:`outgoing`) and publishes it.
+The pure core (:mod:`orchestrator.engine`) returns effects, built by :class:`MessageBuilder`;
+the shell appends the message of each one to the saga's outbox (:func:`outgoing`) and
+publishes it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from contracts import names
-from contracts.events import LifecycleEvent
-from contracts.messages import CommandEnvelope, TimerMessage
+from contracts.events import EVENT_CLASSES, EventName, LifecycleEvent
+from contracts.messages import (
+    Command,
+    CommandEnvelope,
+    Direction,
+    JsonObject,
+    TimerKind,
+    TimerMessage,
+    command_message_id,
+    idempotency_key,
+    timer_message_id,
+)
+from orchestrator.definition import Step
+from orchestrator.state import SagaState
+from plumbing import tracing
 from plumbing.codec import message_headers
 from plumbing.transport import MessageKind, Outgoing
 
@@ -88,3 +102,103 @@ def outgoing(effect: Effect, now: datetime) -> Outgoing:
                 mandatory=False,  # observers are optional; nobody bound is not an error
                 created_at=now,
             )
+
+
+class MessageBuilder:
+    """Builds the messages of one decision about one saga: ids, trace context and envelopes.
+
+    The rules (:mod:`orchestrator.engine`) say *what* to send; this says how each message
+    looks, so that every id is deterministic and every message continues the saga's trace.
+    """
+
+    def __init__(self, state: SagaState, now: datetime) -> None:
+        self.saga_id = state.saga_id
+        self.saga_type = state.saga_type
+        self.traceparent = state.traceparent
+        self.now = now
+
+    def span(self, message_id: str) -> str | None:
+        """The trace context of one message: the saga's trace, a span per message id."""
+        root = self.traceparent
+        return None if root is None else tracing.child(root, message_id)
+
+    def event(
+        self,
+        name: EventName,
+        sequence: int,
+        *,
+        step: str | None,
+        attempt: int | None,
+        detail: str | None,
+        **extra: object,
+    ) -> PublishEvent:
+        """Lifecycle event ``name``, the ``sequence``-th entry of the saga's history.
+
+        ``extra`` holds the event's own fields (``result``, ``error``, ...); pydantic refuses
+        any that the event does not have.
+        """
+        event_id = f"{self.saga_id}:{sequence}"
+        return PublishEvent(
+            EVENT_CLASSES[name](
+                event_id=event_id,
+                saga_id=self.saga_id,
+                saga_type=self.saga_type,
+                at=self.now,
+                step=step,
+                attempt=attempt,
+                detail=detail,
+                traceparent=self.span(event_id),
+                **extra,
+            )
+        )
+
+    def command(
+        self,
+        step: Step,
+        *,
+        command: type[Command],
+        direction: Direction,
+        attempt: int,
+        context: JsonObject,
+        timeout: timedelta,
+    ) -> SendCommand:
+        """One attempt of ``step``'s command (or compensation), built from ``context``.
+
+        Raises:
+            pydantic.ValidationError: the context does not make a valid command.
+        """
+        payload = command.model_validate(context).model_dump(mode="json")
+        message_id = command_message_id(self.saga_id, step.name, direction, attempt)
+        envelope = CommandEnvelope(
+            message_id=message_id,
+            saga_id=self.saga_id,
+            saga_type=self.saga_type,
+            step=step.name,
+            command=command.name(),
+            direction=direction,
+            attempt=attempt,
+            idempotency_key=idempotency_key(self.saga_id, step.name, direction),
+            payload=payload,
+            reply_to=names.REPLIES_ROUTING_KEY,
+            sent_at=self.now,
+            deadline=self.now + timeout,
+            traceparent=self.span(message_id),
+        )
+        return SendCommand(step.service, envelope)
+
+    def timer(
+        self, kind: TimerKind, step: str | None, attempt: int, due: datetime
+    ) -> ScheduleTimer:
+        """A wake-up for ``step``'s ``attempt`` (or the saga), due at ``due``."""
+        message_id = timer_message_id(self.saga_id, kind, step, attempt)
+        return ScheduleTimer(
+            TimerMessage(
+                message_id=message_id,
+                saga_id=self.saga_id,
+                timer=kind,
+                step=step,
+                attempt=attempt,
+                due_at=due,
+                traceparent=self.span(message_id),
+            )
+        )

@@ -25,7 +25,7 @@ Rules worth knowing before reading the code:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
@@ -33,9 +33,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from contracts.events import EVENT_CLASSES, EventName, LifecycleEvent
+from contracts.events import EventName, LifecycleEvent
 from contracts.messages import (
-    Command,
     CommandEnvelope,
     Direction,
     ErrorDetail,
@@ -44,15 +43,11 @@ from contracts.messages import (
     ReplyStatus,
     TimerKind,
     TimerMessage,
-    command_message_id,
-    idempotency_key,
-    timer_message_id,
 )
-from contracts.names import REPLIES_ROUTING_KEY
 from orchestrator.definition import Saga, Step, StepKind
-from orchestrator.effects import Effect, PublishEvent, ScheduleTimer, SendCommand
+from orchestrator.effects import Effect, MessageBuilder, PublishEvent, SendCommand
 from orchestrator.state import HistoryEntry, SagaState, SagaStatus, StepState, StepStatus
-from plumbing import tracing
+from plumbing.codec import validation_summary
 from plumbing.errors import ActionRefused, InvalidSagaData
 
 HISTORY_LIMIT = 200
@@ -155,19 +150,20 @@ def new_saga(
         try:
             clean: JsonObject = saga.data.model_validate(dict(data)).model_dump(mode="json")
         except ValidationError as e:
-            raise InvalidSagaData(f"data for saga type {saga.name!r} is invalid: {e}") from e
+            raise InvalidSagaData(
+                f"data for saga type {saga.name!r} is invalid: {validation_summary(e)}"
+            ) from e
     else:
         clean = dict(data)
-    deadline = saga.deadline_delta
     return SagaState(
         saga_id=saga_id,
         saga_type=saga.name,
         status=SagaStatus.STARTED,
         data=clean,
-        steps=tuple(StepState(name=step.name) for step in saga.typed_steps),
+        steps=tuple(StepState(name=step.name) for step in saga.steps),
         created_at=now,
         updated_at=now,
-        deadline_at=now + deadline if deadline is not None else None,
+        deadline_at=now + saga.deadline if saga.deadline is not None else None,
         traceparent=traceparent,
     )
 
@@ -202,7 +198,7 @@ def decide(
     change = _Change(saga, state, now)
     match event:
         case Start():
-            change.event(EventName.SAGA_STARTED, data=state.data)
+            change.record(EventName.SAGA_STARTED, data=state.data)
             change.dispatch(0, attempt=1)
             outcome = Outcome.APPLIED
         case ReplyReceived(reply=reply):
@@ -225,12 +221,17 @@ def decide(
 
 
 class _Change:
-    """A mutable scratch copy of one saga for the duration of one ``decide`` call."""
+    """A mutable scratch copy of one saga for the duration of one ``decide`` call.
+
+    Its fields are the parts of the state a decision may change; steps change only through
+    :class:`StepState`'s named transitions.
+    """
 
     def __init__(self, saga: Saga, state: SagaState, now: datetime) -> None:
         self.saga = saga
         self.original = state
         self.now = now
+        self.messages = MessageBuilder(state, now)
         self.status = state.status
         self.steps = list(state.steps)
         self.results = state.results
@@ -249,65 +250,43 @@ class _Change:
             excess = len(history) - history_limit
             history = [history[0], *history[1 + excess :]]
             dropped += excess
-        state = self.original.model_copy(
-            update={
-                "status": self.status,
-                "steps": tuple(self.steps),
-                "results": self.results,
-                "deadline_at": self.deadline_at,
-                "finished_at": self.finished_at,
-                "failure_reason": self.failure_reason,
-                "history": tuple(history),
-                "history_dropped": dropped,
-            }
+        state = replace(
+            self.original,
+            status=self.status,
+            steps=tuple(self.steps),
+            results=self.results,
+            deadline_at=self.deadline_at,
+            finished_at=self.finished_at,
+            failure_reason=self.failure_reason,
+            history=tuple(history),
+            history_dropped=dropped,
         )
         # Compare the state itself, not just effects and history: some transitions only
         # clear a due time, and losing that write would make the sweep fire it forever.
         changed = bool(self.effects) or state != self.original
-        state = state.model_copy(update={"updated_at": self.now}) if changed else self.original
+        state = replace(state, updated_at=self.now) if changed else self.original
         return Decision(state=state, effects=tuple(self.effects), outcome=outcome, changed=changed)
 
-    def event(
+    def record(
         self,
         name: EventName,
         *,
         step: str | None = None,
         attempt: int | None = None,
         detail: str | None = None,
-        **extra: Any,
+        **extra: object,
     ) -> None:
+        """Append ``name`` to the history and publish it as a lifecycle event."""
         sequence = self.original.history_dropped + len(self.history)
         self.history.append(
             HistoryEntry(event=name, at=self.now, step=step, attempt=attempt, detail=detail)
         )
-        cls = EVENT_CLASSES[name]
         self.effects.append(
-            PublishEvent(
-                cls(
-                    event_id=(event_id := f"{self.original.saga_id}:{sequence}"),
-                    saga_id=self.original.saga_id,
-                    saga_type=self.original.saga_type,
-                    at=self.now,
-                    step=step,
-                    attempt=attempt,
-                    detail=detail,
-                    traceparent=self.span(event_id),
-                    **extra,
-                )
-            )
+            self.messages.event(name, sequence, step=step, attempt=attempt, detail=detail, **extra)
         )
 
-    def span(self, message_id: str) -> str | None:
-        """The trace context of one message: the saga's trace, a span per message id."""
-        root = self.original.traceparent
-        return None if root is None else tracing.child(root, message_id)
-
-    def set_step(self, index: int, **updates: Any) -> StepState:
-        self.steps[index] = self.steps[index].model_copy(update=updates)
-        return self.steps[index]
-
     def definition(self, index: int) -> Step:
-        return self.saga.typed_steps[index]
+        return self.saga.steps[index]
 
     def index_of(self, name: str) -> int | None:
         return self.saga.index.get(name)
@@ -315,22 +294,21 @@ class _Change:
     def context(self, upto: int) -> JsonObject:
         """Start data plus the results of the first ``upto`` steps, later ones winning."""
         context = dict(self.original.data)
-        for step in self.saga.typed_steps[:upto]:
+        for step in self.saga.steps[:upto]:
             context.update(self.results.get(step.name, {}))
         return context
 
     def past_point_of_no_return(self) -> bool:
-        for definition, step in zip(self.saga.typed_steps, self.steps, strict=True):
-            kind = definition.step_kind
-            if kind is StepKind.PIVOT and step.status is StepStatus.COMPLETED:
+        for definition, step in zip(self.saga.steps, self.steps, strict=True):
+            if definition.kind is StepKind.PIVOT and step.status is StepStatus.COMPLETED:
                 return True
-            if kind is StepKind.RETRIABLE and step.status is not StepStatus.NOT_STARTED:
+            if definition.kind is StepKind.RETRIABLE and step.status is not StepStatus.NOT_STARTED:
                 return True
         return False
 
     def running_pivot(self) -> Step | None:
-        for definition, step in zip(self.saga.typed_steps, self.steps, strict=True):
-            if definition.step_kind is StepKind.PIVOT and step.status in (
+        for definition, step in zip(self.saga.steps, self.steps, strict=True):
+            if definition.kind is StepKind.PIVOT and step.status in (
                 StepStatus.RUNNING,
                 StepStatus.RETRY_SCHEDULED,
             ):
@@ -344,113 +322,60 @@ class _Change:
                 return index
         return None
 
-    def envelope(
-        self,
-        index: int,
-        *,
-        command: type[Command],
-        direction: Direction,
-        attempt: int,
-        upto: int,
-        timeout: timedelta,
-    ) -> CommandEnvelope:
-        name = self.definition(index).name
-        saga_id = self.original.saga_id
-        payload = command.model_validate(self.context(upto)).model_dump(mode="json")
-        message_id = command_message_id(saga_id, name, direction, attempt)
-        return CommandEnvelope(
-            message_id=message_id,
-            saga_id=saga_id,
-            saga_type=self.original.saga_type,
-            step=name,
-            command=command.name(),
-            direction=direction,
-            attempt=attempt,
-            idempotency_key=idempotency_key(saga_id, name, direction),
-            payload=payload,
-            reply_to=REPLIES_ROUTING_KEY,
-            sent_at=self.now,
-            deadline=self.now + timeout,
-            traceparent=self.span(message_id),
-        )
-
     def timer(self, kind: TimerKind, step: str | None, attempt: int, due: datetime) -> None:
-        saga_id = self.original.saga_id
-        message_id = timer_message_id(saga_id, kind, step, attempt)
-        self.effects.append(
-            ScheduleTimer(
-                TimerMessage(
-                    message_id=message_id,
-                    saga_id=saga_id,
-                    timer=kind,
-                    step=step,
-                    attempt=attempt,
-                    due_at=due,
-                    traceparent=self.span(message_id),
-                )
-            )
-        )
+        self.effects.append(self.messages.timer(kind, step, attempt, due))
 
     # -- going forward --
 
     def dispatch(self, index: int, attempt: int) -> None:
         definition = self.definition(index)
-        timeout = definition.forward_timeout
         try:
-            envelope = self.envelope(
-                index,
+            send = self.messages.command(
+                definition,
                 command=definition.command,
                 direction=Direction.FORWARD,
                 attempt=attempt,
-                upto=index,
-                timeout=timeout,
+                context=self.context(index),
+                timeout=definition.timeout,
             )
         except ValidationError as e:
-            self.set_step(index, status=StepStatus.RUNNING, attempt=attempt, started_at=self.now)
-            self.fail_forward(index, ErrorDetail(type="CommandBuildError", message=_brief(e)))
+            self.steps[index] = self.steps[index].unsendable(attempt, self.now)
+            error = ErrorDetail(type="CommandBuildError", message=validation_summary(e))
+            self.fail_forward(index, error)
             return
-        due = self.now + timeout
-        previous = self.steps[index]
-        self.set_step(
-            index,
-            status=StepStatus.RUNNING,
-            attempt=attempt,
-            due_at=due,
-            started_at=previous.started_at or self.now,
-        )
+        due = self.now + definition.timeout
+        self.steps[index] = self.steps[index].running(attempt, due, self.now)
         self.status = SagaStatus.STARTED
-        if definition.step_kind is StepKind.RETRIABLE:
+        if definition.kind is StepKind.RETRIABLE:
             self.deadline_at = None  # past the point of no return: the deadline cannot apply
-        self.effects.append(SendCommand(definition.service, envelope))
+        self.effects.append(send)
         self.timer(TimerKind.STEP_TIMEOUT, definition.name, attempt, due)
-        self.event(EventName.STEP_STARTED, step=definition.name, attempt=attempt)
+        self.record(EventName.STEP_STARTED, step=definition.name, attempt=attempt)
 
     def complete_forward(self, index: int, result: JsonObject) -> None:
         definition = self.definition(index)
         self.results = {**self.results, definition.name: result}
-        self.set_step(
-            index, status=StepStatus.COMPLETED, due_at=None, finished_at=self.now, error=None
-        )
-        self.event(
+        self.steps[index] = self.steps[index].completed(self.now)
+        self.record(
             EventName.STEP_COMPLETED,
             step=definition.name,
             attempt=self.steps[index].attempt,
             result=result,
         )
-        if definition.step_kind is StepKind.PIVOT:
+        if definition.kind is StepKind.PIVOT:
             self.deadline_at = None
         if index == len(self.steps) - 1:
             self.status = SagaStatus.COMPLETED
             self.finished_at = self.now
             self.deadline_at = None
-            self.event(EventName.SAGA_COMPLETED)
+            self.record(EventName.SAGA_COMPLETED)
         else:
             self.dispatch(index + 1, attempt=1)
 
     def errored_forward(self, index: int, error: ErrorDetail) -> None:
         definition = self.definition(index)
-        policy = definition.retry_policy
-        if definition.step_kind is StepKind.RETRIABLE or (
+        policy = definition.retry
+        if definition.kind is StepKind.RETRIABLE or (
             policy.retries_error(error.type) and policy.allows_another(self.steps[index].attempt)
         ):
             self.schedule_retry(index, error)
@@ -460,59 +385,53 @@ class _Change:
     def schedule_retry(self, index: int, error: ErrorDetail) -> None:
         definition = self.definition(index)
         step = self.steps[index]
-        delay = definition.retry_policy.backoff(
-            step.attempt, seed=f"{self.original.saga_id}:{step.name}"
-        )
+        delay = definition.retry.backoff(step.attempt, seed=f"{self.original.saga_id}:{step.name}")
         due = self.now + delay
-        self.set_step(index, status=StepStatus.RETRY_SCHEDULED, due_at=due, error=error)
+        self.steps[index] = step.retry_scheduled(due, error)
         self.status = SagaStatus.PENDING
         self.timer(TimerKind.RETRY, step.name, step.attempt + 1, due)
-        self.event(
+        self.record(
             EventName.STEP_RETRYING,
             step=step.name,
             attempt=step.attempt + 1,
-            detail=f"{error.type}: {error.message}" if error.message else error.type,
+            detail=error.summary,
             retry_at=due,
             error=error,
         )
 
     def fail_forward(self, index: int, error: ErrorDetail) -> None:
         definition = self.definition(index)
-        if definition.step_kind is StepKind.RETRIABLE:
+        if definition.kind is StepKind.RETRIABLE:
             self.schedule_retry(index, error)  # a retriable step never fails for good
             return
-        step = self.set_step(
-            index, status=StepStatus.FAILED, due_at=None, finished_at=self.now, error=error
-        )
-        self.event(
+        step = self.steps[index] = self.steps[index].failed(error, self.now)
+        self.record(
             EventName.STEP_FAILED,
             step=step.name,
             attempt=step.attempt,
-            detail=f"{error.type}: {error.message}" if error.message else error.type,
+            detail=error.summary,
             error=error,
         )
         self.begin_compensation(f"step {step.name} failed ({error.type})")
 
     def forward_timed_out(self, index: int) -> None:
         definition = self.definition(index)
-        step = self.set_step(index, in_doubt=True)
-        timeout = definition.forward_timeout
-        self.event(
+        step = self.steps[index] = self.steps[index].doubted()
+        timeout = _seconds(definition.timeout)
+        self.record(
             EventName.STEP_TIMED_OUT,
             step=step.name,
             attempt=step.attempt,
-            detail=f"no reply within {_seconds(timeout)}",
+            detail=f"no reply within {timeout}",
         )
-        error = ErrorDetail(type="StepTimeout", message=f"no reply within {_seconds(timeout)}")
-        policy = definition.retry_policy
-        if definition.step_kind is StepKind.RETRIABLE or (
+        error = ErrorDetail(type="StepTimeout", message=f"no reply within {timeout}")
+        policy = definition.retry
+        if definition.kind is StepKind.RETRIABLE or (
             policy.retry_timeouts and policy.allows_another(step.attempt)
         ):
             self.schedule_retry(index, error)
             return
-        self.set_step(
-            index, status=StepStatus.TIMED_OUT, due_at=None, finished_at=self.now, error=error
-        )
+        self.steps[index] = step.timed_out(error, self.now)
         self.begin_compensation(f"step {step.name} timed out")
 
     # -- going back --
@@ -543,33 +462,30 @@ class _Change:
         self.status = SagaStatus.FAILED
         self.finished_at = self.now
         self.deadline_at = None
-        self.event(EventName.SAGA_FAILED, detail=self.failure_reason)
+        self.record(EventName.SAGA_FAILED, detail=self.failure_reason)
 
     def dispatch_compensation(self, index: int, attempt: int, detail: str | None = None) -> None:
         definition = self.definition(index)
         assert definition.compensation is not None  # only called for steps that need it
-        timeout = definition.undo_timeout
         try:
-            envelope = self.envelope(
-                index,
+            send = self.messages.command(
+                definition,
                 command=definition.compensation,
                 direction=Direction.COMPENSATION,
                 attempt=attempt,
-                upto=index + 1,  # its own result, if it completed
-                timeout=timeout,
+                context=self.context(index + 1),  # its own result, if it completed
+                timeout=definition.compensation_timeout,
             )
         except ValidationError as e:
-            self.set_step(index, status=StepStatus.COMPENSATING, compensation_attempt=attempt)
-            error = ErrorDetail(type="CommandBuildError", message=_brief(e))
+            self.steps[index] = self.steps[index].compensating(attempt, self.steps[index].due_at)
+            error = ErrorDetail(type="CommandBuildError", message=validation_summary(e))
             self.compensation_failed(index, error, retryable=False)
             return
-        due = self.now + timeout
-        self.set_step(
-            index, status=StepStatus.COMPENSATING, compensation_attempt=attempt, due_at=due
-        )
-        self.effects.append(SendCommand(definition.service, envelope))
+        due = self.now + definition.compensation_timeout
+        self.steps[index] = self.steps[index].compensating(attempt, due)
+        self.effects.append(send)
         self.timer(TimerKind.COMPENSATION_TIMEOUT, definition.name, attempt, due)
-        self.event(
+        self.record(
             EventName.COMPENSATION_STARTED, step=definition.name, attempt=attempt, detail=detail
         )
 
@@ -578,39 +494,26 @@ class _Change:
         step = self.steps[index]
         failures = step.compensation_failures + 1
         policy = definition.compensation_retry
-        detail = f"{error.type}: {error.message}" if error.message else error.type
-        self.event(
+        self.record(
             EventName.COMPENSATION_FAILED,
             step=step.name,
             attempt=step.compensation_attempt,
-            detail=detail,
+            detail=error.summary,
             error=error,
         )
         if retryable and policy.allows_another(failures):
             delay = policy.backoff(failures, seed=f"{self.original.saga_id}:{step.name}:undo")
             due = self.now + delay
-            self.set_step(
-                index,
-                status=StepStatus.COMPENSATION_RETRY_SCHEDULED,
-                compensation_failures=failures,
-                due_at=due,
-                error=error,
-            )
+            self.steps[index] = step.compensation_retry_scheduled(due, error)
             self.timer(TimerKind.COMPENSATION_RETRY, step.name, step.compensation_attempt + 1, due)
             return
-        self.set_step(
-            index,
-            status=StepStatus.COMPENSATION_FAILED,
-            compensation_failures=failures,
-            due_at=None,
-            error=error,
-        )
+        self.steps[index] = step.compensation_failed(error)
         self.status = SagaStatus.STUCK
-        self.event(
+        self.record(
             EventName.SAGA_STUCK,
             step=step.name,
             attempt=step.compensation_attempt,
-            detail=f"compensation of {step.name} failed {failures} time(s): {detail}",
+            detail=f"compensation of {step.name} failed {failures} time(s): {error.summary}",
         )
 
     # -- replies --
@@ -650,7 +553,8 @@ class _Change:
             try:
                 result = _clean_result(result_model, reply.result)
             except ValidationError as e:
-                self.errored_forward(index, ErrorDetail(type="InvalidResult", message=_brief(e)))
+                error = ErrorDetail(type="InvalidResult", message=validation_summary(e))
+                self.errored_forward(index, error)
                 return
             self.complete_forward(index, result)
         elif reply.status is ReplyStatus.FAILED:
@@ -661,10 +565,8 @@ class _Change:
     def on_compensation_reply(self, index: int, reply: Reply) -> None:
         step = self.steps[index]
         if reply.status is ReplyStatus.COMPLETED:
-            self.set_step(
-                index, status=StepStatus.COMPENSATED, due_at=None, finished_at=self.now, error=None
-            )
-            self.event(
+            self.steps[index] = step.compensated(self.now, clear_error=True)
+            self.record(
                 EventName.COMPENSATION_COMPLETED, step=step.name, attempt=step.compensation_attempt
             )
             self.next_compensation()
@@ -677,7 +579,7 @@ class _Change:
         self.compensation_failed(index, error, retryable=retryable)
 
     def late(self, reply: Reply, why: str) -> Outcome:
-        self.event(
+        self.record(
             EventName.LATE_REPLY,
             step=reply.step,
             attempt=reply.attempt,
@@ -735,7 +637,7 @@ class _Change:
         definition = self.definition(index)
         error = ErrorDetail(
             type="CompensationTimeout",
-            message=f"no reply within {_seconds(definition.undo_timeout)}",
+            message=f"no reply within {_seconds(definition.compensation_timeout)}",
         )
         self.compensation_failed(
             index, error, retryable=definition.compensation_retry.retry_timeouts
@@ -762,7 +664,7 @@ class _Change:
         return step.due_at if (step.status, timer.attempt) == expected else None
 
     def deadline_passed(self) -> None:
-        deadline = self.saga.deadline_delta
+        deadline = self.saga.deadline
         reason = f"the saga deadline ({_seconds(deadline) if deadline else '?'}) passed"
         if self.past_point_of_no_return() or self.running_pivot() is not None:
             self.deadline_at = None  # the pivot decides now: its own timeout still applies
@@ -778,15 +680,8 @@ class _Change:
             step = self.steps[index]
             in_doubt = step.in_doubt or step.status is StepStatus.RUNNING
             error = ErrorDetail(type="Aborted", message=reason)
-            self.set_step(
-                index,
-                status=StepStatus.FAILED,
-                due_at=None,
-                finished_at=self.now,
-                error=error,
-                in_doubt=in_doubt,
-            )
-            self.event(
+            self.steps[index] = step.failed(error, self.now, in_doubt=in_doubt)
+            self.record(
                 EventName.STEP_FAILED,
                 step=step.name,
                 attempt=step.attempt,
@@ -831,7 +726,7 @@ class _Change:
 
     def operator_retry(self) -> None:
         index = self.stuck_index("retried")
-        self.set_step(index, compensation_failures=0, error=None)
+        self.steps[index] = self.steps[index].retried_by_operator()
         self.status = SagaStatus.COMPENSATING
         self.dispatch_compensation(
             index, self.steps[index].compensation_attempt + 1, detail="retried by an operator"
@@ -839,11 +734,9 @@ class _Change:
 
     def operator_resolve(self, note: str) -> None:
         index = self.stuck_index("resolved")
-        step = self.set_step(
-            index, status=StepStatus.COMPENSATED, due_at=None, finished_at=self.now
-        )
+        step = self.steps[index] = self.steps[index].compensated(self.now, clear_error=False)
         self.status = SagaStatus.COMPENSATING
-        self.event(
+        self.record(
             EventName.COMPENSATION_COMPLETED,
             step=step.name,
             attempt=step.compensation_attempt,
@@ -856,12 +749,6 @@ def _clean_result(model: type[BaseModel] | None, result: JsonObject | None) -> J
     if model is None:
         return dict(result or {})
     return model.model_validate(result or {}).model_dump(mode="json")
-
-
-def _brief(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
-    )
 
 
 def _seconds(delta: timedelta) -> str:

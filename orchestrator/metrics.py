@@ -192,7 +192,7 @@ class Metrics(ProcessMetrics):
                 self.late_replies,
             ):
                 counter.labels(saga.name)
-            for step in saga.typed_steps:
+            for step in saga.steps:
                 self.step_retries.labels(saga.name, step.name)
                 for outcome in ("completed", "failed", "error", "timed_out"):
                     self.step_outcomes.labels(saga.name, step.name, outcome)

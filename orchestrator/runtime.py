@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -62,6 +63,18 @@ log = structlog.get_logger("orchestrator")
 
 OperatorAction = OperatorRetry | OperatorAbort | OperatorResolve
 """What an operator can do to a saga."""
+
+
+class Handled(StrEnum):
+    """What the shell did with a message besides applying it (an engine :class:`Outcome`).
+
+    Both are the ``outcome`` label of ``saga_messages_total``.
+    """
+
+    STARTED = "started"
+    SAGA_NOT_FOUND = "saga_not_found"
+    REQUEUED = "requeued"
+    DEAD_LETTERED = "dead_lettered"
 
 
 @dataclass(frozen=True)
@@ -269,7 +282,7 @@ class Orchestrator:
         return await self._guarded(delivery, self._handle_timer)
 
     async def _guarded(
-        self, delivery: Delivery, handler: Callable[[Delivery], Awaitable[str]]
+        self, delivery: Delivery, handler: Callable[[Delivery], Awaitable[Outcome | Handled]]
     ) -> Disposition | DeadLetter:
         """The one place where a message's fate is decided."""
         queue = delivery.queue
@@ -287,20 +300,20 @@ class Orchestrator:
             return self._dead_letter(queue, _reason_label(e), str(e))
         except SagaNotFound as e:
             if queue == names.TIMERS_QUEUE:  # the saga was purged; its timer has nothing to do
-                self._count(queue, "saga_not_found")
+                self._count(queue, Handled.SAGA_NOT_FOUND)
                 return Disposition.ACK
-            return self._dead_letter(queue, "saga_not_found", str(e))
+            return self._dead_letter(queue, Handled.SAGA_NOT_FOUND, str(e))
         except (ConcurrencyExhausted, StoreUnavailable) as e:
             log.warning("message_requeued", error=str(e))
-            self._count(queue, "requeued")
+            self._count(queue, Handled.REQUEUED)
             return Disposition.REQUEUE
         self._count(queue, outcome)
         log.debug("message_handled", outcome=outcome)
         return Disposition.ACK
 
     async def _patiently(
-        self, handler: Callable[[Delivery], Awaitable[str]], delivery: Delivery
-    ) -> str:
+        self, handler: Callable[[Delivery], Awaitable[Outcome | Handled]], delivery: Delivery
+    ) -> Outcome | Handled:
         """Run ``handler``, waiting out a store outage instead of requeueing.
 
         Every requeue counts toward the queue's delivery limit, so a short outage would park
@@ -323,30 +336,30 @@ class Orchestrator:
         log.warning("message_dead_lettered", reason=reason)
         if self.metrics:
             self.metrics.dead_lettered.labels(queue, label).inc()
-        self._count(queue, "dead_lettered")
+        self._count(queue, Handled.DEAD_LETTERED)
         return DeadLetter(reason)
 
-    def _count(self, queue: str, outcome: str) -> None:
+    def _count(self, queue: str, outcome: Outcome | Handled) -> None:
         if self.metrics:
             self.metrics.messages.labels(queue, outcome).inc()
 
-    async def _handle_start(self, delivery: Delivery) -> str:
+    async def _handle_start(self, delivery: Delivery) -> Handled:
         request = decode(delivery, StartSaga)
         structlog.contextvars.bind_contextvars(saga_id=request.saga_id, saga_type=request.saga_type)
         await self.start(
             request.saga_type, request.saga_id, request.data, traceparent=request.traceparent
         )
-        return "started"
+        return Handled.STARTED
 
-    async def _handle_reply(self, delivery: Delivery) -> str:
+    async def _handle_reply(self, delivery: Delivery) -> Outcome:
         reply = decode(delivery, Reply)
         structlog.contextvars.bind_contextvars(
             saga_id=reply.saga_id, step=reply.step, attempt=reply.attempt
         )
         decision = await self.apply(reply.saga_id, ReplyReceived(reply))
-        return decision.outcome.value
+        return decision.outcome
 
-    async def _handle_timer(self, delivery: Delivery) -> str:
+    async def _handle_timer(self, delivery: Delivery) -> Outcome:
         timer = decode(delivery, TimerMessage)
         structlog.contextvars.bind_contextvars(
             saga_id=timer.saga_id, step=timer.step, timer=timer.timer.value
@@ -356,7 +369,7 @@ class Orchestrator:
             self.metrics.timers_fired.labels("broker").inc()
             lateness = (self.clock.now() - timer.due_at).total_seconds()
             self.metrics.timer_lateness.labels("broker").observe(max(lateness, 0.0))
-        return decision.outcome.value
+        return decision.outcome
 
     def _observe(self, decision: Decision, now: datetime) -> None:
         if self.metrics is None:

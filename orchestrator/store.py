@@ -99,7 +99,7 @@ class SagaStore(Protocol):
         """Sagas holding an outbox message written at or before ``older_than``."""
         ...
 
-    async def list(self, query: SagaFilter) -> Sequence[SagaState]:
+    async def find(self, query: SagaFilter) -> Sequence[SagaState]:
         """Sagas matching ``query``, most recently updated first."""
         ...
 

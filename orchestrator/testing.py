@@ -51,6 +51,7 @@ from orchestrator.state import HistoryEntry, SagaState
 from orchestrator.store import SagaStore
 from orchestrator.stores.memory import MemoryStore
 from plumbing.codec import answer, reply_message
+from plumbing.logs import quiet_unless_configured
 from plumbing.memory import MemoryBroker, VirtualClock
 from plumbing.transport import CommandService, DeadLetter, Delivery, Disposition, Outgoing
 
@@ -197,7 +198,7 @@ class SagaHarness:
         )
         results: dict[str, type[BaseModel] | None] = {}
         for saga in app.sagas:
-            for step in saga.typed_steps:
+            for step in saga.steps:
                 results[step.command.name()] = step.result
         self._scripted = {
             service: ScriptedParticipant(service, results) for service in app.services
@@ -219,6 +220,7 @@ class SagaHarness:
         return self
 
     async def __aenter__(self) -> SagaHarness:
+        quiet_unless_configured()
         await self.store.setup()
         await self.broker.declare(self.orchestrator.topology)
         group = await self._stack.enter_async_context(asyncio.TaskGroup())

@@ -99,6 +99,14 @@ def start_message(start: StartSaga, now: datetime) -> Outgoing:
     )
 
 
+def validation_summary(error: ValidationError, limit: int = 5) -> str:
+    """The first ``limit`` problems of a validation error on one line: ``field: what``."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or 'body'}: {problem['msg']}"
+        for problem in error.errors()[:limit]
+    )
+
+
 def decode(delivery: Delivery, model: type[M]) -> M:
     """Validate a delivery's body as ``model``.
 
@@ -109,8 +117,4 @@ def decode(delivery: Delivery, model: type[M]) -> M:
     try:
         return model.model_validate_json(delivery.body)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in e.errors()[:5]
-        )
-        raise MessageRejected(f"not a valid {model.__name__}: {problems}") from e
+        raise MessageRejected(f"not a valid {model.__name__}: {validation_summary(e)}") from e

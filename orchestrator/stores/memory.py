@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import builtins
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 
@@ -53,7 +52,7 @@ class MemoryStore:
         if len(remaining) != len(current.outbox):
             self._records[saga_id] = SagaRecord(current.state, current.version, remaining)
 
-    async def due(self, now: datetime, limit: int) -> builtins.list[str]:
+    async def due(self, now: datetime, limit: int) -> list[str]:
         """Active sagas whose next due time has passed."""
         due = [
             (record.state.next_due_at, saga_id)
@@ -62,7 +61,7 @@ class MemoryStore:
         ]
         return [saga_id for _, saga_id in sorted(due)[:limit]]
 
-    async def unpublished(self, older_than: datetime, limit: int) -> builtins.list[SagaRecord]:
+    async def unpublished(self, older_than: datetime, limit: int) -> list[SagaRecord]:
         """Records whose oldest outbox entry is at or before ``older_than``."""
         found = [
             record
@@ -72,7 +71,7 @@ class MemoryStore:
         found.sort(key=lambda record: record.outbox_since or older_than)
         return found[:limit]
 
-    async def list(self, query: SagaFilter) -> Sequence[SagaState]:
+    async def find(self, query: SagaFilter) -> Sequence[SagaState]:
         """Matching sagas, most recently updated first."""
         states = [
             record.state
@@ -114,6 +113,6 @@ class MemoryStore:
     async def close(self) -> None:
         """Nothing to release."""
 
-    def states(self) -> builtins.list[SagaState]:
+    def states(self) -> list[SagaState]:
         """Every stored state (for tests and the demo)."""
         return [record.state for record in self._records.values()]

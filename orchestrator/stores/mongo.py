@@ -37,7 +37,6 @@ after ``connect_timeout`` seconds.
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Final
@@ -158,7 +157,7 @@ class MongoStore(MongoCollection):
         # pipeline a "$..." string is a field path and a document is an expression, so every
         # value is a $literal: saga data is never read as either.
         fields = {name: {"$literal": value} for name, value in self._state_fields(record).items()}
-        update: builtins.list[Document] = [{"$set": fields}]
+        update: list[Document] = [{"$set": fields}]
         if record.outbox:
             # Appended, never rewritten from what this writer loaded: another handler may have
             # published and marked an older entry since, and writing it back would resend it.
@@ -175,7 +174,7 @@ class MongoStore(MongoCollection):
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
         """Drop these messages from the saga's outbox; the version does not change."""
-        ids = builtins.list(message_ids)
+        ids = list(message_ids)
         if not ids:
             return
         keep = {"$not": {"$in": ["$$entry.message_id", ids]}}
@@ -192,7 +191,7 @@ class MongoStore(MongoCollection):
                 ],
             )
 
-    async def due(self, now: datetime, limit: int) -> builtins.list[str]:
+    async def due(self, now: datetime, limit: int) -> list[str]:
         """Ids of active sagas whose ``next_due_at`` is at or before ``now``, oldest first."""
         documents = await self._find(
             {"active": True, "next_due_at": {"$lte": now}},
@@ -202,7 +201,7 @@ class MongoStore(MongoCollection):
         )
         return [str(document["_id"]) for document in documents]
 
-    async def unpublished(self, older_than: datetime, limit: int) -> builtins.list[SagaRecord]:
+    async def unpublished(self, older_than: datetime, limit: int) -> list[SagaRecord]:
         """Sagas holding an outbox message written at or before ``older_than``."""
         documents = await self._find(
             {"has_outbox": True, "outbox_since": {"$lte": older_than}},
@@ -212,7 +211,7 @@ class MongoStore(MongoCollection):
         )
         return [_record(document) for document in documents]
 
-    async def list(self, query: SagaFilter) -> Sequence[SagaState]:
+    async def find(self, query: SagaFilter) -> Sequence[SagaState]:
         """Sagas matching ``query``, most recently updated first."""
         match: Document = {}
         if query.status is not None:
@@ -222,7 +221,7 @@ class MongoStore(MongoCollection):
         documents = await self._find(
             match, {"state": 1}, [("updated_at", DESCENDING), ("_id", DESCENDING)], query.limit
         )
-        return [SagaState.model_validate(document["state"]) for document in documents]
+        return [SagaState.from_document(document["state"]) for document in documents]
 
     async def count_by_status(self) -> dict[tuple[str, str], int]:
         """Number of sagas per ``(saga_type, status)``."""
@@ -270,16 +269,16 @@ class MongoStore(MongoCollection):
         self,
         match: Document,
         projection: Document,
-        sort: builtins.list[tuple[str, int]],
+        sort: list[tuple[str, int]],
         limit: int,
-    ) -> builtins.list[Document]:
+    ) -> list[Document]:
         if limit <= 0:  # MongoDB reads a limit of 0 as "no limit"
             return []
         with self._errors():
             cursor = self.collection.find(match, projection, sort=sort, limit=limit)
             return await cursor.to_list()
 
-    async def _aggregate(self, pipeline: builtins.list[Document]) -> builtins.list[Document]:
+    async def _aggregate(self, pipeline: list[Document]) -> list[Document]:
         with self._errors():
             cursor = await self.collection.aggregate(pipeline)
             return await cursor.to_list()
@@ -306,14 +305,14 @@ class MongoStore(MongoCollection):
             "updated_at": state.updated_at,
             "finished_at": state.finished_at,
             "purge_at": record.purge_at(self.retention),
-            "state": state.model_dump(mode="json"),
+            "state": state.to_document(),
         }
 
 
 _RECORD: Final = {"version": 1, "state": 1, "outbox": 1}
 
 
-def _entries(outbox: Sequence[Outgoing]) -> builtins.list[Document]:
+def _entries(outbox: Sequence[Outgoing]) -> list[Document]:
     """Outbox entries as stored: JSON mode, plus their write time as a BSON date."""
     return [{**entry.model_dump(mode="json"), _WRITTEN_AT: entry.created_at} for entry in outbox]
 
@@ -324,7 +323,7 @@ def _record(document: Document) -> SagaRecord:
         for entry in document["outbox"]
     )
     return SagaRecord(
-        state=SagaState.model_validate(document["state"]),
+        state=SagaState.from_document(document["state"]),
         version=int(document["version"]),
         outbox=outbox,
     )

@@ -27,8 +27,7 @@ start together migrate once.
 
 from __future__ import annotations
 
-import builtins
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -73,29 +72,63 @@ _MIGRATIONS: Final = (
     """,
 )
 
-_SQL: Final = {
-    # The columns after saga_id are in the order of PostgresStore._columns.
-    "insert": """
-        INSERT INTO "{table}" (saga_id, saga_type, status, version, state, outbox, next_due_at,
-                               outbox_since, created_at, updated_at, finished_at, purge_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+
+_Column = Callable[[SagaRecord, timedelta], object]
+
+# Every column after saga_id, and how it is derived from a record (and the retention). The
+# insert and save statements are built from this one mapping, in its order, so a column and
+# its parameter cannot drift apart.
+_COLUMNS: Final[dict[str, _Column]] = {
+    "saga_type": lambda record, _: record.state.saga_type,
+    "status": lambda record, _: record.state.status.value,
+    "version": lambda record, _: record.version,
+    "state": lambda record, _: record.state.to_document(),
+    "outbox": lambda record, _: [entry.model_dump(mode="json") for entry in record.outbox],
+    "next_due_at": lambda record, _: record.state.next_due_at,
+    "outbox_since": lambda record, _: record.outbox_since,
+    "created_at": lambda record, _: record.state.created_at,
+    "updated_at": lambda record, _: record.state.updated_at,
+    "finished_at": lambda record, _: record.state.finished_at,
+    "purge_at": lambda record, retention: record.purge_at(retention),
+}
+
+
+def _insert_statement() -> str:
+    columns = ", ".join(["saga_id", *_COLUMNS])
+    parameters = ", ".join(f"${n}" for n in range(1, len(_COLUMNS) + 2))
+    # Only our own column names are spliced in; every value is a parameter.
+    return f"""
+        INSERT INTO "{{table}}" ({columns}) VALUES ({parameters})
         ON CONFLICT (saga_id) DO NOTHING
         RETURNING version
-    """,
-    "load": 'SELECT version, state, outbox FROM "{table}" WHERE saga_id = $1',
-    # The new entries join the stored outbox rather than replace it: a handler may have
-    # published and marked an older entry since this writer loaded the row, and writing that
-    # entry back would send it twice. LEAST ignores NULLs: no stored or no new entries.
-    "save": """
-        UPDATE "{table}"
-        SET (saga_type, status, version, state, next_due_at,
-             created_at, updated_at, finished_at, purge_at)
-          = ($3, $4, $5, $6, $8, $10, $11, $12, $13),
-            outbox = outbox || $7::jsonb,
-            outbox_since = LEAST(outbox_since, $9)
+    """  # noqa: S608
+
+
+def _save_statement() -> str:
+    # $1 is the saga id and $2 the expected version; the columns follow from $3.
+    assignments = []
+    for position, column in enumerate(_COLUMNS, start=3):
+        if column == "outbox":
+            # The new entries join the stored outbox rather than replace it: a handler may
+            # have published and marked an older entry since this writer loaded the row, and
+            # writing that entry back would send it twice.
+            assignments.append(f"outbox = outbox || ${position}::jsonb")
+        elif column == "outbox_since":
+            # LEAST ignores NULLs: no stored or no new entries.
+            assignments.append(f"outbox_since = LEAST(outbox_since, ${position})")
+        else:
+            assignments.append(f"{column} = ${position}")
+    return f"""
+        UPDATE "{{table}}" SET {", ".join(assignments)}
         WHERE saga_id = $1 AND version = $2
         RETURNING version
-    """,
+    """  # noqa: S608 - only our own column names are spliced in
+
+
+_SQL: Final = {
+    "insert": _insert_statement(),
+    "save": _save_statement(),
+    "load": 'SELECT version, state, outbox FROM "{table}" WHERE saga_id = $1',
     # SET expressions read the row being updated, so a save that commits first is seen (the
     # update re-reads the new row version) and its outbox entries are kept, not overwritten.
     "mark_published": """
@@ -188,7 +221,7 @@ class PostgresStore:
         """Insert a new saga; ``False`` (and nothing written) if the id exists."""
         async with self.pool.connection() as connection:
             inserted = await connection.fetchval(
-                self._sql["insert"], record.saga_id, *self._columns(record)
+                self._sql["insert"], record.saga_id, *self._values(record)
             )
         return inserted is not None
 
@@ -204,7 +237,7 @@ class PostgresStore:
             raise ValueError("record.version must be expected_version + 1")
         async with self.pool.connection() as connection:
             saved = await connection.fetchval(
-                self._sql["save"], record.saga_id, expected_version, *self._columns(record)
+                self._sql["save"], record.saga_id, expected_version, *self._values(record)
             )
         return saved is not None
 
@@ -215,22 +248,22 @@ class PostgresStore:
         async with self.pool.connection() as connection:
             await connection.execute(self._sql["mark_published"], saga_id, list(message_ids))
 
-    async def due(self, now: datetime, limit: int) -> builtins.list[str]:
+    async def due(self, now: datetime, limit: int) -> list[str]:
         """Ids of active sagas whose ``next_due_at`` is at or before ``now``, oldest first."""
         async with self.pool.connection() as connection:
             rows = await connection.fetch(self._sql["due"], now, limit)
         return [row["saga_id"] for row in rows]
 
-    async def unpublished(self, older_than: datetime, limit: int) -> builtins.list[SagaRecord]:
+    async def unpublished(self, older_than: datetime, limit: int) -> list[SagaRecord]:
         """Sagas holding an outbox message written at or before ``older_than``."""
         async with self.pool.connection() as connection:
             rows = await connection.fetch(self._sql["unpublished"], older_than, limit)
         return [_record(row) for row in rows]
 
-    async def list(self, query: SagaFilter) -> Sequence[SagaState]:
+    async def find(self, query: SagaFilter) -> Sequence[SagaState]:
         """Sagas matching ``query``, most recently updated first."""
-        conditions: builtins.list[str] = []
-        arguments: builtins.list[object] = [query.limit]
+        conditions: list[str] = []
+        arguments: list[object] = [query.limit]
         if query.status is not None:
             arguments.append(query.status.value)
             conditions.append(f"status = ${len(arguments)}")
@@ -240,7 +273,7 @@ class PostgresStore:
         where = "WHERE " + " AND ".join(conditions) if conditions else ""
         async with self.pool.connection() as connection:
             rows = await connection.fetch(self._sql["list"].format(where=where), *arguments)
-        return [SagaState.model_validate(row["state"]) for row in rows]
+        return [SagaState.from_document(row["state"]) for row in rows]
 
     async def count_by_status(self) -> dict[tuple[str, str], int]:
         """Number of sagas per ``(saga_type, status)``."""
@@ -267,27 +300,14 @@ class PostgresStore:
         """Close the connection pool."""
         await self.pool.close()
 
-    def _columns(self, record: SagaRecord) -> tuple[object, ...]:
-        """The stored columns after ``saga_id``, in the order the statements list them."""
-        state = record.state
-        return (
-            state.saga_type,
-            state.status.value,
-            record.version,
-            state.model_dump(mode="json"),
-            [entry.model_dump(mode="json") for entry in record.outbox],
-            state.next_due_at,
-            record.outbox_since,
-            state.created_at,
-            state.updated_at,
-            state.finished_at,
-            record.purge_at(self.retention),
-        )
+    def _values(self, record: SagaRecord) -> tuple[object, ...]:
+        """The values of the columns after ``saga_id``, in :data:`_COLUMNS` order."""
+        return tuple(column(record, self.retention) for column in _COLUMNS.values())
 
 
 def _record(row: Any) -> SagaRecord:
     return SagaRecord(
-        state=SagaState.model_validate(row["state"]),
+        state=SagaState.from_document(row["state"]),
         version=int(row["version"]),
         outbox=tuple(Outgoing.model_validate(entry) for entry in row["outbox"]),
     )

@@ -21,7 +21,7 @@ import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -159,7 +159,7 @@ def driven(
 
 def completed(saga_id: str, at: datetime = T0, saga: Saga = order_fulfillment) -> SagaRecord:
     """Every step completed."""
-    return driven(saga_id, at, *[OK] * len(saga.typed_steps), saga=saga)
+    return driven(saga_id, at, *[OK] * len(saga.steps), saga=saga)
 
 
 def compensating(saga_id: str, at: datetime = T0) -> SagaRecord:
@@ -203,7 +203,7 @@ async def memory_backend(request: pytest.FixtureRequest, unique: str) -> AsyncIt
         record = await store.load(saga_id)
         assert record is not None
         outbox = sum(len(entry.model_dump_json()) for entry in record.outbox)
-        return len(record.state.model_dump_json()) + outbox
+        return len(record.state.to_json()) + outbox
 
     yield Backend(store, stored_bytes)
 
@@ -363,7 +363,7 @@ async def test_fifty_concurrent_writers_lose_no_update(store: SagaStore) -> None
             current = await store.load("race-1")
             assert current is not None
             data = {**current.state.data, f"writer_{n}": n}
-            state = current.state.model_copy(update={"data": data})
+            state = replace(current.state, data=data)
             await asyncio.sleep(0)  # deciding takes a moment: other writers get in between
             if await store.save(SagaRecord(state, current.version + 1, (added,)), current.version):
                 committed[current.version + 1] = added.message_id
@@ -493,7 +493,7 @@ async def test_a_save_without_new_entries_leaves_the_outbox_as_it_was(store: Sag
 
     for record in (pending, published):
         data = {**record.state.data, "touched": True}
-        assert await store.save(SagaRecord(record.state.model_copy(update={"data": data}), 2), 1)
+        assert await store.save(SagaRecord(replace(record.state, data=data), 2), 1)
 
     kept = await store.load("keep-1")
     assert kept is not None
@@ -518,7 +518,7 @@ async def test_saga_data_that_looks_like_a_query_is_stored_as_data(store: SagaSt
     }
     later = T0 + timedelta(seconds=30)
     added = message("$outbox", later).model_copy(update={"body": '{"$set": "$state"}'})
-    saved = SagaRecord(first.state.model_copy(update={"data": data}), 2, (added,))
+    saved = SagaRecord(replace(first.state, data=data), 2, (added,))
 
     assert await store.save(saved, 1)
 
@@ -581,7 +581,7 @@ async def test_list_filters_by_status_and_type_newest_first(store: SagaStore) ->
     )
 
     async def ids(**query: Any) -> list[str]:
-        return [state.saga_id for state in await store.list(SagaFilter(**query))]
+        return [state.saga_id for state in await store.find(SagaFilter(**query))]
 
     assert await ids() == ["ls-o3", "ls-s2", "ls-o2", "ls-s1", "ls-o1"]
     assert await ids(limit=2) == ["ls-o3", "ls-s2"]
@@ -589,7 +589,7 @@ async def test_list_filters_by_status_and_type_newest_first(store: SagaStore) ->
     assert await ids(saga_type="stock_check") == ["ls-s2", "ls-s1"]
     assert await ids(status=SagaStatus.COMPLETED, saga_type="order_fulfillment") == ["ls-o2"]
     assert await ids(status=SagaStatus.STUCK) == []
-    listed = await store.list(SagaFilter(saga_type="stock_check", limit=1))
+    listed = await store.find(SagaFilter(saga_type="stock_check", limit=1))
     assert listed == [completed("ls-s2", T0 + timedelta(seconds=70), stock_check).state]
 
 
@@ -625,7 +625,7 @@ async def test_purge_deletes_only_finished_sagas_past_retention(store: SagaStore
     assert await store.load("pg-done") is None
     assert await store.purge(rolled_back.state.finished_at + retention) == 1
     assert await store.purge(T0 + timedelta(days=3650)) == 0
-    assert {state.saga_id for state in await store.list(SagaFilter())} == {
+    assert {state.saga_id for state in await store.find(SagaFilter())} == {
         "pg-stuck",
         "pg-running",
     }

@@ -221,17 +221,15 @@ class SagaMachine(RuleBasedStateMachine):
                 assert decision.state.steps[i - 1].status is StepStatus.COMPLETED
             return
         assert not self.passed_no_return, "compensation after the point of no return"
-        assert self.driver.saga.typed_steps[i].step_kind is StepKind.COMPENSATABLE
+        assert self.driver.saga.steps[i].kind is StepKind.COMPENSATABLE
         if i not in self.compensation_order:
             if self.compensation_order:
                 assert i < self.compensation_order[-1], "compensations out of order"
             self.compensation_order.append(i)
 
     def note_point_of_no_return(self, decision: Decision) -> None:
-        for definition, step in zip(
-            self.driver.saga.typed_steps, decision.state.steps, strict=True
-        ):
-            kind = definition.step_kind
+        for definition, step in zip(self.driver.saga.steps, decision.state.steps, strict=True):
+            kind = definition.kind
             if kind is StepKind.PIVOT and step.status is StepStatus.COMPLETED:
                 self.passed_no_return = True
             if kind is StepKind.RETRIABLE and step.status is not StepStatus.NOT_STARTED:
@@ -256,7 +254,7 @@ class SagaMachine(RuleBasedStateMachine):
         if state.status is SagaStatus.COMPLETED:
             assert all(step.status is StepStatus.COMPLETED for step in state.steps)
         if state.status is SagaStatus.FAILED:
-            for definition, step in zip(self.driver.saga.typed_steps, state.steps, strict=True):
+            for definition, step in zip(self.driver.saga.steps, state.steps, strict=True):
                 assert step.status is not StepStatus.COMPLETED, f"{step.name} left done"
                 if definition.compensation and step.in_doubt and definition.compensate_on_timeout:
                     assert step.status is StepStatus.COMPENSATED
