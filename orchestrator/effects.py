@@ -26,7 +26,7 @@ from contracts.messages import (
 from orchestrator.definition import Step
 from orchestrator.state import SagaState
 from plumbing import tracing
-from plumbing.codec import message_headers
+from plumbing.codec import wire_message
 from plumbing.transport import MessageKind, Outgoing
 
 
@@ -60,47 +60,40 @@ def outgoing(effect: Effect, now: datetime) -> Outgoing:
     """The message that carries out one effect of a decision."""
     match effect:
         case SendCommand(service=service, envelope=envelope):
-            return Outgoing(
+            return wire_message(
+                MessageKind.COMMAND,
                 message_id=envelope.message_id,
-                kind=MessageKind.COMMAND,
+                saga_id=envelope.saga_id,
+                traceparent=envelope.traceparent,
                 exchange=names.COMMANDS_EXCHANGE,
                 routing_key=service,
                 body=envelope.model_dump_json(),
-                headers=message_headers(
-                    envelope.saga_id, envelope.message_id, MessageKind.COMMAND, envelope.traceparent
-                ),
-                correlation_id=envelope.saga_id,
-                created_at=now,
+                now=now,
             )
         case ScheduleTimer(message=timer):
-            headers = message_headers(
-                timer.saga_id, timer.message_id, MessageKind.TIMER, timer.traceparent
-            )
-            headers[names.HEADER_DUE_AT] = timer.due_at.isoformat()
-            return Outgoing(
+            return wire_message(
+                MessageKind.TIMER,
                 message_id=timer.message_id,
-                kind=MessageKind.TIMER,
+                saga_id=timer.saga_id,
+                traceparent=timer.traceparent,
                 exchange="",
                 routing_key=names.TIMERS_QUEUE,
                 body=timer.model_dump_json(),
-                headers=headers,
-                correlation_id=timer.saga_id,
+                now=now,
                 deliver_at=timer.due_at,
-                created_at=now,
+                extra_headers={names.HEADER_DUE_AT: timer.due_at.isoformat()},
             )
         case PublishEvent(event=event):
-            return Outgoing(
+            return wire_message(
+                MessageKind.EVENT,
                 message_id=event.event_id,
-                kind=MessageKind.EVENT,
+                saga_id=event.saga_id,
+                traceparent=event.traceparent,
                 exchange=names.EVENTS_EXCHANGE,
                 routing_key=names.event_routing_key(event.saga_type, event.event.value),
                 body=event.model_dump_json(),
-                headers=message_headers(
-                    event.saga_id, event.event_id, MessageKind.EVENT, event.traceparent
-                ),
-                correlation_id=event.saga_id,
+                now=now,
                 mandatory=False,  # observers are optional; nobody bound is not an error
-                created_at=now,
             )
 
 

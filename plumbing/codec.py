@@ -6,6 +6,7 @@ participants and clients send, and how any process validates what it receives, l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import TypeVar
 
@@ -27,18 +28,43 @@ from plumbing.transport import Delivery, MessageKind, Outgoing
 M = TypeVar("M", bound=BaseModel)
 
 
-def message_headers(
-    saga_id: str, message_id: str, kind: MessageKind, traceparent: str | None
-) -> dict[str, str]:
-    """The headers every message carries: saga id, our message id, kind and trace context."""
+def wire_message(
+    kind: MessageKind,
+    *,
+    message_id: str,
+    saga_id: str,
+    traceparent: str | None,
+    exchange: str,
+    routing_key: str,
+    body: str,
+    now: datetime,
+    mandatory: bool = True,
+    deliver_at: datetime | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> Outgoing:
+    """One of our messages: the saga id as correlation id, and our message id, the kind and
+    the trace context in headers, so every receiver can drop duplicates and continue the trace.
+    """
     headers = {
         names.HEADER_SAGA_ID: saga_id,
         names.HEADER_MESSAGE_ID: message_id,
         names.HEADER_MESSAGE_KIND: kind,
+        **(extra_headers or {}),
     }
     if traceparent:
         headers[names.HEADER_TRACEPARENT] = traceparent
-    return headers
+    return Outgoing(
+        message_id=message_id,
+        kind=kind,
+        exchange=exchange,
+        routing_key=routing_key,
+        body=body,
+        headers=headers,
+        correlation_id=saga_id,
+        mandatory=mandatory,
+        deliver_at=deliver_at,
+        created_at=now,
+    )
 
 
 def answer(
@@ -70,32 +96,29 @@ def answer(
 
 def reply_message(reply: Reply, routing_key: str, now: datetime) -> Outgoing:
     """The message that carries a participant's reply."""
-    return Outgoing(
+    return wire_message(
+        MessageKind.REPLY,
         message_id=reply.message_id,
-        kind=MessageKind.REPLY,
+        saga_id=reply.saga_id,
+        traceparent=reply.traceparent,
         exchange=names.REPLIES_EXCHANGE,
         routing_key=routing_key,
         body=reply.model_dump_json(),
-        headers=message_headers(
-            reply.saga_id, reply.message_id, MessageKind.REPLY, reply.traceparent
-        ),
-        correlation_id=reply.saga_id,
-        created_at=now,
+        now=now,
     )
 
 
 def start_message(start: StartSaga, now: datetime) -> Outgoing:
     """The message that asks the orchestrator to start a saga."""
-    message_id = f"{start.saga_id}:start"
-    return Outgoing(
-        message_id=message_id,
-        kind=MessageKind.START,
+    return wire_message(
+        MessageKind.START,
+        message_id=f"{start.saga_id}:start",
+        saga_id=start.saga_id,
+        traceparent=start.traceparent,
         exchange=names.START_EXCHANGE,
         routing_key=names.START_ROUTING_KEY,
         body=start.model_dump_json(),
-        headers=message_headers(start.saga_id, message_id, MessageKind.START, start.traceparent),
-        correlation_id=start.saga_id,
-        created_at=now,
+        now=now,
     )
 
 
