@@ -159,6 +159,9 @@ class StartSaga(Contract):
     saga_type: str
     saga_id: str = Field(min_length=1, max_length=200)
     data: JsonObject
+    version: int | None = Field(
+        default=None, ge=1, description="The definition version to run; default: the newest."
+    )
     traceparent: str | None = None
 
 
@@ -167,9 +170,16 @@ def command_message_id(saga_id: str, step: str, direction: Direction, attempt: i
     return f"{saga_id}:{step}:{direction.value}:{attempt}"
 
 
-def idempotency_key(saga_id: str, step: str, direction: Direction) -> str:
-    """The participant-side key that is the same on every attempt of a step's direction."""
+def idempotency_key(saga_id: str, step: str, direction: Direction, generation: int = 1) -> str:
+    """The participant-side key that is the same on every attempt of a step's direction.
+
+    An operator's retry of a refused compensation starts a new ``generation`` with a key of
+    its own (``comp.2:...``), so the participant runs it again instead of replaying its stored
+    refusal; the part after the first ``:`` names the saga and step either way.
+    """
     prefix = "fwd" if direction is Direction.FORWARD else "comp"
+    if generation > 1:
+        prefix = f"{prefix}.{generation}"
     return f"{prefix}:{saga_id}:{step}"
 
 

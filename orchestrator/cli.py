@@ -45,10 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--id", required=True, dest="saga_id")
     start.add_argument("--data", required=True, help="the saga's data as a JSON object")
     start.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
+    start.add_argument(
+        "--version", type=int, help="the definition version to run (default: the newest)"
+    )
 
     ls = sub.add_parser("ls", help="list sagas from the store")
     ls.add_argument("--status")
     ls.add_argument("--type", dest="saga_type")
+    ls.add_argument("--version", type=int, help="only sagas running this definition version")
+    ls.add_argument("--held", action="store_true", help="only held sagas")
     ls.add_argument("--limit", type=int, default=50)
     ls.add_argument("--json", action="store_true")
 
@@ -60,14 +65,21 @@ def _parser() -> argparse.ArgumentParser:
         ("retry", "re-drive a stuck saga (send its failing compensation again)"),
         ("abort", "stop a running saga and compensate it now"),
         ("resolve", "mark a stuck compensation as done by hand and carry on"),
+        ("resume", "carry a held saga on (after its definition is back or its cause is fixed)"),
     ):
         action = sub.add_parser(name, help=text)
         action.add_argument("saga_id")
         action.add_argument(
             "--app", help="MODULE:ATTR of the saga definitions (default: $SAGA_APP)"
         )
-        if name != "retry":
+        if name in ("abort", "resolve"):
             action.add_argument("--reason", default=None, help="recorded in the saga's history")
+        if name == "resume":
+            action.add_argument(
+                "--to-version",
+                type=int,
+                help="move the saga to this version of its definition first (a migration)",
+            )
 
     topology = sub.add_parser("topology", help="print (or declare) the RabbitMQ topology")
     topology.add_argument("--app", help="MODULE:ATTR (default: $SAGA_APP)")
@@ -105,6 +117,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         "retry": commands.retry,
         "abort": commands.abort,
         "resolve": commands.resolve,
+        "resume": commands.resume,
         "topology": commands.topology,
     }
     result: int = await handlers[args.command](args)

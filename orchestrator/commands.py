@@ -109,7 +109,11 @@ async def start(args: argparse.Namespace) -> int:
         raise ConfigError("--data must be a JSON object")
     traceparent = tracing.continue_or_start(args.traceparent)
     request = StartSaga(
-        saga_type=args.saga_type, saga_id=args.saga_id, data=data, traceparent=traceparent
+        saga_type=args.saga_type,
+        saga_id=args.saga_id,
+        data=data,
+        version=args.version,
+        traceparent=traceparent,
     )
     transport = rabbit_transport(settings)
     try:
@@ -148,20 +152,36 @@ async def ls(args: argparse.Namespace) -> int:
                 f"--status {args.status!r} is not a status; use one of {known}"
             ) from e
     async with _store(settings) as store:
-        states = await store.find(
-            SagaFilter(status=status, saga_type=args.saga_type, limit=args.limit)
+        listed = await store.find(
+            SagaFilter(
+                status=status,
+                saga_type=args.saga_type,
+                version=args.version,
+                held=True if args.held else None,
+                limit=args.limit,
+            )
         )
     if args.json:
-        print_json({"sagas": [state.summary(with_history=False) for state in states]})
+        print_json({"sagas": [item.summary() for item in listed]})
         return 0
-    if not states:
+    if not listed:
         print(f"no sagas in {redact_url(settings.store_url)} match")
         return 0
-    widths = (28, 22, 13, 34)
-    print(_row(("SAGA ID", "TYPE", "STATUS", "STEP", "UPDATED"), widths))
-    for state in states:
-        updated = f"{state.updated_at:%Y-%m-%d %H:%M:%S}"
-        cells = (state.saga_id, state.saga_type, state.status.value, _current_step(state), updated)
+    widths = (28, 22, 4, 13, 34)
+    print(_row(("SAGA ID", "TYPE", "VER", "STATUS", "STEP", "UPDATED / HELD"), widths))
+    for item in listed:
+        state = item.state
+        last = f"{state.updated_at:%Y-%m-%d %H:%M:%S}"
+        if item.hold is not None:
+            last = f"HELD: {item.hold.reason}"
+        cells = (
+            state.saga_id,
+            state.saga_type,
+            f"v{state.definition_version}",
+            state.status.value,
+            _current_step(state),
+            last,
+        )
         print(_row(cells, widths))
     return 0
 
@@ -186,11 +206,16 @@ async def show(args: argparse.Namespace) -> int:
     if record is None:
         raise SagaNotFound(f"no saga has id {args.saga_id!r} in {redact_url(settings.store_url)}")
     if args.json:
-        print_json(record.state.summary())
-    else:
-        demos.render_timeline(record.state, sys.stdout)
-        if record.outbox:
-            print(f"  ({len(record.outbox)} message(s) waiting in the outbox)")
+        print_json(record.summary())
+        return 0
+    demos.render_timeline(record.state, sys.stdout)
+    print(f"  definition: {record.state.saga_type} v{record.state.definition_version}")
+    if record.hold is not None:
+        print(f"  HELD since {record.hold.since:%Y-%m-%d %H:%M:%S}: {record.hold.reason}")
+        if record.state.inbox:
+            print(f"  {len(record.state.inbox)} reply(ies) kept for when it resumes")
+    if record.outbox:
+        print(f"  ({len(record.outbox)} message(s) waiting in the outbox)")
     return 0
 
 
@@ -215,7 +240,8 @@ class _OutboxOnly:
         """Nothing to release."""
 
 
-async def _operate(args: argparse.Namespace, action: OperatorAction) -> int:
+async def _operate(args: argparse.Namespace, action: OperatorAction | None) -> int:
+    """Apply an operator action (``None``: resume) and say what it changed."""
     settings = _quiet_settings()
     app = load_app(args.app or settings.app, settings.step_timeouts)
     async with _store(settings) as store:
@@ -230,7 +256,10 @@ async def _operate(args: argparse.Namespace, action: OperatorAction) -> int:
             before = await store.load(args.saga_id)
             if before is None:
                 raise SagaNotFound(f"no saga has id {args.saga_id!r}")
-            after = await engine.operate(args.saga_id, action)
+            if action is None:
+                after = await engine.resume(args.saga_id, to_version=args.to_version)
+            else:
+                after = await engine.operate(args.saga_id, action)
             record = await store.load(args.saga_id)
         finally:
             await transport.close()
@@ -239,6 +268,11 @@ async def _operate(args: argparse.Namespace, action: OperatorAction) -> int:
         waiting = len(record.outbox)
         print(f"  {waiting} message(s) wait in the outbox; the orchestrator daemon sends them")
     return 0
+
+
+async def resume(args: argparse.Namespace) -> int:
+    """``saga resume``: carry a held saga on, optionally on another definition version."""
+    return await _operate(args, None)
 
 
 async def retry(args: argparse.Namespace) -> int:

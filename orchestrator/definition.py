@@ -28,6 +28,7 @@ sentence that says what is wrong.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -311,6 +312,7 @@ class _SagaFields:
     steps: tuple[Step, ...]
     data: type[BaseModel] | None
     deadline: timedelta | None
+    version: int
 
 
 class Saga(_SagaFields):
@@ -318,6 +320,12 @@ class Saga(_SagaFields):
 
     The deadline bounds the whole saga: when it passes before the point of no return, the saga
     is rolled back as if an operator had aborted it.
+
+    ``version`` is the author's number for this definition. Every saga records the version and
+    the :attr:`fingerprint` it started with and runs to its end on that definition, so any
+    change to the steps, their order, kinds, services, commands or compensations needs a new
+    version beside the old one in the :class:`App`; timeouts and retry policies may change in
+    place.
     """
 
     def __init__(
@@ -326,9 +334,15 @@ class Saga(_SagaFields):
         steps: Iterable[Step],
         data: type[BaseModel] | None = None,
         deadline: Duration | None = None,
+        *,
+        version: int = 1,
     ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise DefinitionError(f"saga name {name!r} must be lower_snake_case")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise DefinitionError(
+                f"saga {name!r}: version must be a whole number from 1 up, not {version!r}"
+            )
         ordered = tuple(steps)
         if not ordered:
             raise DefinitionError(f"saga {name!r} has no steps")
@@ -348,7 +362,30 @@ class Saga(_SagaFields):
             steps=ordered,
             data=data,
             deadline=None if deadline is None else _timer(deadline, f"saga {name!r}: deadline"),
+            version=version,
         )
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of what a running saga depends on: its steps in order, their kinds,
+        services, commands and compensations (not timeouts or retry policies)."""
+        shape = [
+            (
+                step.name,
+                step.kind.value,
+                step.service,
+                step.command.name(),
+                None if step.compensation is None else step.compensation.name(),
+            )
+            for step in self.steps
+        ]
+        text = json.dumps([self.name, shape], separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        """``name v<version>``, as operators read it."""
+        return f"{self.name} v{self.version}"
 
     @cached_property
     def index(self) -> Mapping[str, int]:
@@ -426,52 +463,140 @@ def _require(command: type[Command], known: set[str], where: str) -> None:
         )
 
 
+def definition_key(saga_type: str, version: int, fingerprint: str | None) -> str:
+    """How a held saga names the definition it needs: ``type:version:fingerprint``, with
+    ``*`` for a saga stored before definitions had fingerprints."""
+    return f"{saga_type}:{version}:{fingerprint or '*'}"
+
+
+@dataclass(frozen=True)
+class Missing:
+    """Why an :class:`App` cannot run a saga: the version it started with is not loaded, or was
+    changed in place (another fingerprint)."""
+
+    reason: str
+
+
 class App:
-    """The orchestrator application: the saga types one daemon runs."""
+    """The orchestrator application: the saga types one daemon runs, in one or more versions.
+
+    New sagas start on the newest version of their type (or the one a start request names);
+    a saga in flight always runs on the version it started with.
+    """
 
     def __init__(self, sagas: Iterable[Saga]) -> None:
-        self._sagas: dict[str, Saga] = {}
+        self._sagas: dict[tuple[str, int], Saga] = {}
         for saga in sagas:
-            if saga.name in self._sagas:
-                raise DefinitionError(f"two sagas are named {saga.name!r}")
-            self._sagas[saga.name] = saga
+            if (saga.name, saga.version) in self._sagas:
+                raise DefinitionError(
+                    f"two sagas are named {saga.name!r} with version {saga.version}; give the "
+                    "new definition the next version number"
+                )
+            self._sagas[saga.name, saga.version] = saga
         if not self._sagas:
             raise DefinitionError("an App needs at least one saga")
+        self._newest: dict[str, Saga] = {}
+        for saga in self._sagas.values():
+            newest = self._newest.get(saga.name)
+            if newest is None or saga.version > newest.version:
+                self._newest[saga.name] = saga
 
     def __getitem__(self, saga_type: str) -> Saga:
-        return self._sagas[saga_type]
+        """The newest version of ``saga_type``."""
+        return self._newest[saga_type]
 
     def __contains__(self, saga_type: object) -> bool:
-        return saga_type in self._sagas
+        return saga_type in self._newest
 
     def __iter__(self) -> Iterator[Saga]:
         return iter(self._sagas.values())
 
     @property
     def sagas(self) -> tuple[Saga, ...]:
-        """Every saga type, in declaration order."""
+        """Every definition, every version, in declaration order."""
         return tuple(self._sagas.values())
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The saga type names, in declaration order."""
+        return tuple(self._newest)
+
+    def versions(self, saga_type: str) -> tuple[int, ...]:
+        """The versions of ``saga_type`` this app has, oldest first."""
+        return tuple(sorted(version for name, version in self._sagas if name == saga_type))
+
+    def version(self, saga_type: str, version: int) -> Saga | None:
+        """Version ``version`` of ``saga_type``, if this app has it."""
+        return self._sagas.get((saga_type, version))
+
+    def resolve(self, saga_type: str, version: int, fingerprint: str | None) -> Saga | Missing:
+        """The definition a saga started with, or why this app cannot run it.
+
+        A saga stored before definitions had fingerprints (``None``) matches its version.
+        """
+        saga = self._sagas.get((saga_type, version))
+        if saga is None:
+            have = ", ".join(f"v{v}" for v in self.versions(saga_type)) or "no version"
+            return Missing(
+                f"this daemon has no definition {saga_type} v{version} (it has {have}); "
+                f"deploy one that has it, or migrate the saga"
+            )
+        if fingerprint is not None and saga.fingerprint != fingerprint:
+            return Missing(
+                f"definition {saga_type} v{version} was changed in place (fingerprint "
+                f"{saga.fingerprint}, the saga started on {fingerprint}); restore it and add "
+                f"the change as v{max(self.versions(saga_type)) + 1}, or migrate the saga"
+            )
+        return saga
 
     @property
     def services(self) -> frozenset[str]:
         """Every participant service any saga sends commands to."""
         return frozenset().union(*(saga.services for saga in self._sagas.values()))
 
+    @property
+    def definition_keys(self) -> frozenset[str]:
+        """The keys of every definition this app can run, for resuming held sagas."""
+        return frozenset(
+            key
+            for saga in self._sagas.values()
+            for key in (
+                definition_key(saga.name, saga.version, saga.fingerprint),
+                definition_key(saga.name, saga.version, None),
+            )
+        )
+
     def with_step_timeouts(self, timeouts: Mapping[str, Duration]) -> App:
-        """A copy with step timeouts overridden, keyed ``"<saga_type>.<step>"``.
+        """A copy with step timeouts overridden, keyed ``"<saga_type>.<step>"``, in every
+        version that has the step.
 
         This is how operators tune timeouts without a code change (``SAGA_STEP_TIMEOUTS``).
         """
         per_saga: dict[str, dict[str, Duration]] = {}
         for key, seconds in timeouts.items():
             saga_type, dot, step = key.partition(".")
-            if not dot or saga_type not in self._sagas:
+            if not dot or saga_type not in self._newest:
                 raise DefinitionError(
                     f"step timeout key {key!r} must be '<saga_type>.<step>' with a saga type "
-                    f"among {', '.join(self._sagas)}"
+                    f"among {', '.join(self._newest)}"
                 )
             per_saga.setdefault(saga_type, {})[step] = seconds
+        for saga_type, wanted in per_saga.items():
+            known = {
+                step.name
+                for saga in self._sagas.values()
+                if saga.name == saga_type
+                for step in saga.steps
+            }
+            unknown = sorted(set(wanted) - known)
+            if unknown:
+                raise DefinitionError(
+                    f"saga {saga_type!r} has no step named {', '.join(map(repr, unknown))}; "
+                    f"its steps are {', '.join(sorted(known))}"
+                )
         return App(
-            saga.with_timeouts(per_saga[saga.name]) if saga.name in per_saga else saga
+            saga.with_timeouts(
+                {step: t for step, t in per_saga.get(saga.name, {}).items() if step in saga.index}
+            )
             for saga in self._sagas.values()
         )

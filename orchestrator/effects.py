@@ -154,6 +154,7 @@ class MessageBuilder:
         attempt: int,
         context: JsonObject,
         timeout: timedelta,
+        generation: int = 1,
     ) -> SendCommand:
         """One attempt of ``step``'s command (or compensation), built from ``context``.
 
@@ -170,7 +171,7 @@ class MessageBuilder:
             command=command.name(),
             direction=direction,
             attempt=attempt,
-            idempotency_key=idempotency_key(self.saga_id, step.name, direction),
+            idempotency_key=idempotency_key(self.saga_id, step.name, direction, generation),
             payload=payload,
             reply_to=names.REPLIES_ROUTING_KEY,
             sent_at=self.now,

@@ -24,7 +24,7 @@ Rules worth knowing before reading the code:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -108,6 +108,8 @@ class Outcome(StrEnum):
     LATE_REPLY = "late_reply"
     STALE_TIMER = "stale_timer"
     REARMED = "rearmed"
+    HELD = "held"
+    """Not decided: the saga is held (the shell kept a reply for when it resumes)."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,8 @@ def new_saga(
         updated_at=now,
         deadline_at=now + saga.deadline if saga.deadline is not None else None,
         traceparent=traceparent,
+        definition_version=saga.version,
+        definition_fingerprint=saga.fingerprint,
     )
 
 
@@ -198,8 +202,7 @@ def decide(
     change = _Change(saga, state, now)
     match event:
         case Start():
-            change.record(EventName.SAGA_STARTED, data=state.data)
-            change.dispatch(0, attempt=1)
+            change.start()
             outcome = Outcome.APPLIED
         case ReplyReceived(reply=reply):
             outcome = change.on_reply(reply)
@@ -215,6 +218,24 @@ def decide(
             change.operator_resolve(note)
             outcome = Outcome.APPLIED
     return change.decision(outcome, history_limit)
+
+
+def replay(
+    state: SagaState,
+    events: Sequence[Event],
+    now: datetime,
+    saga: Saga,
+    *,
+    history_limit: int = HISTORY_LIMIT,
+) -> tuple[Decision, ...]:
+    """Apply ``events`` in turn, each to the state the previous one left: how a held saga
+    catches up on the replies it kept when it resumes."""
+    decisions = []
+    for event in events:
+        decision = decide(state, event, now, saga, history_limit=history_limit)
+        decisions.append(decision)
+        state = decision.state
+    return tuple(decisions)
 
 
 # --- The working copy ------------------------------------------------------------------------
@@ -326,6 +347,13 @@ class _Change:
         self.effects.append(self.messages.timer(kind, step, attempt, due))
 
     # -- going forward --
+
+    def start(self) -> None:
+        self.record(EventName.SAGA_STARTED, data=self.original.data)
+        if self.deadline_at is not None:
+            # Its own wake-up, so the deadline fires on time even without a sweep.
+            self.timer(TimerKind.SAGA_DEADLINE, None, 0, self.deadline_at)
+        self.dispatch(0, attempt=1)
 
     def dispatch(self, index: int, attempt: int) -> None:
         definition = self.definition(index)
@@ -475,6 +503,7 @@ class _Change:
                 attempt=attempt,
                 context=self.context(index + 1),  # its own result, if it completed
                 timeout=definition.compensation_timeout,
+                generation=self.steps[index].compensation_generation,
             )
         except ValidationError as e:
             self.steps[index] = self.steps[index].compensating(attempt, self.steps[index].due_at)
@@ -726,10 +755,12 @@ class _Change:
 
     def operator_retry(self) -> None:
         index = self.stuck_index("retried")
-        self.steps[index] = self.steps[index].retried_by_operator()
+        step = self.steps[index] = self.steps[index].retried_by_operator()
         self.status = SagaStatus.COMPENSATING
         self.dispatch_compensation(
-            index, self.steps[index].compensation_attempt + 1, detail="retried by an operator"
+            index,
+            step.compensation_attempt + 1,
+            detail=f"retried by an operator (generation {step.compensation_generation})",
         )
 
     def operator_resolve(self, note: str) -> None:

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final, TypeVar
 
 import structlog
 
 from contracts import names
 from contracts.events import EventName
 from contracts.messages import Reply, StartSaga, TimerMessage
-from orchestrator.definition import App
+from orchestrator.definition import App, Missing, Saga, Step, definition_key
 from orchestrator.effects import PublishEvent, outgoing
 from orchestrator.engine import (
     HISTORY_LIMIT,
@@ -37,15 +37,17 @@ from orchestrator.engine import (
     ReplyReceived,
     Wakeup,
     decide,
+    replay,
     start_saga,
 )
 from orchestrator.metrics import Metrics
-from orchestrator.state import SagaState
-from orchestrator.store import SagaRecord, SagaStore
+from orchestrator.state import SagaState, StepState, StepStatus
+from orchestrator.store import Hold, SagaRecord, SagaStore
 from plumbing import tracing
 from plumbing.clock import Clock, SystemClock
 from plumbing.codec import decode
 from plumbing.errors import (
+    ActionRefused,
     BrokerError,
     ConcurrencyExhausted,
     InvalidSagaData,
@@ -53,6 +55,7 @@ from plumbing.errors import (
     PublishFailed,
     SagaConflict,
     SagaNotFound,
+    SagaUnreadable,
     StoreUnavailable,
     UnknownSagaType,
 )
@@ -60,6 +63,10 @@ from plumbing.topology import QueuePolicy, Topology, orchestrator_topology
 from plumbing.transport import DeadLetter, Delivery, Disposition, Outgoing, Transport
 
 log = structlog.get_logger("orchestrator")
+
+T = TypeVar("T")
+
+_REASON_LIMIT: Final = 1000  # a hold's reason is a sentence an operator reads, not a dump
 
 OperatorAction = OperatorRetry | OperatorAbort | OperatorResolve
 """What an operator can do to a saga."""
@@ -131,24 +138,24 @@ class Orchestrator:
         saga_id: str,
         data: Mapping[str, Any],
         *,
+        version: int | None = None,
         traceparent: str | None = None,
     ) -> SagaState:
-        """Start a saga, or return the existing one with this id (starting is idempotent).
+        """Start a saga on the newest definition of its type (or ``version``), or return the
+        existing one with this id (starting is idempotent).
 
         Raises:
-            UnknownSagaType: the app has no saga type ``saga_type``.
+            UnknownSagaType: the app has no saga type ``saga_type``, or not that version.
             InvalidSagaData: ``data`` does not match the saga's data model.
             SagaConflict: the id is taken by a saga of another type.
         """
-        if saga_type not in self.app:
-            known = ", ".join(saga.name for saga in self.app.sagas)
-            raise UnknownSagaType(f"no saga type {saga_type!r}; this app runs {known}")
+        saga = self._definition_to_start(saga_type, version)
         existing = await self.store.load(saga_id)
         if existing is not None:
             return self._same_type(existing, saga_type)
         now = self.clock.now()
         decision = start_saga(
-            self.app[saga_type],
+            saga,
             saga_id,
             data,
             now,
@@ -165,6 +172,20 @@ class Orchestrator:
         await self._publish(record)
         return decision.state
 
+    def _definition_to_start(self, saga_type: str, version: int | None) -> Saga:
+        if saga_type not in self.app:
+            known = ", ".join(self.app.types)
+            raise UnknownSagaType(f"no saga type {saga_type!r}; this app runs {known}")
+        if version is None:
+            return self.app[saga_type]
+        saga = self.app.version(saga_type, version)
+        if saga is None:
+            have = ", ".join(f"v{v}" for v in self.app.versions(saga_type))
+            raise UnknownSagaType(
+                f"saga type {saga_type!r} has no version {version}; it has {have}"
+            )
+        return saga
+
     def _same_type(self, record: SagaRecord, saga_type: str) -> SagaState:
         if record.state.saga_type != saga_type:
             raise SagaConflict(
@@ -175,10 +196,14 @@ class Orchestrator:
     async def apply(self, saga_id: str, event: Event) -> Decision:
         """Apply one event to one saga, deciding again after every lost version race.
 
+        A saga this daemon cannot run (its definition is not loaded, or handling it failed)
+        is held instead: a reply is kept for when it resumes.
+
         Raises:
             SagaNotFound: no saga has this id.
+            SagaUnreadable: its stored record does not validate.
             ConcurrencyExhausted: the version race was lost ``conflict_retries`` times.
-            ActionRefused: an operator action does not apply.
+            ActionRefused: an operator action does not apply (a held saga refuses them all).
         """
         _, decision = await self._apply(saga_id, event)
         return decision
@@ -189,40 +214,196 @@ class Orchestrator:
             record = await self.store.load(saga_id)
             if record is None:
                 raise SagaNotFound(f"no saga has id {saga_id!r}")
-            saga_type = record.state.saga_type
-            if saga_type not in self.app:
-                raise UnknownSagaType(
-                    f"saga {saga_id} is a {saga_type!r}, which this app does not run"
-                )
             now = self.clock.now()
-            decision = decide(
-                record.state,
-                event,
-                now,
-                self.app[saga_type],
-                history_limit=self.config.history_limit,
-            )
-            if not decision.changed:
-                self._observe(decision, now)
-                return record.state, decision
-            # The store appends these to the saga's outbox; entries of earlier decisions stay
-            # with whoever is publishing them (or the relay, if they were left behind).
-            saved = SagaRecord(decision.state, record.version + 1, self._outbox(decision, now))
-            if await self.store.save(saved, record.version):
-                self._observe(decision, now)
-                await self._publish(saved)
-                return record.state, decision
-            if self.metrics:
-                self.metrics.version_conflicts.inc()
+            verdict = self._decide(record, event, now)
+            if isinstance(verdict, Hold):
+                done = await self._hold(record, event, verdict)
+            else:
+                done = await self._commit(record, verdict, now)
+            if done is not None:
+                return record.state, done
+            self._conflict()
         raise ConcurrencyExhausted(
             f"saga {saga_id}: lost the version race {self.config.conflict_retries} times in a row"
         )
+
+    def _decide(self, record: SagaRecord, event: Event, now: datetime) -> Decision | Hold:
+        """The decision about ``event``, or the hold that keeps the saga from being decided."""
+        if record.hold is not None:
+            return record.hold
+        state = record.state
+        saga = self.app.resolve(
+            state.saga_type, state.definition_version, state.definition_fingerprint
+        )
+        if isinstance(saga, Missing):
+            return Hold(saga.reason, now, waiting_for=_waiting_for(state))
+        try:
+            return decide(state, event, now, saga, history_limit=self.config.history_limit)
+        except ActionRefused:
+            raise
+        except Exception as e:
+            log.exception("saga_decision_failed", saga_id=state.saga_id)
+            return Hold(f"handling {_describe_event(event)} failed: {e!r}"[:_REASON_LIMIT], now)
+
+    async def _commit(
+        self, record: SagaRecord, decision: Decision, now: datetime
+    ) -> Decision | None:
+        """Save and publish a decision; ``None`` when another writer got there first."""
+        if not decision.changed:
+            self._observe(decision, now)
+            return decision
+        # The store appends these to the saga's outbox; entries of earlier decisions stay with
+        # whoever is publishing them (or the relay, if they were left behind).
+        saved = SagaRecord(decision.state, record.version + 1, self._outbox(decision, now))
+        if not await self.store.save(saved, record.version):
+            return None
+        self._observe(decision, now)
+        await self._publish(saved)
+        return decision
+
+    async def _hold(self, record: SagaRecord, event: Event, hold: Hold) -> Decision | None:
+        """Keep what ``event`` brought for when the saga resumes; ``None`` on a lost race."""
+        if isinstance(event, OperatorAction):
+            raise ActionRefused(
+                f"saga {record.saga_id} is held: {hold.reason}. Resume it (saga resume) or "
+                "move it to another version (saga resume --to-version N) first"
+            )
+        kept = self._keep(record, event, hold)
+        if kept is not record and not await self.store.save(kept, record.version):
+            return None
+        if record.hold is None:
+            self._held(record.state, hold)
+        return Decision(kept.state, (), Outcome.HELD, changed=kept is not record)
+
+    def _keep(self, record: SagaRecord, event: Event, hold: Hold) -> SagaRecord:
+        """The record with ``hold`` set and a reply kept in the inbox; ``record`` itself when
+        nothing changes (a wake-up needs no keeping: due times are in the state)."""
+        state = record.state
+        if isinstance(event, ReplyReceived) and all(
+            kept.message_id != event.reply.message_id for kept in state.inbox
+        ):
+            state = replace(state, inbox=(*state.inbox, event.reply))
+        if state is record.state and hold == record.hold:
+            return record
+        return SagaRecord(state, record.version + 1, (), hold)
+
+    def _held(self, state: SagaState, hold: Hold) -> None:
+        log.warning(
+            "saga_held",
+            saga_id=state.saga_id,
+            saga_type=state.saga_type,
+            version=state.definition_version,
+            reason=hold.reason,
+        )
+        if self.metrics:
+            cause = "definition" if hold.waiting_for is not None else "error"
+            self.metrics.holds.labels(state.saga_type, cause).inc()
+
+    def _conflict(self) -> None:
+        if self.metrics:
+            self.metrics.version_conflicts.inc()
 
     async def operate(self, saga_id: str, action: OperatorAction) -> SagaState:
         """Apply an operator action (retry, abort, resolve) through the saga rules."""
         decision = await self.apply(saga_id, action)
         log.info("operator_action_applied", saga_id=saga_id, action=type(action).__name__)
         return decision.state
+
+    # --- Holds ------------------------------------------------------------------------------
+
+    async def resume(self, saga_id: str, *, to_version: int | None = None) -> SagaState:
+        """Carry a held saga on: its definition is here now, or an operator fixed the cause.
+
+        The replies it kept are applied in order, then due times are checked. With
+        ``to_version`` the saga moves to another version of its definition first (an
+        operator's migration): every step it has started must come first in that version,
+        with the same kind, service, command and compensation.
+
+        Raises:
+            SagaNotFound: no saga has this id.
+            ActionRefused: it is not held, its definition is still missing, or the migration
+                is not safe.
+        """
+        for _ in range(self.config.conflict_retries):
+            record = await self.store.load(saga_id)
+            if record is None:
+                raise SagaNotFound(f"no saga has id {saga_id!r}")
+            state = record.state
+            if to_version is None and record.hold is None:
+                raise ActionRefused(f"saga {saga_id} is not held; there is nothing to resume")
+            if to_version is not None:
+                saga, state = self._migrated(state, to_version)
+            else:
+                found = self.app.resolve(
+                    state.saga_type, state.definition_version, state.definition_fingerprint
+                )
+                if isinstance(found, Missing):
+                    raise ActionRefused(f"saga {saga_id} cannot resume: {found.reason}")
+                saga = found
+            now = self.clock.now()
+            events: list[Event] = [ReplyReceived(reply) for reply in record.state.inbox]
+            decisions = replay(
+                replace(state, inbox=()),
+                [*events, Wakeup()],
+                now,
+                saga,
+                history_limit=self.config.history_limit,
+            )
+            state = decisions[-1].state
+            effects = tuple(effect for decision in decisions for effect in decision.effects)
+            resumed = Decision(replace(state, updated_at=now), effects, Outcome.APPLIED)
+            saved = SagaRecord(resumed.state, record.version + 1, self._outbox(resumed, now))
+            if await self.store.save(saved, record.version):
+                for decision in decisions:
+                    self._observe(decision, now)
+                log.info(
+                    "saga_resumed",
+                    saga_id=saga_id,
+                    version=state.definition_version,
+                    replies=len(record.state.inbox),
+                )
+                await self._publish(saved)
+                return resumed.state
+            self._conflict()
+        raise ConcurrencyExhausted(
+            f"saga {saga_id}: lost the version race {self.config.conflict_retries} times in a row"
+        )
+
+    def _migrated(self, state: SagaState, version: int) -> tuple[Saga, SagaState]:
+        """``state`` moved onto ``version`` of its definition, if that is safe."""
+        target = self.app.version(state.saga_type, version)
+        if target is None:
+            have = ", ".join(f"v{v}" for v in self.app.versions(state.saga_type))
+            raise ActionRefused(f"this app has no {state.saga_type} v{version} (it has {have})")
+        started = [step.name for step in state.steps if step.status is not StepStatus.NOT_STARTED]
+        prefix = [step.name for step in target.steps[: len(started)]]
+        if started != prefix:
+            raise ActionRefused(
+                f"saga {state.saga_id} cannot move to v{version}: the steps it has started "
+                f"({', '.join(started) or 'none'}) must be the first steps of v{version} "
+                f"({', '.join(step.name for step in target.steps)})"
+            )
+        current = self.app.version(state.saga_type, state.definition_version)
+        for name in started:
+            new = target.step(name)
+            old = None if current is None or name not in current.index else current.step(name)
+            if old is not None and _shape(old) != _shape(new):
+                raise ActionRefused(
+                    f"saga {state.saga_id} cannot move to v{version}: step {name!r} has another "
+                    "kind, service, command or compensation there"
+                )
+        steps = tuple(
+            state.step(step.name) if step.name in started else StepState(name=step.name)
+            for step in target.steps
+        )
+        moved = replace(
+            state,
+            steps=steps,
+            definition_version=target.version,
+            definition_fingerprint=target.fingerprint,
+        )
+        log.info("saga_migrated", saga_id=state.saga_id, to_version=version)
+        return target, moved
 
     # --- Outbox -----------------------------------------------------------------------------
 
@@ -298,6 +479,11 @@ class Orchestrator:
             outcome = await self._patiently(handler, delivery)
         except (MessageRejected, UnknownSagaType, InvalidSagaData, SagaConflict) as e:
             return self._dead_letter(queue, _reason_label(e), str(e))
+        except SagaUnreadable as e:
+            # Its record is damaged: hold it for an operator, and park the message with the
+            # reason so that it can be replayed once the record is repaired.
+            await self._hold_for_operator(e.saga_id, str(e))
+            return self._dead_letter(queue, "saga_unreadable", str(e))
         except SagaNotFound as e:
             if queue == names.TIMERS_QUEUE:  # the saga was purged; its timer has nothing to do
                 self._count(queue, Handled.SAGA_NOT_FOUND)
@@ -347,7 +533,11 @@ class Orchestrator:
         request = decode(delivery, StartSaga)
         structlog.contextvars.bind_contextvars(saga_id=request.saga_id, saga_type=request.saga_type)
         await self.start(
-            request.saga_type, request.saga_id, request.data, traceparent=request.traceparent
+            request.saga_type,
+            request.saga_id,
+            request.data,
+            version=request.version,
+            traceparent=request.traceparent,
         )
         return Handled.STARTED
 
@@ -381,14 +571,19 @@ class Orchestrator:
     # --- Background loops -------------------------------------------------------------------
 
     async def sweep_once(self) -> int:
-        """Fire every saga whose stored due time has passed; returns how many fired."""
+        """Resume held sagas this daemon can now run, then fire every saga whose stored due
+        time has passed; returns how many fired.
+
+        A saga that cannot be handled is held for an operator; the others go on.
+        """
+        await self.resume_once()
         now = self.clock.now()
         fired = 0
         for saga_id in await self.store.due(now, self.config.sweep_batch):
-            try:
-                before, decision = await self._apply(saga_id, Wakeup())
-            except SagaNotFound:
+            result = await self._isolated("sweep", saga_id, self._apply(saga_id, Wakeup()))
+            if result is None:
                 continue
+            before, decision = result
             due_at = before.next_due_at
             if decision.outcome is Outcome.APPLIED:
                 fired += 1
@@ -401,18 +596,58 @@ class Orchestrator:
             log.info("sweep_fired", count=fired)
         return fired
 
+    async def resume_once(self) -> int:
+        """Resume the held sagas that wait for a definition this daemon has."""
+        resumed = 0
+        held = await self.store.held(self.app.definition_keys, self.config.sweep_batch)
+        for saga_id in held:
+            if await self._isolated("resume", saga_id, self.resume(saga_id)) is not None:
+                resumed += 1
+        return resumed
+
     async def relay_once(self, *, grace: float | None = None) -> int:
         """Publish outbox messages older than the grace period; returns how many."""
         older_than = self.clock.now() - timedelta(
             seconds=self.config.outbox_grace if grace is None else grace
         )
         published = 0
-        for record in await self.store.unpublished(older_than, self.config.sweep_batch):
-            # Fresh entries belong to the handler that wrote them; only stale ones are ours.
-            published += await self._publish(record, lambda entry: entry.created_at <= older_than)
+        for saga_id in await self.store.unpublished(older_than, self.config.sweep_batch):
+            count = await self._isolated("relay", saga_id, self._relay(saga_id, older_than))
+            published += count or 0
         if published:
             log.info("outbox_relayed", count=published)
         return published
+
+    async def _relay(self, saga_id: str, older_than: datetime) -> int:
+        record = await self.store.load(saga_id)
+        if record is None:
+            return 0
+        # Fresh entries belong to the handler that wrote them; only stale ones are ours.
+        return await self._publish(record, lambda entry: entry.created_at <= older_than)
+
+    async def _isolated(self, loop: str, saga_id: str, work: Awaitable[T]) -> T | None:
+        """Run one saga's share of a loop; a failure holds that saga and the loop goes on.
+
+        A store or broker outage is not the saga's fault: it ends the round (the loop tries
+        again next time). A lost version race leaves the saga for the next round.
+        """
+        try:
+            return await work
+        except (StoreUnavailable, BrokerError):
+            raise
+        except (SagaNotFound, ConcurrencyExhausted, ActionRefused):
+            return None
+        except Exception as e:
+            log.exception("saga_loop_failed", loop=loop, saga_id=saga_id)
+            await self._hold_for_operator(saga_id, f"the {loop} failed on it: {e}")
+            return None
+
+    async def _hold_for_operator(self, saga_id: str, reason: str) -> None:
+        """Hold a saga that could not be handled, without reading its record."""
+        if self.metrics:
+            self.metrics.loop_errors.labels("hold").inc()
+        await self.store.hold(saga_id, Hold(reason[:_REASON_LIMIT], self.clock.now()))
+        log.warning("saga_held", saga_id=saga_id, reason=reason)
 
     async def purge_once(self) -> int:
         """Delete finished sagas past their retention."""
@@ -426,19 +661,46 @@ class Orchestrator:
         if self.metrics is None:
             return
         counts = await self.store.count_by_status()
-        self.metrics.set_in_flight(counts, tuple(saga.name for saga in self.app.sagas))
+        self.metrics.set_in_flight(counts, self.app.types)
+        self.metrics.set_held(await self.store.count_held(), self.app.types)
         size, oldest = await self.store.outbox_backlog()
         self.metrics.set_outbox(size, oldest, self.clock.now())
+
+    async def log_definitions(self) -> None:
+        """Log how many sagas in flight each definition has, and warn about those missing."""
+        for (saga_type, version, fingerprint), count in sorted(
+            (await self.store.count_by_definition()).items()
+        ):
+            found = self.app.resolve(saga_type, version, fingerprint or None)
+            if isinstance(found, Missing):
+                log.warning(
+                    "definition_missing",
+                    saga_type=saga_type,
+                    version=version,
+                    sagas_in_flight=count,
+                    reason=found.reason,
+                )
+            else:
+                log.info("definition_in_flight", saga_type=saga_type, version=version, sagas=count)
 
     async def _every(
         self, interval: float, job: Callable[[], Awaitable[object]], name: str
     ) -> None:
+        """Run ``job`` every ``interval`` seconds; no failure of one round ends the loop."""
         while True:
-            try:
-                await job()
-            except (StoreUnavailable, BrokerError) as e:
-                log.warning("background_job_failed", job=name, error=str(e))
+            await self._survive(job, name)
             await self.clock.sleep(interval)
+
+    async def _survive(self, job: Callable[[], Awaitable[object]], name: str) -> None:
+        """Run one round of background work; its failure is logged and counted, not raised."""
+        try:
+            await job()
+        except (StoreUnavailable, BrokerError) as e:
+            log.warning("background_job_failed", job=name, error=str(e))
+        except Exception:  # a bug in one round must not stop the daemon
+            log.exception("background_job_crashed", job=name)
+            if self.metrics:
+                self.metrics.loop_errors.labels(name).inc()
 
     # --- Running ----------------------------------------------------------------------------
 
@@ -450,7 +712,8 @@ class Orchestrator:
         """
         await self.store.setup()
         await self.transport.declare(self.topology)
-        await self.refresh_gauges()
+        await self._survive(self.log_definitions, "definitions")
+        await self._survive(self.refresh_gauges, "gauges")
         async with asyncio.TaskGroup() as group:
             consumers = []
             readiness = []
@@ -485,7 +748,7 @@ class Orchestrator:
             self.ready.set()
             if self.metrics:
                 self.metrics.consumers_ready.set(1)
-            log.info("orchestrator_ready", sagas=[saga.name for saga in self.app.sagas])
+            log.info("orchestrator_ready", sagas=[saga.label for saga in self.app.sagas])
             await self._stopping.wait()
             self.ready.clear()
             if self.metrics:
@@ -515,3 +778,26 @@ def _reason_label(error: Exception) -> str:
         SagaConflict: "saga_conflict",
     }
     return labels.get(type(error), "rejected")
+
+
+def _waiting_for(state: SagaState) -> str:
+    """The key of the definition a saga needs."""
+    return definition_key(state.saga_type, state.definition_version, state.definition_fingerprint)
+
+
+def _describe_event(event: Event) -> str:
+    match event:
+        case ReplyReceived(reply=reply):
+            return f"the {reply.direction.value} reply to {reply.step} #{reply.attempt}"
+        case Wakeup(timer=TimerMessage() as timer):
+            return f"a {timer.timer.value} timer"
+        case Wakeup():
+            return "a sweep wake-up"
+        case _:
+            return type(event).__name__
+
+
+def _shape(step: Step) -> tuple[object, ...]:
+    """What a running saga depends on in a step (the fingerprint's part for one step)."""
+    compensation = None if step.compensation is None else step.compensation.name()
+    return (step.kind, step.service, step.command.name(), compensation)

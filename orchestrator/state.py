@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import ConfigDict, TypeAdapter
 
 from contracts.events import EventName
-from contracts.messages import ErrorDetail, JsonObject
+from contracts.messages import ErrorDetail, JsonObject, Reply
 
 _STORED = ConfigDict(extra="forbid")
 """How stored documents are read back: a field this release does not know is an error."""
@@ -98,6 +98,9 @@ class StepState:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: ErrorDetail | None = None
+    compensation_generation: int = 1
+    """Raised by each operator retry: a new generation gets a new idempotency key, so a
+    participant that refused the compensation runs it again instead of replaying its refusal."""
 
     def running(self, attempt: int, due: datetime, now: datetime) -> StepState:
         """A forward attempt was sent and is due to answer by ``due``."""
@@ -181,8 +184,13 @@ class StepState:
         )
 
     def retried_by_operator(self) -> StepState:
-        """An operator asked for another round of compensation attempts."""
-        return replace(self, compensation_failures=0, error=None)
+        """An operator asked for another round of compensation attempts, a new generation."""
+        return replace(
+            self,
+            compensation_failures=0,
+            error=None,
+            compensation_generation=self.compensation_generation + 1,
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -232,6 +240,11 @@ class SagaState:
     history: tuple[HistoryEntry, ...] = ()
     history_dropped: int = 0
     traceparent: str | None = None
+    definition_version: int = 1
+    definition_fingerprint: str | None = None
+    """The definition the saga started with; ``None`` for sagas stored before fingerprints."""
+    inbox: tuple[Reply, ...] = ()
+    """Replies that arrived while the saga was held, applied in order when it resumes."""
 
     def step(self, name: str) -> StepState:
         """The state of the step called ``name``."""
@@ -277,6 +290,8 @@ class SagaState:
         out: dict[str, Any] = {
             "saga_id": self.saga_id,
             "saga_type": self.saga_type,
+            "version": self.definition_version,
+            "fingerprint": self.definition_fingerprint,
             "status": self.status.value,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),

@@ -48,7 +48,7 @@ from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
 from orchestrator.metrics import Metrics
 from orchestrator.runtime import EngineConfig, Orchestrator
 from orchestrator.state import HistoryEntry, SagaState
-from orchestrator.store import SagaStore
+from orchestrator.store import SagaRecord, SagaStore
 from orchestrator.stores.memory import MemoryStore
 from plumbing.codec import answer, reply_message
 from plumbing.logs import quiet_unless_configured
@@ -196,16 +196,21 @@ class SagaHarness:
         self.orchestrator = Orchestrator(
             app, self.store, self.broker, clock=self.clock, config=config, metrics=metrics
         )
-        results: dict[str, type[BaseModel] | None] = {}
-        for saga in app.sagas:
-            for step in saga.steps:
-                results[step.command.name()] = step.result
-        self._scripted = {
-            service: ScriptedParticipant(service, results) for service in app.services
-        }
+        self._results: dict[str, type[BaseModel] | None] = {}
+        self._scripted: dict[str, ScriptedParticipant] = {}
+        self._script(app)
         self._mounted: dict[str, CommandService] = {}
         self._stack = contextlib.AsyncExitStack()
+        self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _script(self, app: App) -> None:
+        """Scripted participants for the services of ``app`` that have none yet."""
+        for saga in app.sagas:
+            for step in saga.steps:
+                self._results[step.command.name()] = step.result
+        for service in app.services:
+            self._scripted.setdefault(service, ScriptedParticipant(service, self._results))
 
     def participant(self, service: str) -> ScriptedParticipant:
         """The scripted participant for ``service``."""
@@ -223,7 +228,7 @@ class SagaHarness:
         quiet_unless_configured()
         await self.store.setup()
         await self.broker.declare(self.orchestrator.topology)
-        group = await self._stack.enter_async_context(asyncio.TaskGroup())
+        group = self._group = await self._stack.enter_async_context(asyncio.TaskGroup())
         handlers = {
             names.START_QUEUE: self.orchestrator.on_start,
             names.REPLIES_QUEUE: self.orchestrator.on_reply,
@@ -231,16 +236,21 @@ class SagaHarness:
         }
         for queue, handler in handlers.items():
             self._tasks.append(group.create_task(self.broker.consume(queue, handler)))
-        for service in sorted(self.app.services):
+        self._serve(self.app.services)
+        await self.settle()
+        return self
+
+    def _serve(self, services: frozenset[str]) -> None:
+        """Start the participants (mounted or scripted) of ``services``."""
+        assert self._group is not None, "enter the harness first"
+        for service in sorted(services):
             if service in self._mounted:
                 task = self._mounted[service].run(self.broker, clock=self.clock)
             else:
                 task = self.broker.consume(
                     names.command_queue(service), self._script_handler(service)
                 )
-            self._tasks.append(group.create_task(task))
-        await self.settle()
-        return self
+            self._tasks.append(self._group.create_task(task))
 
     def _script_handler(self, service: str) -> Any:
         scripted = self._scripted[service]
@@ -258,10 +268,37 @@ class SagaHarness:
 
     # --- driving ---
 
-    async def start(self, saga_type: str, saga_id: str, data: JsonObject | BaseModel) -> SagaState:
-        """Start a saga and let everything that follows at this instant happen."""
+    async def start(
+        self,
+        saga_type: str,
+        saga_id: str,
+        data: JsonObject | BaseModel,
+        *,
+        version: int | None = None,
+    ) -> SagaState:
+        """Start a saga (on the newest definition, or ``version``) and let everything that
+        follows at this instant happen."""
         payload = _as_data(data)
-        await self.orchestrator.start(saga_type, saga_id, payload)
+        await self.orchestrator.start(saga_type, saga_id, payload, version=version)
+        await self.settle()
+        return await self.saga(saga_id)
+
+    async def deploy(self, app: App) -> None:
+        """Run the orchestrator on another app from now on, as a redeployed daemon would.
+
+        Services the new app adds get scripted participants; sagas whose definition it lacks
+        are held (and resumed by :meth:`sweep` once a deploy brings it back).
+        """
+        new_services = app.services - self.app.services
+        self.app = self.orchestrator.app = app
+        self._script(app)
+        await self.broker.declare(self.orchestrator.topology)
+        self._serve(new_services)
+        await self.settle()
+
+    async def resume(self, saga_id: str, *, to_version: int | None = None) -> SagaState:
+        """Operator resume of a held saga (optionally moved to another version)."""
+        await self.orchestrator.resume(saga_id, to_version=to_version)
         await self.settle()
         return await self.saga(saga_id)
 
@@ -303,10 +340,14 @@ class SagaHarness:
 
     async def saga(self, saga_id: str) -> SagaState:
         """The saga's current state."""
+        return (await self.record(saga_id)).state
+
+    async def record(self, saga_id: str) -> SagaRecord:
+        """The saga as stored: state, outbox and hold."""
         record = await self.store.load(saga_id)
         if record is None:
             raise KeyError(f"no saga {saga_id!r}")
-        return record.state
+        return record
 
     def published(self, kind: str | None = None) -> list[Outgoing]:
         """Every message published, optionally of one kind (command, timer, event, reply)."""

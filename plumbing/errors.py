@@ -12,6 +12,7 @@
     ├── ActionRefused                     an operator action does not apply in this state
     ├── ConcurrencyExhausted              version conflicts kept winning; the message is retried
     ├── StoreUnavailable                  the saga store cannot be reached
+    ├── SagaUnreadable                    a stored saga's record does not validate
     ├── BrokerError                       RabbitMQ did not do what was asked
     │   ├── BrokerUnavailable             it cannot be reached, or the connection is closed
     │   ├── QueueNotFound                 a queue to consume from does not exist
@@ -63,6 +64,15 @@ class ConcurrencyExhausted(SagaError):
 
 class StoreUnavailable(SagaError):
     """Raised when the saga store cannot be reached or refuses the connection."""
+
+
+class SagaUnreadable(SagaError):
+    """Raised when a stored saga's record does not validate (damaged, or written by a newer
+    release); the saga is held for an operator instead of being processed."""
+
+    def __init__(self, message: str, *, saga_id: str) -> None:
+        super().__init__(message)
+        self.saga_id = saga_id
 
 
 class BrokerError(SagaError):

@@ -45,8 +45,15 @@ from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from orchestrator.state import SagaState
-from orchestrator.store import DEFAULT_RETENTION, SagaFilter, SagaRecord
+from orchestrator.store import (
+    DEFAULT_RETENTION,
+    Hold,
+    Listed,
+    SagaFilter,
+    SagaRecord,
+    read_record,
+    read_state,
+)
 from plumbing.clock import utc
 from plumbing.mongo import Document, MongoCollection
 from plumbing.transport import Outgoing
@@ -85,6 +92,7 @@ INDEXES: Final = (
         name="listing_v1",
     ),
     IndexModel([("purge_at", ASCENDING)], name="purge_v1", expireAfterSeconds=0),
+    IndexModel([("held_for", ASCENDING), ("held_since", ASCENDING)], name="held_v1"),
 )
 """The saga collection's indexes; versioned names leave room to change one later."""
 
@@ -201,27 +209,111 @@ class MongoStore(MongoCollection):
         )
         return [str(document["_id"]) for document in documents]
 
-    async def unpublished(self, older_than: datetime, limit: int) -> list[SagaRecord]:
-        """Sagas holding an outbox message written at or before ``older_than``."""
+    async def unpublished(self, older_than: datetime, limit: int) -> list[str]:
+        """Ids of sagas holding an outbox message written at or before ``older_than``."""
         documents = await self._find(
-            {"has_outbox": True, "outbox_since": {"$lte": older_than}},
-            _RECORD,
+            {
+                "has_outbox": True,
+                "outbox_since": {"$lte": older_than},
+                # A saga held for an operator may have an unreadable record: leave it alone.
+                "$or": [{"held_reason": None}, {"held_for": {"$ne": None}}],
+            },
+            {"_id": 1},
             [("outbox_since", ASCENDING), ("_id", ASCENDING)],
             limit,
         )
-        return [_record(document) for document in documents]
+        return [str(document["_id"]) for document in documents]
 
-    async def find(self, query: SagaFilter) -> Sequence[SagaState]:
+    async def find(self, query: SagaFilter) -> Sequence[Listed]:
         """Sagas matching ``query``, most recently updated first."""
         match: Document = {}
         if query.status is not None:
             match["status"] = query.status.value
         if query.saga_type is not None:
             match["saga_type"] = query.saga_type
+        if query.version is not None:
+            match["definition_version"] = query.version
+        if query.held is not None:
+            match["held_reason"] = {"$ne": None} if query.held else None
         documents = await self._find(
-            match, {"state": 1}, [("updated_at", DESCENDING), ("_id", DESCENDING)], query.limit
+            match,
+            {"state": 1, **_HOLD},
+            [("updated_at", DESCENDING), ("_id", DESCENDING)],
+            query.limit,
         )
-        return [SagaState.from_document(document["state"]) for document in documents]
+        return [
+            Listed(read_state(str(document["_id"]), document["state"]), _hold(document))
+            for document in documents
+        ]
+
+    async def hold(self, saga_id: str, hold: Hold) -> None:
+        """Set the hold without reading the record; state and version stay."""
+        with self._errors():
+            await self.collection.update_one(
+                {"_id": saga_id},
+                {
+                    "$set": {
+                        "held_reason": hold.reason,
+                        "held_since": hold.since,
+                        "held_for": hold.waiting_for,
+                        "next_due_at": None,
+                    }
+                },
+            )
+
+    async def held(self, waiting_for: Collection[str], limit: int) -> list[str]:
+        """Ids of sagas held for one of these definitions, oldest hold first."""
+        documents = await self._find(
+            {"held_for": {"$in": list(waiting_for)}},
+            {"_id": 1},
+            [("held_since", ASCENDING), ("_id", ASCENDING)],
+            limit,
+        )
+        return [str(document["_id"]) for document in documents]
+
+    async def count_held(self) -> dict[tuple[str, str], int]:
+        """Held sagas per ``(saga_type, waiting_for)``."""
+        groups = await self._aggregate(
+            [
+                {"$match": {"held_reason": {"$ne": None}}},
+                {
+                    "$group": {
+                        "_id": {"saga_type": "$saga_type", "waiting_for": "$held_for"},
+                        "sagas": {"$sum": 1},
+                    }
+                },
+            ]
+        )
+        return {
+            (group["_id"]["saga_type"], group["_id"].get("waiting_for") or ""): int(group["sagas"])
+            for group in groups
+        }
+
+    async def count_by_definition(self) -> dict[tuple[str, int, str], int]:
+        """Active sagas per ``(saga_type, definition version, fingerprint)``."""
+        groups = await self._aggregate(
+            [
+                {"$match": {"active": True}},
+                {
+                    "$group": {
+                        "_id": {
+                            "saga_type": "$saga_type",
+                            "version": "$definition_version",
+                            "fingerprint": "$state.definition_fingerprint",
+                        },
+                        "sagas": {"$sum": 1},
+                    }
+                },
+            ]
+        )
+        return {
+            (
+                group["_id"]["saga_type"],
+                int(group["_id"].get("version") or 1),
+                group["_id"].get("fingerprint") or "",
+            ): int(group["sagas"])
+            for group in groups
+        }
 
     async def count_by_status(self) -> dict[tuple[str, str], int]:
         """Number of sagas per ``(saga_type, status)``."""
@@ -295,21 +387,27 @@ class MongoStore(MongoCollection):
     def _state_fields(self, record: SagaRecord) -> Document:
         """What every transition replaces: the version, the state and the fields derived from it."""
         state = record.state
+        hold = record.hold
         return {
             "version": record.version,
             "saga_type": state.saga_type,
+            "definition_version": state.definition_version,
             "status": state.status.value,
             "active": state.status.is_active,
-            "next_due_at": state.next_due_at,
+            "next_due_at": record.next_due_at,
             "created_at": state.created_at,
             "updated_at": state.updated_at,
             "finished_at": state.finished_at,
             "purge_at": record.purge_at(self.retention),
             "state": state.to_document(),
+            "held_reason": None if hold is None else hold.reason,
+            "held_since": None if hold is None else hold.since,
+            "held_for": None if hold is None else hold.waiting_for,
         }
 
 
-_RECORD: Final = {"version": 1, "state": 1, "outbox": 1}
+_HOLD: Final = {"held_reason": 1, "held_since": 1, "held_for": 1}
+_RECORD: Final = {"version": 1, "state": 1, "outbox": 1, **_HOLD}
 
 
 def _entries(outbox: Sequence[Outgoing]) -> list[Document]:
@@ -318,12 +416,22 @@ def _entries(outbox: Sequence[Outgoing]) -> list[Document]:
 
 
 def _record(document: Document) -> SagaRecord:
-    outbox = tuple(
-        Outgoing.model_validate({k: v for k, v in entry.items() if k != _WRITTEN_AT})
-        for entry in document["outbox"]
-    )
-    return SagaRecord(
-        state=SagaState.from_document(document["state"]),
+    return read_record(
+        str(document["_id"]),
+        state=document["state"],
+        outbox=(
+            {k: v for k, v in entry.items() if k != _WRITTEN_AT} for entry in document["outbox"]
+        ),
         version=int(document["version"]),
-        outbox=outbox,
+        hold=_hold(document),
+    )
+
+
+def _hold(document: Document) -> Hold | None:
+    if document.get("held_reason") is None:
+        return None
+    return Hold(
+        reason=document["held_reason"],
+        since=utc(document["held_since"]),
+        waiting_for=document.get("held_for"),
     )

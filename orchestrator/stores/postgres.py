@@ -31,10 +31,16 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from orchestrator.state import SagaState
-from orchestrator.store import DEFAULT_RETENTION, SagaFilter, SagaRecord
+from orchestrator.store import (
+    DEFAULT_RETENTION,
+    Hold,
+    Listed,
+    SagaFilter,
+    SagaRecord,
+    read_record,
+    read_state,
+)
 from plumbing.postgres import PostgresPool, table_name
-from plumbing.transport import Outgoing
 
 DEFAULT_TABLE: Final = "saga_instances"
 """The table sagas are kept in unless the store is given another name."""
@@ -70,6 +76,15 @@ _MIGRATIONS: Final = (
     CREATE INDEX "{table}_listing" ON "{table}" (status, saga_type, updated_at DESC, saga_id DESC);
     CREATE INDEX "{table}_purge" ON "{table}" (purge_at) WHERE purge_at IS NOT NULL;
     """,
+    # Definition versions and holds (issue: definitions that change while sagas are in flight).
+    """
+    ALTER TABLE "{table}"
+        ADD COLUMN definition_version integer NOT NULL DEFAULT 1,
+        ADD COLUMN held_reason text,
+        ADD COLUMN held_since  timestamptz,
+        ADD COLUMN held_for    text;
+    CREATE INDEX "{table}_held" ON "{table}" (held_for, held_since) WHERE held_for IS NOT NULL;
+    """,
 )
 
 
@@ -82,14 +97,18 @@ _COLUMNS: Final[dict[str, _Column]] = {
     "saga_type": lambda record, _: record.state.saga_type,
     "status": lambda record, _: record.state.status.value,
     "version": lambda record, _: record.version,
+    "definition_version": lambda record, _: record.state.definition_version,
     "state": lambda record, _: record.state.to_document(),
     "outbox": lambda record, _: [entry.model_dump(mode="json") for entry in record.outbox],
-    "next_due_at": lambda record, _: record.state.next_due_at,
+    "next_due_at": lambda record, _: record.next_due_at,
     "outbox_since": lambda record, _: record.outbox_since,
     "created_at": lambda record, _: record.state.created_at,
     "updated_at": lambda record, _: record.state.updated_at,
     "finished_at": lambda record, _: record.state.finished_at,
     "purge_at": lambda record, retention: record.purge_at(retention),
+    "held_reason": lambda record, _: None if record.hold is None else record.hold.reason,
+    "held_since": lambda record, _: None if record.hold is None else record.hold.since,
+    "held_for": lambda record, _: None if record.hold is None else record.hold.waiting_for,
 }
 
 
@@ -128,7 +147,29 @@ def _save_statement() -> str:
 _SQL: Final = {
     "insert": _insert_statement(),
     "save": _save_statement(),
-    "load": 'SELECT version, state, outbox FROM "{table}" WHERE saga_id = $1',
+    "load": """
+        SELECT version, state, outbox, held_reason, held_since, held_for FROM "{table}"
+        WHERE saga_id = $1
+    """,
+    "hold": """
+        UPDATE "{table}" SET held_reason = $2, held_since = $3, held_for = $4, next_due_at = NULL
+        WHERE saga_id = $1
+    """,
+    "held": """
+        SELECT saga_id FROM "{table}" WHERE held_for = ANY($1::text[])
+        ORDER BY held_since, saga_id
+        LIMIT $2
+    """,
+    "count_held": """
+        SELECT saga_type, coalesce(held_for, '') AS waiting_for, count(*) AS sagas
+        FROM "{table}" WHERE held_reason IS NOT NULL GROUP BY 1, 2
+    """,
+    "count_by_definition": """
+        SELECT saga_type, definition_version,
+               coalesce(state ->> 'definition_fingerprint', '') AS fingerprint,
+               count(*) AS sagas
+        FROM "{table}" WHERE {active} GROUP BY 1, 2, 3
+    """,
     # SET expressions read the row being updated, so a save that commits first is seen (the
     # update re-reads the new row version) and its outbox entries are kept, not overwritten.
     "mark_published": """
@@ -152,14 +193,15 @@ _SQL: Final = {
         ORDER BY next_due_at, saga_id
         LIMIT $2
     """,
+    # A saga held for an operator may have an unreadable record: the relay leaves it alone.
     "unpublished": """
-        SELECT version, state, outbox FROM "{table}"
-        WHERE outbox_since <= $1
+        SELECT saga_id FROM "{table}"
+        WHERE outbox_since <= $1 AND (held_reason IS NULL OR held_for IS NOT NULL)
         ORDER BY outbox_since, saga_id
         LIMIT $2
     """,
-    "list": """
-        SELECT state FROM "{table}" {where}
+    "find": """
+        SELECT saga_id, state, held_reason, held_since, held_for FROM "{table}" {where}
         ORDER BY updated_at DESC, saga_id DESC
         LIMIT $1
     """,
@@ -229,7 +271,7 @@ class PostgresStore:
         """The saga's record, or ``None``."""
         async with self.pool.connection() as connection:
             row = await connection.fetchrow(self._sql["load"], saga_id)
-        return None if row is None else _record(row)
+        return None if row is None else _record(saga_id, row)
 
     async def save(self, record: SagaRecord, expected_version: int) -> bool:
         """Replace the state and append ``record.outbox`` if the version is ``expected_version``."""
@@ -254,26 +296,60 @@ class PostgresStore:
             rows = await connection.fetch(self._sql["due"], now, limit)
         return [row["saga_id"] for row in rows]
 
-    async def unpublished(self, older_than: datetime, limit: int) -> list[SagaRecord]:
-        """Sagas holding an outbox message written at or before ``older_than``."""
+    async def unpublished(self, older_than: datetime, limit: int) -> list[str]:
+        """Ids of sagas holding an outbox message written at or before ``older_than``."""
         async with self.pool.connection() as connection:
             rows = await connection.fetch(self._sql["unpublished"], older_than, limit)
-        return [_record(row) for row in rows]
+        return [row["saga_id"] for row in rows]
 
-    async def find(self, query: SagaFilter) -> Sequence[SagaState]:
+    async def find(self, query: SagaFilter) -> Sequence[Listed]:
         """Sagas matching ``query``, most recently updated first."""
         conditions: list[str] = []
         arguments: list[object] = [query.limit]
-        if query.status is not None:
-            arguments.append(query.status.value)
-            conditions.append(f"status = ${len(arguments)}")
-        if query.saga_type is not None:
-            arguments.append(query.saga_type)
-            conditions.append(f"saga_type = ${len(arguments)}")
+        for column, value in (
+            ("status", None if query.status is None else query.status.value),
+            ("saga_type", query.saga_type),
+            ("definition_version", query.version),
+        ):
+            if value is not None:
+                arguments.append(value)
+                conditions.append(f"{column} = ${len(arguments)}")
+        if query.held is not None:
+            conditions.append(f"held_reason IS {'NOT ' if query.held else ''}NULL")
         where = "WHERE " + " AND ".join(conditions) if conditions else ""
         async with self.pool.connection() as connection:
-            rows = await connection.fetch(self._sql["list"].format(where=where), *arguments)
-        return [SagaState.from_document(row["state"]) for row in rows]
+            rows = await connection.fetch(self._sql["find"].format(where=where), *arguments)
+        return [Listed(read_state(row["saga_id"], row["state"]), _hold(row)) for row in rows]
+
+    async def hold(self, saga_id: str, hold: Hold) -> None:
+        """Set the hold without reading the record; state and version stay."""
+        async with self.pool.connection() as connection:
+            await connection.execute(
+                self._sql["hold"], saga_id, hold.reason, hold.since, hold.waiting_for
+            )
+
+    async def held(self, waiting_for: Collection[str], limit: int) -> list[str]:
+        """Ids of sagas held for one of these definitions, oldest hold first."""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["held"], list(waiting_for), limit)
+        return [row["saga_id"] for row in rows]
+
+    async def count_held(self) -> dict[tuple[str, str], int]:
+        """Held sagas per ``(saga_type, waiting_for)``."""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["count_held"])
+        return {(row["saga_type"], row["waiting_for"]): int(row["sagas"]) for row in rows}
+
+    async def count_by_definition(self) -> dict[tuple[str, int, str], int]:
+        """Active sagas per ``(saga_type, definition version, fingerprint)``."""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["count_by_definition"])
+        return {
+            (row["saga_type"], int(row["definition_version"]), row["fingerprint"]): int(
+                row["sagas"]
+            )
+            for row in rows
+        }
 
     async def count_by_status(self) -> dict[tuple[str, str], int]:
         """Number of sagas per ``(saga_type, status)``."""
@@ -305,9 +381,17 @@ class PostgresStore:
         return tuple(column(record, self.retention) for column in _COLUMNS.values())
 
 
-def _record(row: Any) -> SagaRecord:
-    return SagaRecord(
-        state=SagaState.from_document(row["state"]),
+def _record(saga_id: str, row: Any) -> SagaRecord:
+    return read_record(
+        saga_id,
+        state=row["state"],
+        outbox=row["outbox"],
         version=int(row["version"]),
-        outbox=tuple(Outgoing.model_validate(entry) for entry in row["outbox"]),
+        hold=_hold(row),
     )
+
+
+def _hold(row: Any) -> Hold | None:
+    if row["held_reason"] is None:
+        return None
+    return Hold(reason=row["held_reason"], since=row["held_since"], waiting_for=row["held_for"])

@@ -52,6 +52,7 @@ def chain(
     retry: RetryPolicy | None = None,
     compensation_retry: RetryPolicy | None = None,
     deadline: float | None = None,
+    version: int = 1,
 ) -> Saga:
     """A saga of ``count`` steps ``s0..sN``: compensatable, then an optional pivot and
     retriable tail. Commands are ``do_i`` and compensations ``undo_i``."""
@@ -79,7 +80,7 @@ def chain(
                 **extra,
             )
         )
-    return Saga("chain", steps=steps, deadline=deadline)
+    return Saga("chain", steps=steps, deadline=deadline, version=version)
 
 
 @dataclass
@@ -124,13 +125,28 @@ class Driver:
         error_type: str = "Boom",
     ) -> Decision:
         """Answer ``to`` (default: the last command sent)."""
-        envelope = to or self.last
+        return self.apply(
+            self.answer(to or self.last, status, result=result, error_type=error_type)
+        )
+
+    def answer(
+        self,
+        envelope: CommandEnvelope,
+        status: ReplyStatus = ReplyStatus.COMPLETED,
+        *,
+        result: dict[str, Any] | None = None,
+        error_type: str = "Boom",
+    ) -> ReplyReceived:
+        """The event of a participant answering ``envelope`` now."""
         error = (
             None if status is ReplyStatus.COMPLETED else ErrorDetail(type=error_type, message="x")
         )
         result = result if status is ReplyStatus.COMPLETED else None
-        reply = answer(envelope, status, self.now, result=result, error=error)
-        return self.apply(ReplyReceived(reply))
+        return ReplyReceived(answer(envelope, status, self.now, result=result, error=error))
+
+    def record(self, decision: Decision) -> Decision:
+        """Remember a decision made outside :meth:`apply` (a replay on resume)."""
+        return self._record(decision)
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)

@@ -17,6 +17,11 @@ After every event:
 
 At the end, letting participants answer and time run, every saga reaches ``completed``,
 ``failed`` or ``stuck``.
+
+Each saga's type comes in two versions of random shape; the saga starts on one, and deploys
+now and then leave its version out. Meanwhile it is held, as the orchestrator holds it:
+replies are kept, nothing else happens; when its version is back it replays what it kept.
+It always runs on its own version, and the invariants hold throughout.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ from orchestrator.engine import (
     OperatorResolve,
     OperatorRetry,
     Outcome,
+    ReplyReceived,
     Wakeup,
+    replay,
 )
 from orchestrator.state import SagaStatus, StepStatus
 from plumbing.errors import ActionRefused
@@ -59,8 +66,12 @@ class SagaMachine(RuleBasedStateMachine):
     driver: Driver
 
     @initialize(
-        steps=st.integers(1, 5),
-        shape=st.sampled_from(["plain", "pivot", "retriable_tail"]),
+        shapes=st.lists(
+            st.tuples(st.integers(1, 5), st.sampled_from(["plain", "pivot", "retriable_tail"])),
+            min_size=2,
+            max_size=2,
+        ),
+        start_on=st.sampled_from([1, 2]),
         attempts=st.integers(1, 3),
         retry_timeouts=st.booleans(),
         compensation_attempts=st.integers(1, 3),
@@ -69,30 +80,38 @@ class SagaMachine(RuleBasedStateMachine):
     def build(
         self,
         *,
-        steps: int,
-        shape: str,
+        shapes: list[tuple[int, str]],
+        start_on: int,
         attempts: int,
         retry_timeouts: bool,
         compensation_attempts: int,
         deadline: int | None,
     ) -> None:
-        pivot_at = retriable_from = None
-        if shape == "pivot" and steps >= 2:
-            pivot_at, retriable_from = steps - 2, steps - 1
-        elif shape == "retriable_tail":
-            retriable_from = steps - 1
-        saga = chain(
-            steps,
-            pivot_at=pivot_at,
-            retriable_from=retriable_from,
-            timeout=10,
-            retry=RetryPolicy(max_attempts=attempts, retry_timeouts=retry_timeouts, max_backoff=8),
-            compensation_retry=RetryPolicy(
-                max_attempts=compensation_attempts, retry_timeouts=True, max_backoff=8
-            ),
-            deadline=deadline,
-        )
-        self.driver = Driver(saga)
+        versions = {}
+        for version, (steps, shape) in enumerate(shapes, start=1):
+            pivot_at = retriable_from = None
+            if shape == "pivot" and steps >= 2:
+                pivot_at, retriable_from = steps - 2, steps - 1
+            elif shape == "retriable_tail":
+                retriable_from = steps - 1
+            versions[version] = chain(
+                steps,
+                pivot_at=pivot_at,
+                retriable_from=retriable_from,
+                timeout=10,
+                retry=RetryPolicy(
+                    max_attempts=attempts, retry_timeouts=retry_timeouts, max_backoff=8
+                ),
+                compensation_retry=RetryPolicy(
+                    max_attempts=compensation_attempts, retry_timeouts=True, max_backoff=8
+                ),
+                deadline=deadline,
+                version=version,
+            )
+        self.versions = versions
+        self.loaded = {1, 2}
+        self.kept: list[ReplyReceived] = []
+        self.driver = Driver(versions[start_on])
         self.driver.start()
         self.timers_seen = list(self.driver.timers)
         self.compensation_order: list[int] = []
@@ -101,9 +120,18 @@ class SagaMachine(RuleBasedStateMachine):
 
     # --- what can happen ---
 
+    @property
+    def held(self) -> bool:
+        """Whether the deployed app lacks the saga's version, so the orchestrator holds it."""
+        return self.driver.saga.version not in self.loaded
+
     def apply(self, event: Event) -> Decision | None:
         before = self.driver.state
         assert before is not None
+        if self.held:
+            if isinstance(event, ReplyReceived):
+                self.kept.append(event)  # kept for when the saga resumes; nothing else moves
+            return None
         try:
             decision = self.driver.apply(event)
         except ActionRefused:
@@ -131,9 +159,8 @@ class SagaMachine(RuleBasedStateMachine):
     def reply(self, envelope: CommandEnvelope, status: ReplyStatus) -> None:
         before = self.driver.state
         assert before is not None
-        decision = self.driver.reply(status, to=envelope)
-        self.check_decision(before.status, None, decision)
-        if decision.outcome is Outcome.APPLIED:
+        decision = self.apply(self.driver.answer(envelope, status))
+        if decision is not None and decision.outcome is Outcome.APPLIED:
             step = before.step(envelope.step)
             latest = (
                 step.attempt
@@ -157,10 +184,29 @@ class SagaMachine(RuleBasedStateMachine):
     def next_timer_fires(self) -> None:
         state = self.driver.state
         assert state is not None
-        if state.next_due_at is not None:
+        if state.next_due_at is not None and not self.held:
             before = state.status
             decision = self.driver.fire_next()
             self.check_decision(before, Wakeup(), decision)
+
+    @rule(loaded=st.sampled_from([frozenset({1}), frozenset({2}), frozenset({1, 2})]))
+    def deploy(self, loaded: frozenset[int]) -> None:
+        """A daemon with some versions takes over; a held saga whose version is back resumes."""
+        was_held = self.held
+        self.loaded = set(loaded)
+        if not was_held or self.held:
+            return
+        state = self.driver.state
+        assert state is not None
+        events: list[Event] = [*self.kept, Wakeup()]
+        self.kept = []
+        for event, decision in zip(
+            events, replay(state, events, self.driver.now, self.driver.saga), strict=True
+        ):
+            before = self.driver.state
+            assert before is not None
+            self.driver.record(decision)
+            self.check_decision(before.status, event, decision)
 
     @rule(pick=st.integers(0, 1000), late=st.integers(0, 30))
     def any_timer_arrives(self, pick: int, late: int) -> None:
@@ -264,6 +310,7 @@ class SagaMachine(RuleBasedStateMachine):
         """Let participants answer and time pass: the saga must come to rest."""
         if not hasattr(self, "driver"):
             return
+        self.deploy(frozenset({1, 2}))
         for _ in range(300):
             state = self.driver.state
             assert state is not None
