@@ -162,6 +162,13 @@ class StartSaga(Contract):
     version: int | None = Field(
         default=None, ge=1, description="The definition version to run; default: the newest."
     )
+    reply_to: str | None = Field(
+        default=None,
+        description="The requester's queue: the orchestrator answers there (StartAnswer).",
+    )
+    watch: bool = Field(
+        default=False, description="Also send the saga's outcome to reply_to when it ends."
+    )
     traceparent: str | None = None
 
 

@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from contracts import names
 from contracts.messages import StartSaga
 from orchestrator import demo as demos
-from orchestrator.cli import print_json
+from orchestrator.cli import EXIT_SAGA_FAILED, print_json
 from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
 from orchestrator.loader import load_app
 from orchestrator.runtime import OperatorAction, Orchestrator
@@ -27,7 +27,7 @@ from plumbing.delays import DelayLadder
 from plumbing.errors import ConfigError, PublishFailed, SagaNotFound
 from plumbing.logs import configure_logging
 from plumbing.settings import load_settings
-from plumbing.topology import Topology, orchestrator_topology
+from plumbing.topology import Topology, client_topology, orchestrator_topology
 from plumbing.transport import Outgoing
 from plumbing.urls import redact_url
 
@@ -97,7 +97,8 @@ async def participant(args: argparse.Namespace) -> int:
 
 
 async def start(args: argparse.Namespace) -> int:
-    """``saga start``: send a start request over RabbitMQ."""
+    """``saga start``: ask the orchestrator to start a saga; wait for its answer (and end)."""
+    from orchestrator.client import SagaClient
     from plumbing.daemons import rabbit_transport
 
     settings = _quiet_settings()
@@ -108,25 +109,46 @@ async def start(args: argparse.Namespace) -> int:
     if not isinstance(data, dict):
         raise ConfigError("--data must be a JSON object")
     traceparent = tracing.continue_or_start(args.traceparent)
-    request = StartSaga(
-        saga_type=args.saga_type,
-        saga_id=args.saga_id,
-        data=data,
-        version=args.version,
-        traceparent=traceparent,
-    )
     transport = rabbit_transport(settings)
-    try:
-        policy = settings.queue_policy
-        await transport.declare(orchestrator_topology((), policy))
-        await transport.publish(start_message(request, SystemClock().now()))
-    finally:
-        await transport.close()
-    print(
-        f"start request for {args.saga_type} {args.saga_id} confirmed by the broker "
-        f"(trace {tracing.trace_id(traceparent)})"
+    if args.no_wait:
+        request = StartSaga(
+            saga_type=args.saga_type,
+            saga_id=args.saga_id,
+            data=data,
+            version=args.version,
+            traceparent=traceparent,
+        )
+        try:
+            await transport.declare(client_topology(settings.queue_policy))
+            await transport.publish(start_message(request, SystemClock().now()))
+        finally:
+            await transport.close()
+        print(f"start request for {args.saga_type} {args.saga_id} handed to the broker")
+        return 0
+    client = SagaClient(
+        settings.amqp_url or "",
+        answer_timeout=args.timeout,
+        policy=settings.queue_policy,
+        transport=transport,
     )
-    return 0
+    async with client:
+        handle = await client.start(
+            args.saga_type, args.saga_id, data, version=args.version, traceparent=traceparent
+        )
+        said = "already started" if handle.status.value == "already_started" else "started"
+        print(f"saga {args.saga_id} {said} ({args.saga_type} v{handle.version})")
+        if not args.wait:
+            return 0
+        outcome = await handle.result(timeout=args.timeout)
+    if args.json:
+        print_json(outcome.model_dump(mode="json"))
+    else:
+        print(f"saga {args.saga_id} {outcome.status}")
+        if outcome.failure_reason:
+            print(f"  reason: {outcome.failure_reason}")
+        for step, result in outcome.results.items():
+            print(f"  {step}: {json.dumps(result, sort_keys=True)}")
+    return 0 if outcome.status == "completed" else EXIT_SAGA_FAILED
 
 
 @asynccontextmanager

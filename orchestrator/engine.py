@@ -97,8 +97,18 @@ class OperatorResolve:
     note: str = "resolved by an operator"
 
 
-Event = Start | ReplyReceived | Wakeup | OperatorRetry | OperatorAbort | OperatorResolve
+@dataclass(frozen=True)
+class Watch:
+    """A client wants the saga's outcome sent to its queue when the saga ends."""
+
+    reply_to: str
+
+
+Event = Start | ReplyReceived | Wakeup | OperatorRetry | OperatorAbort | OperatorResolve | Watch
 """Everything that can happen to a saga."""
+
+WATCHERS_LIMIT = 16
+"""Clients' queues kept per saga; a newer watcher pushes the oldest out."""
 
 
 class Outcome(StrEnum):
@@ -142,6 +152,7 @@ def new_saga(
     now: datetime,
     *,
     traceparent: str | None = None,
+    watchers: tuple[str, ...] = (),
 ) -> SagaState:
     """The state of a saga that has been accepted but not started.
 
@@ -169,6 +180,7 @@ def new_saga(
         traceparent=traceparent,
         definition_version=saga.version,
         definition_fingerprint=saga.fingerprint,
+        watchers=watchers[-WATCHERS_LIMIT:],
     )
 
 
@@ -179,10 +191,11 @@ def start_saga(
     now: datetime,
     *,
     traceparent: str | None = None,
+    watchers: tuple[str, ...] = (),
     history_limit: int = HISTORY_LIMIT,
 ) -> Decision:
     """Accept a saga and dispatch its first step (``new_saga`` then ``Start``)."""
-    state = new_saga(saga, saga_id, data, now, traceparent=traceparent)
+    state = new_saga(saga, saga_id, data, now, traceparent=traceparent, watchers=watchers)
     return decide(state, Start(), now, saga, history_limit=history_limit)
 
 
@@ -216,6 +229,9 @@ def decide(
             outcome = Outcome.APPLIED
         case OperatorResolve(note=note):
             change.operator_resolve(note)
+            outcome = Outcome.APPLIED
+        case Watch(reply_to=reply_to):
+            change.watch(reply_to)
             outcome = Outcome.APPLIED
     return change.decision(outcome, history_limit)
 
@@ -260,6 +276,7 @@ class _Change:
         self.finished_at = state.finished_at
         self.failure_reason = state.failure_reason
         self.history = list(state.history)
+        self.watchers = state.watchers
         self.effects: list[Effect] = []
 
     # -- bookkeeping --
@@ -281,7 +298,14 @@ class _Change:
             failure_reason=self.failure_reason,
             history=tuple(history),
             history_dropped=dropped,
+            watchers=self.watchers,
         )
+        if self.status is not self.original.status and not self.status.is_active:
+            # Ended or stuck: watching clients learn how. Once it has ended for good nobody
+            # needs to be told again; a stuck saga keeps its watchers for the real end.
+            self.effects.extend(self.messages.outcomes(state))
+            if self.status.is_terminal:
+                state = replace(state, watchers=())
         # Compare the state itself, not just effects and history: some transitions only
         # clear a due time, and losing that write would make the sweep fire it forever.
         changed = bool(self.effects) or state != self.original
@@ -345,6 +369,11 @@ class _Change:
 
     def timer(self, kind: TimerKind, step: str | None, attempt: int, due: datetime) -> None:
         self.effects.append(self.messages.timer(kind, step, attempt, due))
+
+    def watch(self, reply_to: str) -> None:
+        if not self.status.is_active or reply_to in self.watchers:
+            return  # an ended saga's outcome is in the snapshot the client gets anyway
+        self.watchers = (*self.watchers, reply_to)[-WATCHERS_LIMIT:]
 
     # -- going forward --
 

@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from contracts import names
+from contracts.client import QuerySaga, SagaSnapshot, StartAnswer, StartStatus, StepView
 from contracts.events import EventName
 from contracts.messages import Reply, StartSaga, TimerMessage
 from orchestrator.definition import App, Missing, Saga, Step, definition_key
@@ -35,17 +36,19 @@ from orchestrator.engine import (
     OperatorRetry,
     Outcome,
     ReplyReceived,
+    Start,
     Wakeup,
+    Watch,
     decide,
+    new_saga,
     replay,
-    start_saga,
 )
 from orchestrator.metrics import Metrics
 from orchestrator.state import SagaState, StepState, StepStatus
 from orchestrator.store import Hold, SagaRecord, SagaStore
 from plumbing import tracing
 from plumbing.clock import Clock, SystemClock
-from plumbing.codec import decode
+from plumbing.codec import decode, wire_message
 from plumbing.errors import (
     ActionRefused,
     BrokerError,
@@ -60,7 +63,14 @@ from plumbing.errors import (
     UnknownSagaType,
 )
 from plumbing.topology import QueuePolicy, Topology, orchestrator_topology
-from plumbing.transport import DeadLetter, Delivery, Disposition, Outgoing, Transport
+from plumbing.transport import (
+    DeadLetter,
+    Delivery,
+    Disposition,
+    MessageKind,
+    Outgoing,
+    Transport,
+)
 
 log = structlog.get_logger("orchestrator")
 
@@ -79,6 +89,10 @@ class Handled(StrEnum):
     """
 
     STARTED = "started"
+    ALREADY_STARTED = "already_started"
+    REFUSED = "refused"
+    """A start request refused, and the requester told why."""
+    ANSWERED = "answered"
     SAGA_NOT_FOUND = "saga_not_found"
     REQUEUED = "requeued"
     DEAD_LETTERED = "dead_lettered"
@@ -140,37 +154,72 @@ class Orchestrator:
         *,
         version: int | None = None,
         traceparent: str | None = None,
+        watchers: tuple[str, ...] = (),
     ) -> SagaState:
         """Start a saga on the newest definition of its type (or ``version``), or return the
-        existing one with this id (starting is idempotent).
+        existing one with this id: starting is idempotent for the same type and data.
+
+        ``watchers`` are clients' queues that get the saga's outcome when it ends.
 
         Raises:
             UnknownSagaType: the app has no saga type ``saga_type``, or not that version.
             InvalidSagaData: ``data`` does not match the saga's data model.
-            SagaConflict: the id is taken by a saga of another type.
+            SagaConflict: the id is taken by a saga of another type, or with other data.
         """
+        state, _ = await self._start(
+            saga_type, saga_id, data, version=version, traceparent=traceparent, watchers=watchers
+        )
+        return state
+
+    async def _start(
+        self,
+        saga_type: str,
+        saga_id: str,
+        data: Mapping[str, Any],
+        *,
+        version: int | None,
+        traceparent: str | None,
+        watchers: tuple[str, ...],
+    ) -> tuple[SagaState, bool]:
+        """:meth:`start`, also saying whether this call created the saga."""
         saga = self._definition_to_start(saga_type, version)
-        existing = await self.store.load(saga_id)
-        if existing is not None:
-            return self._same_type(existing, saga_type)
         now = self.clock.now()
-        decision = start_saga(
+        wanted = new_saga(  # validates the data, raising if it is invalid
             saga,
             saga_id,
             data,
             now,
             traceparent=tracing.continue_or_start(traceparent),
-            history_limit=self.config.history_limit,
+            watchers=watchers,
         )
+        existing = await self.store.load(saga_id)
+        if existing is not None:
+            return await self._existing(existing, wanted, watchers), False
+        decision = decide(wanted, Start(), now, saga, history_limit=self.config.history_limit)
         record = SagaRecord(decision.state, 1, self._outbox(decision, now))
         if not await self.store.create(record):
             raced = await self.store.load(saga_id)
             if raced is None:  # created and purged in between: vanishingly rare, but honest
                 raise SagaNotFound(f"saga {saga_id} disappeared while being started")
-            return self._same_type(raced, saga_type)
+            return await self._existing(raced, wanted, watchers), False
         self._observe(decision, now)
         await self._publish(record)
-        return decision.state
+        return decision.state, True
+
+    async def _existing(
+        self, record: SagaRecord, wanted: SagaState, watchers: tuple[str, ...]
+    ) -> SagaState:
+        """The saga a repeated start names, if it is the same saga; its new watchers added."""
+        state = record.state
+        if state.saga_type != wanted.saga_type:
+            raise SagaConflict(
+                f"saga id {record.saga_id} is already used by a {state.saga_type} saga"
+            )
+        if state.data != wanted.data:
+            raise SagaConflict(f"saga {record.saga_id} already exists with other data")
+        for reply_to in watchers:
+            state = (await self.apply(record.saga_id, Watch(reply_to))).state
+        return state
 
     def _definition_to_start(self, saga_type: str, version: int | None) -> Saga:
         if saga_type not in self.app:
@@ -283,6 +332,8 @@ class Orchestrator:
             kept.message_id != event.reply.message_id for kept in state.inbox
         ):
             state = replace(state, inbox=(*state.inbox, event.reply))
+        if isinstance(event, Watch) and event.reply_to not in state.watchers:
+            state = replace(state, watchers=(*state.watchers, event.reply_to))
         if state is record.state and hold == record.hold:
             return record
         return SagaRecord(state, record.version + 1, (), hold)
@@ -454,6 +505,10 @@ class Orchestrator:
         """Handle a start request from the ``saga.start`` queue."""
         return await self._guarded(delivery, self._handle_start)
 
+    async def on_query(self, delivery: Delivery) -> Disposition | DeadLetter:
+        """Answer a client's query from the ``saga.queries`` queue."""
+        return await self._guarded(delivery, self._handle_query)
+
     async def on_reply(self, delivery: Delivery) -> Disposition | DeadLetter:
         """Handle a participant reply from the ``saga.replies`` queue."""
         return await self._guarded(delivery, self._handle_reply)
@@ -532,14 +587,58 @@ class Orchestrator:
     async def _handle_start(self, delivery: Delivery) -> Handled:
         request = decode(delivery, StartSaga)
         structlog.contextvars.bind_contextvars(saga_id=request.saga_id, saga_type=request.saga_type)
-        await self.start(
-            request.saga_type,
-            request.saga_id,
-            request.data,
-            version=request.version,
-            traceparent=request.traceparent,
+        watch = request.watch and request.reply_to is not None
+        try:
+            state, created = await self._start(
+                request.saga_type,
+                request.saga_id,
+                request.data,
+                version=request.version,
+                traceparent=request.traceparent,
+                watchers=(request.reply_to,) if watch and request.reply_to else (),
+            )
+        except (UnknownSagaType, InvalidSagaData, SagaConflict) as e:
+            if request.reply_to is None:
+                raise  # nobody to tell: parked with the reason
+            log.info("start_refused", reason=str(e))
+            answer = StartAnswer(saga_id=request.saga_id, status=StartStatus.REFUSED, reason=str(e))
+            await self._answer(request.reply_to, answer)
+            return Handled.REFUSED
+        if request.reply_to is not None:
+            status = StartStatus.STARTED if created else StartStatus.ALREADY_STARTED
+            answer = StartAnswer(
+                saga_id=request.saga_id, status=status, version=state.definition_version
+            )
+            await self._answer(request.reply_to, answer)
+        return Handled.STARTED if created else Handled.ALREADY_STARTED
+
+    async def _handle_query(self, delivery: Delivery) -> Handled:
+        query = decode(delivery, QuerySaga)
+        structlog.contextvars.bind_contextvars(saga_id=query.saga_id)
+        record = await self.store.load(query.saga_id)
+        if record is not None and query.watch and record.state.status.is_active:
+            await self.apply(query.saga_id, Watch(query.reply_to))
+            record = await self.store.load(query.saga_id)
+        await self._answer(query.reply_to, snapshot(query.saga_id, record))
+        return Handled.ANSWERED
+
+    async def _answer(self, reply_to: str, answer: StartAnswer | SagaSnapshot) -> None:
+        """Send an answer to a client's own queue; a client that is gone can ask again."""
+        message = wire_message(
+            MessageKind.ANSWER,
+            message_id=f"{answer.saga_id}:{answer.kind}",
+            saga_id=answer.saga_id,
+            traceparent=None,
+            exchange="",
+            routing_key=reply_to,
+            body=answer.model_dump_json(),
+            now=self.clock.now(),
+            mandatory=False,
         )
-        return Handled.STARTED
+        try:
+            await self.transport.publish(message)
+        except PublishFailed as e:
+            log.warning("answer_publish_failed", reply_to=reply_to, error=str(e))
 
     async def _handle_reply(self, delivery: Delivery) -> Outcome:
         reply = decode(delivery, Reply)
@@ -719,6 +818,7 @@ class Orchestrator:
             readiness = []
             for queue, handler in (
                 (names.START_QUEUE, self.on_start),
+                (names.QUERIES_QUEUE, self.on_query),
                 (names.REPLIES_QUEUE, self.on_reply),
                 (names.TIMERS_QUEUE, self.on_timer),
             ):
@@ -801,3 +901,28 @@ def _shape(step: Step) -> tuple[object, ...]:
     """What a running saga depends on in a step (the fingerprint's part for one step)."""
     compensation = None if step.compensation is None else step.compensation.name()
     return (step.kind, step.service, step.command.name(), compensation)
+
+
+def snapshot(saga_id: str, record: SagaRecord | None) -> SagaSnapshot:
+    """What a client is told about a saga."""
+    if record is None:
+        return SagaSnapshot(saga_id=saga_id, found=False)
+    state = record.state
+    return SagaSnapshot(
+        saga_id=saga_id,
+        found=True,
+        saga_type=state.saga_type,
+        version=state.definition_version,
+        status=state.status.value,
+        data=state.data,
+        results=state.results,
+        steps=[
+            StepView(name=step.name, status=step.status.value, attempts=step.attempt)
+            for step in state.steps
+        ],
+        failure_reason=state.failure_reason,
+        held=None if record.hold is None else record.hold.reason,
+        created_at=state.created_at,
+        updated_at=state.updated_at,
+        finished_at=state.finished_at,
+    )

@@ -245,6 +245,8 @@ class SagaState:
     """The definition the saga started with; ``None`` for sagas stored before fingerprints."""
     inbox: tuple[Reply, ...] = ()
     """Replies that arrived while the saga was held, applied in order when it resumes."""
+    watchers: tuple[str, ...] = ()
+    """Clients' queues to send the outcome to when the saga ends (or gets stuck)."""
 
     def step(self, name: str) -> StepState:
         """The state of the step called ``name``."""

@@ -231,6 +231,7 @@ class SagaHarness:
         group = self._group = await self._stack.enter_async_context(asyncio.TaskGroup())
         handlers = {
             names.START_QUEUE: self.orchestrator.on_start,
+            names.QUERIES_QUEUE: self.orchestrator.on_query,
             names.REPLIES_QUEUE: self.orchestrator.on_reply,
             names.TIMERS_QUEUE: self.orchestrator.on_timer,
         }
