@@ -360,12 +360,19 @@ class _Change:
                 return definition
         return None
 
-    def forward_index(self) -> int | None:
-        """The step going forward right now (running or waiting for its retry)."""
-        for index, step in enumerate(self.steps):
-            if step.status in (StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED):
-                return index
-        return None
+    def forward_indices(self) -> list[int]:
+        """The steps going forward right now (running or waiting for a retry): one, or the
+        members of a group."""
+        return [
+            index
+            for index, step in enumerate(self.steps)
+            if step.status in (StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED)
+        ]
+
+    def forward_status(self) -> SagaStatus:
+        """``started`` while a command is out, ``pending`` while only retries are waiting."""
+        running = any(step.status is StepStatus.RUNNING for step in self.steps)
+        return SagaStatus.STARTED if running else SagaStatus.PENDING
 
     def timer(self, kind: TimerKind, step: str | None, attempt: int, due: datetime) -> None:
         self.effects.append(self.messages.timer(kind, step, attempt, due))
@@ -382,17 +389,25 @@ class _Change:
         if self.deadline_at is not None:
             # Its own wake-up, so the deadline fires on time even without a sweep.
             self.timer(TimerKind.SAGA_DEADLINE, None, 0, self.deadline_at)
-        self.dispatch(0, attempt=1)
+        self.dispatch_stage(0)
+
+    def dispatch_stage(self, stage: int) -> None:
+        """Send the first attempt of every step of ``stage`` (one step, or a group)."""
+        for index in self.saga.stages[stage]:
+            if self.status is SagaStatus.COMPENSATING:
+                return  # a member's command could not be built: the saga is going back
+            self.dispatch(index, attempt=1)
 
     def dispatch(self, index: int, attempt: int) -> None:
         definition = self.definition(index)
+        first = self.saga.stages[self.saga.stage_of[index]][0]
         try:
             send = self.messages.command(
                 definition,
                 command=definition.command,
                 direction=Direction.FORWARD,
                 attempt=attempt,
-                context=self.context(index),
+                context=self.context(first),  # the results before its stage, not siblings'
                 timeout=definition.timeout,
             )
         except ValidationError as e:
@@ -402,7 +417,7 @@ class _Change:
             return
         due = self.now + definition.timeout
         self.steps[index] = self.steps[index].running(attempt, due, self.now)
-        self.status = SagaStatus.STARTED
+        self.status = self.forward_status()
         if definition.kind is StepKind.RETRIABLE:
             self.deadline_at = None  # past the point of no return: the deadline cannot apply
         self.effects.append(send)
@@ -421,18 +436,26 @@ class _Change:
         )
         if definition.kind is StepKind.PIVOT:
             self.deadline_at = None
-        if index == len(self.steps) - 1:
+        if self.status is SagaStatus.COMPENSATING:
+            self.next_compensation()  # a sibling failed meanwhile: this one is undone too
+            return
+        stage = self.saga.stage_of[index]
+        if any(self.steps[i].status is not StepStatus.COMPLETED for i in self.saga.stages[stage]):
+            self.status = self.forward_status()  # the group waits for its other members
+        elif stage == len(self.saga.stages) - 1:
             self.status = SagaStatus.COMPLETED
             self.finished_at = self.now
             self.deadline_at = None
             self.record(EventName.SAGA_COMPLETED)
         else:
-            self.dispatch(index + 1, attempt=1)
+            self.dispatch_stage(stage + 1)
 
     def errored_forward(self, index: int, error: ErrorDetail) -> None:
         definition = self.definition(index)
         policy = definition.retry
-        if definition.kind is StepKind.RETRIABLE or (
+        if self.status is SagaStatus.COMPENSATING:
+            self.fail_forward(index, error)  # a sibling failed: no more attempts
+        elif definition.kind is StepKind.RETRIABLE or (
             policy.retries_error(error.type) and policy.allows_another(self.steps[index].attempt)
         ):
             self.schedule_retry(index, error)
@@ -445,7 +468,7 @@ class _Change:
         delay = definition.retry.backoff(step.attempt, seed=f"{self.original.saga_id}:{step.name}")
         due = self.now + delay
         self.steps[index] = step.retry_scheduled(due, error)
-        self.status = SagaStatus.PENDING
+        self.status = self.forward_status()
         self.timer(TimerKind.RETRY, step.name, step.attempt + 1, due)
         self.record(
             EventName.STEP_RETRYING,
@@ -469,7 +492,10 @@ class _Change:
             detail=error.summary,
             error=error,
         )
-        self.begin_compensation(f"step {step.name} failed ({error.type})")
+        if self.status is SagaStatus.COMPENSATING:
+            self.next_compensation()  # a sibling failed first; this one was the last to answer
+        else:
+            self.begin_compensation(f"step {step.name} failed ({error.type})")
 
     def forward_timed_out(self, index: int) -> None:
         definition = self.definition(index)
@@ -483,19 +509,36 @@ class _Change:
         )
         error = ErrorDetail(type="StepTimeout", message=f"no reply within {timeout}")
         policy = definition.retry
-        if definition.kind is StepKind.RETRIABLE or (
-            policy.retry_timeouts and policy.allows_another(step.attempt)
+        compensating = self.status is SagaStatus.COMPENSATING  # a sibling failed meanwhile
+        if not compensating and (
+            definition.kind is StepKind.RETRIABLE
+            or (policy.retry_timeouts and policy.allows_another(step.attempt))
         ):
             self.schedule_retry(index, error)
             return
         self.steps[index] = step.timed_out(error, self.now)
-        self.begin_compensation(f"step {step.name} timed out")
+        if compensating:
+            self.next_compensation()
+        else:
+            self.begin_compensation(f"step {step.name} timed out")
 
     # -- going back --
 
     def begin_compensation(self, reason: str) -> None:
         self.status = SagaStatus.COMPENSATING
         self.failure_reason = reason
+        for index, step in enumerate(self.steps):
+            if step.status is StepStatus.RETRY_SCHEDULED:
+                # A group member waiting to retry: no more attempts now the saga goes back.
+                error = ErrorDetail(type="Cancelled", message=f"not retried: {reason}")
+                self.steps[index] = step.failed(error, self.now)
+                self.record(
+                    EventName.STEP_FAILED,
+                    step=step.name,
+                    attempt=step.attempt,
+                    detail=error.summary,
+                    error=error,
+                )
         self.next_compensation()
 
     def needs_compensation(self, index: int) -> bool:
@@ -512,6 +555,8 @@ class _Change:
         )
 
     def next_compensation(self) -> None:
+        if any(step.status is StepStatus.RUNNING for step in self.steps):
+            return  # a group member's command is out: undo nothing before it has answered
         for index in range(len(self.steps) - 1, -1, -1):
             if self.needs_compensation(index):
                 self.dispatch_compensation(index, self.steps[index].compensation_attempt + 1)
@@ -582,8 +627,9 @@ class _Change:
             return self.late(reply, f"no step named {reply.step!r}")
         step = self.steps[index]
         if reply.direction is Direction.FORWARD:
+            # While compensating, a group member may still be running: its answer counts.
             if not (
-                self.status in (SagaStatus.STARTED, SagaStatus.PENDING)
+                self.status.is_active
                 and step.status is StepStatus.RUNNING
                 and reply.attempt == step.attempt
             ):
@@ -733,8 +779,7 @@ class _Change:
     # -- operator actions --
 
     def abort(self, reason: str) -> None:
-        index = self.forward_index()
-        if index is not None:
+        for index in self.forward_indices():
             step = self.steps[index]
             in_doubt = step.in_doubt or step.status is StepStatus.RUNNING
             error = ErrorDetail(type="Aborted", message=reason)
