@@ -105,7 +105,43 @@ class CommandEnvelope(Contract):
     deadline: datetime | None = Field(
         default=None, description="After this instant the participant must not execute it."
     )
+    pickup_by: datetime | None = Field(
+        default=None,
+        description="Set when the step has a dispatch timeout: the participant acknowledges "
+        "picking the command up (PickedUp) and must not start it after this instant.",
+    )
+    heartbeat_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Set when the step expects heartbeats: seconds without one after which "
+        "the attempt times out.",
+    )
     traceparent: str | None = None
+
+
+class PickedUp(Contract):
+    """A participant took a command off its queue (sent only when the command asks)."""
+
+    kind: Literal["picked_up"] = "picked_up"
+    message_id: str
+    saga_id: str
+    step: str
+    direction: Direction
+    attempt: int = Field(ge=1)
+    sent_at: datetime
+
+
+class Heartbeat(Contract):
+    """A long-running handler is still working on a command attempt."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    message_id: str
+    saga_id: str
+    step: str
+    direction: Direction
+    attempt: int = Field(ge=1)
+    details: str | None = Field(default=None, max_length=1000)
+    sent_at: datetime
 
 
 class Reply(Contract):

@@ -1,6 +1,7 @@
 """saga-orchestrator: define sagas, run them over RabbitMQ with durable state, test them fast."""
 
-from orchestrator.definition import App, RetryPolicy, Saga, Step, StepKind
+from orchestrator.client import SagaClient
+from orchestrator.definition import App, Parallel, RetryPolicy, Saga, Step, StepKind
 from orchestrator.engine import Decision, decide
 from orchestrator.runtime import EngineConfig, Orchestrator
 from orchestrator.state import SagaState, SagaStatus, StepStatus
@@ -11,8 +12,10 @@ __all__ = [
     "Decision",
     "EngineConfig",
     "Orchestrator",
+    "Parallel",
     "RetryPolicy",
     "Saga",
+    "SagaClient",
     "SagaError",
     "SagaState",
     "SagaStatus",

@@ -286,6 +286,10 @@ class Step(_StepFields):
             budget=_optional_timer(budget, f"{where}: budget"),
             group=group,
         )
+        if self.budget is not None and kind is StepKind.RETRIABLE:
+            raise DefinitionError(
+                f"{where} is retriable, so it never gives up: a budget cannot apply to it"
+            )
         if self.budget is not None and self.budget < forward:
             raise DefinitionError(
                 f"{where}: the budget ({self.budget}) is shorter than one attempt's timeout "

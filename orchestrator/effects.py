@@ -174,10 +174,15 @@ class MessageBuilder:
         direction: Direction,
         attempt: int,
         context: JsonObject,
-        timeout: timedelta,
+        deadline: datetime,
         generation: int = 1,
+        pickup_by: datetime | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> SendCommand:
         """One attempt of ``step``'s command (or compensation), built from ``context``.
+
+        ``deadline`` is when the participant must no longer start it; ``pickup_by`` asks for
+        a pick-up acknowledgement before then, and ``heartbeat_timeout`` for heartbeats.
 
         Raises:
             pydantic.ValidationError: the context does not make a valid command.
@@ -196,7 +201,11 @@ class MessageBuilder:
             payload=payload,
             reply_to=names.REPLIES_ROUTING_KEY,
             sent_at=self.now,
-            deadline=self.now + timeout,
+            deadline=deadline,
+            pickup_by=pickup_by,
+            heartbeat_timeout=(
+                None if heartbeat_timeout is None else heartbeat_timeout.total_seconds()
+            ),
             traceparent=self.span(message_id),
         )
         return SendCommand(step.service, envelope)

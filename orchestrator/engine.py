@@ -38,7 +38,9 @@ from contracts.messages import (
     CommandEnvelope,
     Direction,
     ErrorDetail,
+    Heartbeat,
     JsonObject,
+    PickedUp,
     Reply,
     ReplyStatus,
     TimerKind,
@@ -69,6 +71,13 @@ class ReplyReceived:
     """A participant answered a command attempt."""
 
     reply: Reply
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A participant picked a command up, or sent a heartbeat while working on it."""
+
+    message: PickedUp | Heartbeat
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,16 @@ class Watch:
     reply_to: str
 
 
-Event = Start | ReplyReceived | Wakeup | OperatorRetry | OperatorAbort | OperatorResolve | Watch
+Event = (
+    Start
+    | ReplyReceived
+    | Progress
+    | Wakeup
+    | OperatorRetry
+    | OperatorAbort
+    | OperatorResolve
+    | Watch
+)
 """Everything that can happen to a saga."""
 
 WATCHERS_LIMIT = 16
@@ -219,6 +237,8 @@ def decide(
             outcome = Outcome.APPLIED
         case ReplyReceived(reply=reply):
             outcome = change.on_reply(reply)
+        case Progress(message=message):
+            outcome = change.on_progress(message)
         case Wakeup(timer=timer):
             outcome = change.on_wakeup(timer)
         case OperatorRetry():
@@ -382,6 +402,18 @@ class _Change:
             return  # an ended saga's outcome is in the snapshot the client gets anyway
         self.watchers = (*self.watchers, reply_to)[-WATCHERS_LIMIT:]
 
+    def attempt_due(self, definition: Step, step: StepState) -> datetime:
+        """When the running attempt must have been picked up, sent a heartbeat or answered."""
+        assert step.attempt_at is not None
+        if definition.dispatch_timeout is not None and step.picked_up_at is None:
+            due = step.attempt_at + definition.dispatch_timeout
+        else:
+            began = step.picked_up_at or step.attempt_at
+            due = began + definition.timeout
+            if definition.heartbeat_timeout is not None:
+                due = min(due, (step.heartbeat_at or began) + definition.heartbeat_timeout)
+        return due if step.budget_at is None else min(due, step.budget_at)
+
     # -- going forward --
 
     def start(self) -> None:
@@ -401,6 +433,13 @@ class _Change:
     def dispatch(self, index: int, attempt: int) -> None:
         definition = self.definition(index)
         first = self.saga.stages[self.saga.stage_of[index]][0]
+        budget_at = self.steps[index].budget_at
+        if budget_at is None and definition.budget is not None:
+            budget_at = self.now + definition.budget
+        pickup_by = None
+        if definition.dispatch_timeout is not None:
+            pickup_by = self.now + definition.dispatch_timeout
+        deadline = (pickup_by or self.now) + definition.timeout
         try:
             send = self.messages.command(
                 definition,
@@ -408,15 +447,18 @@ class _Change:
                 direction=Direction.FORWARD,
                 attempt=attempt,
                 context=self.context(first),  # the results before its stage, not siblings'
-                timeout=definition.timeout,
+                deadline=deadline if budget_at is None else min(deadline, budget_at),
+                pickup_by=pickup_by,
+                heartbeat_timeout=definition.heartbeat_timeout,
             )
         except ValidationError as e:
             self.steps[index] = self.steps[index].unsendable(attempt, self.now)
             error = ErrorDetail(type="CommandBuildError", message=validation_summary(e))
             self.fail_forward(index, error)
             return
-        due = self.now + definition.timeout
-        self.steps[index] = self.steps[index].running(attempt, due, self.now)
+        running = self.steps[index].running(attempt, self.now, self.now, budget_at)
+        due = self.attempt_due(definition, running)
+        self.steps[index] = replace(running, due_at=due)
         self.status = self.forward_status()
         if definition.kind is StepKind.RETRIABLE:
             self.deadline_at = None  # past the point of no return: the deadline cannot apply
@@ -467,6 +509,15 @@ class _Change:
         step = self.steps[index]
         delay = definition.retry.backoff(step.attempt, seed=f"{self.original.saga_id}:{step.name}")
         due = self.now + delay
+        if step.budget_at is not None and due >= step.budget_at:
+            assert definition.budget is not None
+            spent = ErrorDetail(
+                type="BudgetExhausted",
+                message=f"no time left in its budget of {_seconds(definition.budget)} for "
+                f"another attempt (last: {error.summary})",
+            )
+            self.fail_forward(index, spent)
+            return
         self.steps[index] = step.retry_scheduled(due, error)
         self.status = self.forward_status()
         self.timer(TimerKind.RETRY, step.name, step.attempt + 1, due)
@@ -500,19 +551,18 @@ class _Change:
     def forward_timed_out(self, index: int) -> None:
         definition = self.definition(index)
         step = self.steps[index] = self.steps[index].doubted()
-        timeout = _seconds(definition.timeout)
-        self.record(
-            EventName.STEP_TIMED_OUT,
-            step=step.name,
-            attempt=step.attempt,
-            detail=f"no reply within {timeout}",
-        )
-        error = ErrorDetail(type="StepTimeout", message=f"no reply within {timeout}")
+        event, error = self.why_timed_out(definition, step)
+        self.record(event, step=step.name, attempt=step.attempt, detail=error.message)
         policy = definition.retry
         compensating = self.status is SagaStatus.COMPENSATING  # a sibling failed meanwhile
-        if not compensating and (
-            definition.kind is StepKind.RETRIABLE
-            or (policy.retry_timeouts and policy.allows_another(step.attempt))
+        spent = error.type == "BudgetExhausted"
+        if (
+            not compensating
+            and not spent
+            and (
+                definition.kind is StepKind.RETRIABLE
+                or (policy.retry_timeouts and policy.allows_another(step.attempt))
+            )
         ):
             self.schedule_retry(index, error)
             return
@@ -521,6 +571,50 @@ class _Change:
             self.next_compensation()
         else:
             self.begin_compensation(f"step {step.name} timed out")
+
+    def why_timed_out(self, definition: Step, step: StepState) -> tuple[EventName, ErrorDetail]:
+        """Which limit a running attempt reached: pick-up, budget, heartbeat or reply.
+
+        Every one leaves the step in doubt: even a command reported as not picked up may
+        have been taken just now, and a participant that never ran it accepts its
+        compensation (and refuses the command afterwards).
+        """
+        if definition.dispatch_timeout is not None and step.picked_up_at is None:
+            wait = _seconds(definition.dispatch_timeout)
+            message = f"no participant picked it up within {wait}"
+            return EventName.STEP_NOT_PICKED_UP, ErrorDetail(
+                type="StepNotPickedUp", message=message
+            )
+        if step.budget_at is not None and self.now >= step.budget_at:
+            assert definition.budget is not None
+            message = f"its budget of {_seconds(definition.budget)} is spent"
+            return EventName.STEP_TIMED_OUT, ErrorDetail(type="BudgetExhausted", message=message)
+        began = step.picked_up_at or step.attempt_at
+        beat = definition.heartbeat_timeout
+        if beat is not None and began is not None and self.now < began + definition.timeout:
+            message = f"no heartbeat within {_seconds(beat)}"
+            return EventName.STEP_TIMED_OUT, ErrorDetail(type="HeartbeatTimeout", message=message)
+        message = f"no reply within {_seconds(definition.timeout)}"
+        return EventName.STEP_TIMED_OUT, ErrorDetail(type="StepTimeout", message=message)
+
+    def on_progress(self, message: PickedUp | Heartbeat) -> Outcome:
+        """A pick-up or a heartbeat moves the running attempt's due time; nothing else."""
+        index = self.index_of(message.step)
+        if index is None or message.direction is not Direction.FORWARD:
+            return Outcome.LATE_REPLY
+        step = self.steps[index]
+        if step.status is not StepStatus.RUNNING or message.attempt != step.attempt:
+            return Outcome.LATE_REPLY
+        definition = self.definition(index)
+        if isinstance(message, PickedUp):
+            if step.picked_up_at is not None:
+                return Outcome.APPLIED  # a duplicate: nothing moves, nothing is written
+            moved = step.picked_up(self.now, step.due_at or self.now)
+        else:
+            moved = step.beating(self.now, message.details, step.due_at or self.now)
+        # The timer already set fires early now; the wake-up re-arms it for the new due time.
+        self.steps[index] = replace(moved, due_at=self.attempt_due(definition, moved))
+        return Outcome.APPLIED
 
     # -- going back --
 
@@ -576,7 +670,7 @@ class _Change:
                 direction=Direction.COMPENSATION,
                 attempt=attempt,
                 context=self.context(index + 1),  # its own result, if it completed
-                timeout=definition.compensation_timeout,
+                deadline=self.now + definition.compensation_timeout,
                 generation=self.steps[index].compensation_generation,
             )
         except ValidationError as e:

@@ -35,6 +35,7 @@ from orchestrator.engine import (
     OperatorResolve,
     OperatorRetry,
     Outcome,
+    Progress,
     ReplyReceived,
     Start,
     Wakeup,
@@ -48,7 +49,7 @@ from orchestrator.state import SagaState, StepState, StepStatus
 from orchestrator.store import Hold, SagaRecord, SagaStore
 from plumbing import tracing
 from plumbing.clock import Clock, SystemClock
-from plumbing.codec import decode, wire_message
+from plumbing.codec import decode, decode_answer, wire_message
 from plumbing.errors import (
     ActionRefused,
     BrokerError,
@@ -641,11 +642,12 @@ class Orchestrator:
             log.warning("answer_publish_failed", reply_to=reply_to, error=str(e))
 
     async def _handle_reply(self, delivery: Delivery) -> Outcome:
-        reply = decode(delivery, Reply)
+        message = decode_answer(delivery)
         structlog.contextvars.bind_contextvars(
-            saga_id=reply.saga_id, step=reply.step, attempt=reply.attempt
+            saga_id=message.saga_id, step=message.step, attempt=message.attempt
         )
-        decision = await self.apply(reply.saga_id, ReplyReceived(reply))
+        event: Event = ReplyReceived(message) if isinstance(message, Reply) else Progress(message)
+        decision = await self.apply(message.saga_id, event)
         return decision.outcome
 
     async def _handle_timer(self, delivery: Delivery) -> Outcome:

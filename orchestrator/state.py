@@ -101,15 +101,45 @@ class StepState:
     compensation_generation: int = 1
     """Raised by each operator retry: a new generation gets a new idempotency key, so a
     participant that refused the compensation runs it again instead of replaying its refusal."""
+    attempt_at: datetime | None = None
+    """When the current forward attempt was sent."""
+    picked_up_at: datetime | None = None
+    """When a participant acknowledged picking the current attempt up (dispatch timeouts)."""
+    heartbeat_at: datetime | None = None
+    heartbeat: str | None = None
+    """The details of the current attempt's last heartbeat."""
+    budget_at: datetime | None = None
+    """When the step's budget, across all its attempts, runs out."""
 
-    def running(self, attempt: int, due: datetime, now: datetime) -> StepState:
-        """A forward attempt was sent and is due to answer by ``due``."""
+    def running(
+        self, attempt: int, due: datetime, now: datetime, budget_at: datetime | None = None
+    ) -> StepState:
+        """A forward attempt was sent and is due to answer (or be picked up) by ``due``."""
         return replace(
             self,
             status=StepStatus.RUNNING,
             attempt=attempt,
             due_at=due,
             started_at=self.started_at or now,
+            attempt_at=now,
+            picked_up_at=None,
+            heartbeat_at=None,
+            heartbeat=None,
+            budget_at=budget_at,
+        )
+
+    def picked_up(self, now: datetime, due: datetime) -> StepState:
+        """A participant took the current attempt off its queue."""
+        return replace(self, picked_up_at=now, due_at=due)
+
+    def beating(self, now: datetime, details: str | None, due: datetime) -> StepState:
+        """The participant reported progress on the current attempt."""
+        return replace(
+            self,
+            heartbeat_at=now,
+            heartbeat=details,
+            picked_up_at=self.picked_up_at or now,
+            due_at=due,
         )
 
     def unsendable(self, attempt: int, now: datetime) -> StepState:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from contracts import names
 from contracts.messages import (
     CommandEnvelope,
     ErrorDetail,
+    Heartbeat,
     JsonObject,
+    PickedUp,
     Reply,
     ReplyStatus,
     StartSaga,
@@ -141,3 +143,34 @@ def decode(delivery: Delivery, model: type[M]) -> M:
         return model.model_validate_json(delivery.body)
     except ValidationError as e:
         raise MessageRejected(f"not a valid {model.__name__}: {validation_summary(e)}") from e
+
+
+_PARTICIPANT_MESSAGE: TypeAdapter[Reply | PickedUp | Heartbeat] = TypeAdapter(
+    Annotated[Reply | PickedUp | Heartbeat, Field(discriminator="kind")]
+)
+
+
+def decode_answer(delivery: Delivery) -> Reply | PickedUp | Heartbeat:
+    """What a participant sent to the replies queue: a reply, a pick-up or a heartbeat.
+
+    Raises:
+        MessageRejected: the body is none of them; the reason says what is wrong.
+    """
+    try:
+        return _PARTICIPANT_MESSAGE.validate_json(delivery.body)
+    except ValidationError as e:
+        raise MessageRejected(f"not a valid Reply: {validation_summary(e)}") from e
+
+
+def progress_message(progress: PickedUp | Heartbeat, routing_key: str, now: datetime) -> Outgoing:
+    """The message that carries a participant's pick-up or heartbeat to the orchestrator."""
+    return wire_message(
+        MessageKind.REPLY,
+        message_id=progress.message_id,
+        saga_id=progress.saga_id,
+        traceparent=None,
+        exchange=names.REPLIES_EXCHANGE,
+        routing_key=routing_key,
+        body=progress.model_dump_json(),
+        now=now,
+    )
