@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
                 help="move the saga to this version of its definition first (a migration)",
             )
 
+    watch = sub.add_parser("watch", help="stream lifecycle events as they are published")
+    watch.add_argument("--type", dest="saga_type", help="only sagas of this type")
+    watch.add_argument("--event", help="only this event, e.g. SagaFailed")
+    watch.add_argument("--json", action="store_true", help="one JSON object per event")
+    watch.add_argument("--count", type=positive_int, help="stop after this many events")
+
     topology = sub.add_parser("topology", help="print (or declare) the RabbitMQ topology")
     topology.add_argument("--app", help="MODULE:ATTR (default: $SAGA_APP)")
     topology.add_argument("--declare", action="store_true", help="declare it on $SAGA_AMQP_URL")
@@ -162,6 +168,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         "resolve": commands.resolve,
         "resume": commands.resume,
         "topology": commands.topology,
+        "watch": commands.watch,
     }
     result: int = await handlers[args.command](args)
     return result

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from contracts import names
+from contracts.events import LifecycleEvent, lifecycle_event_adapter
 from contracts.messages import StartSaga
 from orchestrator import demo as demos
 from orchestrator.cli import EXIT_SAGA_FAILED, print_json
@@ -336,3 +337,46 @@ async def topology(args: argparse.Namespace) -> int:
         f"{len(full.bindings)} bindings on {redact_url(settings.amqp_url or '')}"
     )
     return 0
+
+
+async def watch(args: argparse.Namespace) -> int:
+    """``saga watch``: stream lifecycle events to the terminal as they are published."""
+    from plumbing.daemons import rabbit_transport
+
+    settings = _quiet_settings()
+    transport = rabbit_transport(settings)
+    key = f"{args.saga_type or '*'}.{args.event or '*'}"
+    seen = 0
+    try:
+        connection = await transport.connect()
+        channel = connection.channel()
+        await channel.initialize()
+        exchange = await channel.declare_exchange(names.EVENTS_EXCHANGE, "topic", durable=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=key)
+        print(f"watching {key} on {redact_url(settings.amqp_url or '')}", file=sys.stderr)
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                event = lifecycle_event_adapter.validate_json(message.body)
+                if args.json:
+                    print(event.model_dump_json(exclude_none=True), flush=True)
+                else:
+                    print(_event_line(event), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+    finally:
+        await transport.close()
+    return 0
+
+
+def _event_line(event: LifecycleEvent) -> str:
+    subject = event.step or ""
+    if event.attempt is not None:
+        subject += f" #{event.attempt}"
+    line = (
+        f"{event.at:%H:%M:%S.%f}"[:-3]
+        + f"  {event.saga_type:<20} {event.saga_id:<24} {event.event.value:<26} {subject:<24}"
+    )
+    return (line + (f" {event.detail}" if event.detail else "")).rstrip()

@@ -34,6 +34,7 @@ def test_participants_exports() -> None:
         "IdempotencyStore",
         "MemoryIdempotency",
         "NoReply",
+        "Observer",
         "Participant",
         "ParticipantError",
         "open_idempotency",
