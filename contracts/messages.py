@@ -117,6 +117,7 @@ class CommandEnvelope(Contract):
         "the attempt times out.",
     )
     traceparent: str | None = None
+    tracestate: str | None = Field(default=None, max_length=512)
 
 
 class PickedUp(Contract):
@@ -206,6 +207,9 @@ class StartSaga(Contract):
         default=False, description="Also send the saga's outcome to reply_to when it ends."
     )
     traceparent: str | None = None
+    tracestate: str | None = Field(
+        default=None, max_length=512, description="W3C tracestate, kept with the traceparent."
+    )
 
 
 def command_message_id(saga_id: str, step: str, direction: Direction, attempt: int) -> str:

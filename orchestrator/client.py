@@ -151,6 +151,7 @@ class SagaClient:
         *,
         version: int | None = None,
         traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> SagaHandle:
         """Ask the orchestrator to start a saga and return once it has accepted it.
 
@@ -177,6 +178,7 @@ class SagaClient:
             reply_to=reply_to,
             watch=True,  # the outcome comes to us when it ends, whether anyone waits or not
             traceparent=tracing.continue_or_start(traceparent),
+            tracestate=tracestate if tracing.valid(traceparent) else None,
         )
         answer = await self._ask(
             "start_answer", saga_id, start_message(request, SystemClock().now()), StartAnswer

@@ -129,6 +129,7 @@ class MessageBuilder:
         self.saga_id = state.saga_id
         self.saga_type = state.saga_type
         self.traceparent = state.traceparent
+        self.tracestate = state.tracestate
         self.now = now
 
     def span(self, message_id: str) -> str | None:
@@ -207,6 +208,7 @@ class MessageBuilder:
                 None if heartbeat_timeout is None else heartbeat_timeout.total_seconds()
             ),
             traceparent=self.span(message_id),
+            tracestate=self.tracestate,
         )
         return SendCommand(step.service, envelope)
 

@@ -170,6 +170,7 @@ def new_saga(
     now: datetime,
     *,
     traceparent: str | None = None,
+    tracestate: str | None = None,
     watchers: tuple[str, ...] = (),
 ) -> SagaState:
     """The state of a saga that has been accepted but not started.
@@ -196,6 +197,7 @@ def new_saga(
         updated_at=now,
         deadline_at=now + saga.deadline if saga.deadline is not None else None,
         traceparent=traceparent,
+        tracestate=tracestate,
         definition_version=saga.version,
         definition_fingerprint=saga.fingerprint,
         watchers=watchers[-WATCHERS_LIMIT:],
@@ -674,12 +676,14 @@ class _Change:
                 generation=self.steps[index].compensation_generation,
             )
         except ValidationError as e:
-            self.steps[index] = self.steps[index].compensating(attempt, self.steps[index].due_at)
+            self.steps[index] = self.steps[index].compensating(
+                attempt, self.steps[index].due_at, self.now
+            )
             error = ErrorDetail(type="CommandBuildError", message=validation_summary(e))
             self.compensation_failed(index, error, retryable=False)
             return
         due = self.now + definition.compensation_timeout
-        self.steps[index] = self.steps[index].compensating(attempt, due)
+        self.steps[index] = self.steps[index].compensating(attempt, due, self.now)
         self.effects.append(send)
         self.timer(TimerKind.COMPENSATION_TIMEOUT, definition.name, attempt, due)
         self.record(

@@ -25,6 +25,7 @@ from contracts import names
 from contracts.client import QuerySaga, SagaSnapshot, StartAnswer, StartStatus, StepView
 from contracts.events import EventName
 from contracts.messages import Reply, StartSaga, TimerMessage
+from orchestrator import spans
 from orchestrator.definition import App, Missing, Saga, Step, definition_key
 from orchestrator.effects import PublishEvent, outgoing
 from orchestrator.engine import (
@@ -155,6 +156,7 @@ class Orchestrator:
         *,
         version: int | None = None,
         traceparent: str | None = None,
+        tracestate: str | None = None,
         watchers: tuple[str, ...] = (),
     ) -> SagaState:
         """Start a saga on the newest definition of its type (or ``version``), or return the
@@ -168,7 +170,13 @@ class Orchestrator:
             SagaConflict: the id is taken by a saga of another type, or with other data.
         """
         state, _ = await self._start(
-            saga_type, saga_id, data, version=version, traceparent=traceparent, watchers=watchers
+            saga_type,
+            saga_id,
+            data,
+            version=version,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            watchers=watchers,
         )
         return state
 
@@ -181,6 +189,7 @@ class Orchestrator:
         version: int | None,
         traceparent: str | None,
         watchers: tuple[str, ...],
+        tracestate: str | None = None,
     ) -> tuple[SagaState, bool]:
         """:meth:`start`, also saying whether this call created the saga."""
         saga = self._definition_to_start(saga_type, version)
@@ -191,6 +200,8 @@ class Orchestrator:
             data,
             now,
             traceparent=tracing.continue_or_start(traceparent),
+            # A tracestate belongs with the caller's traceparent; a new trace starts without.
+            tracestate=tracestate if tracing.valid(traceparent) else None,
             watchers=watchers,
         )
         existing = await self.store.load(saga_id)
@@ -308,6 +319,7 @@ class Orchestrator:
         if not await self.store.save(saved, record.version):
             return None
         self._observe(decision, now)
+        spans.record(record.state, decision.state, decision.events)
         await self._publish(saved)
         return decision
 
@@ -406,8 +418,11 @@ class Orchestrator:
             resumed = Decision(replace(state, updated_at=now), effects, Outcome.APPLIED)
             saved = SagaRecord(resumed.state, record.version + 1, self._outbox(resumed, now))
             if await self.store.save(saved, record.version):
+                previous = record.state
                 for decision in decisions:
                     self._observe(decision, now)
+                    spans.record(previous, decision.state, decision.events)
+                    previous = decision.state
                 log.info(
                     "saga_resumed",
                     saga_id=saga_id,
@@ -596,6 +611,7 @@ class Orchestrator:
                 request.data,
                 version=request.version,
                 traceparent=request.traceparent,
+                tracestate=request.tracestate,
                 watchers=(request.reply_to,) if watch and request.reply_to else (),
             )
         except (UnknownSagaType, InvalidSagaData, SagaConflict) as e:

@@ -110,6 +110,8 @@ class StepState:
     """The details of the current attempt's last heartbeat."""
     budget_at: datetime | None = None
     """When the step's budget, across all its attempts, runs out."""
+    compensation_at: datetime | None = None
+    """When the current compensation attempt was sent."""
 
     def running(
         self, attempt: int, due: datetime, now: datetime, budget_at: datetime | None = None
@@ -177,10 +179,14 @@ class StepState:
         """The step gave up waiting for good."""
         return replace(self, status=StepStatus.TIMED_OUT, due_at=None, finished_at=now, error=error)
 
-    def compensating(self, attempt: int, due: datetime | None) -> StepState:
+    def compensating(self, attempt: int, due: datetime | None, now: datetime) -> StepState:
         """A compensation attempt was sent (``due`` is None when it could not be built)."""
         return replace(
-            self, status=StepStatus.COMPENSATING, compensation_attempt=attempt, due_at=due
+            self,
+            status=StepStatus.COMPENSATING,
+            compensation_attempt=attempt,
+            due_at=due,
+            compensation_at=now,
         )
 
     def compensation_retry_scheduled(self, due: datetime, error: ErrorDetail) -> StepState:
@@ -270,6 +276,7 @@ class SagaState:
     history: tuple[HistoryEntry, ...] = ()
     history_dropped: int = 0
     traceparent: str | None = None
+    tracestate: str | None = None
     definition_version: int = 1
     definition_fingerprint: str | None = None
     """The definition the saga started with; ``None`` for sagas stored before fingerprints."""
