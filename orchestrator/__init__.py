@@ -5,7 +5,7 @@ from orchestrator.definition import App, Parallel, RetryPolicy, Saga, Step, Step
 from orchestrator.engine import Decision, decide
 from orchestrator.runtime import EngineConfig, Orchestrator
 from orchestrator.state import SagaState, SagaStatus, StepStatus
-from plumbing.errors import SagaError
+from plumbing.errors import SagaError, StartRefused
 
 __all__ = [
     "App",
@@ -19,6 +19,7 @@ __all__ = [
     "SagaError",
     "SagaState",
     "SagaStatus",
+    "StartRefused",
     "Step",
     "StepKind",
     "StepStatus",

@@ -21,6 +21,7 @@ def test_orchestrator_exports() -> None:
         "SagaError",
         "SagaState",
         "SagaStatus",
+        "StartRefused",
         "Step",
         "StepKind",
         "StepStatus",
