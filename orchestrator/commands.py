@@ -124,7 +124,10 @@ async def start(args: argparse.Namespace) -> int:
             await transport.publish(start_message(request, SystemClock().now()))
         finally:
             await transport.close()
-        print(f"start request for {args.saga_type} {args.saga_id} handed to the broker")
+        print(
+            f"start request for {args.saga_type} {args.saga_id} confirmed by the broker "
+            f"(trace {tracing.trace_id(traceparent)}); not waiting for the orchestrator"
+        )
         return 0
     client = SagaClient(
         settings.amqp_url or "",

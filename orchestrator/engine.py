@@ -847,23 +847,7 @@ class _Change:
 
     def pending_due(self, timer: TimerMessage) -> datetime | None:
         """The due time of the target ``timer`` names, if the saga still waits for it."""
-        if timer.timer is TimerKind.SAGA_DEADLINE:
-            waiting = self.status in (SagaStatus.STARTED, SagaStatus.PENDING)
-            return self.deadline_at if waiting else None
-        index = self.index_of(timer.step or "")
-        if index is None:
-            return None
-        step = self.steps[index]
-        expected = {
-            TimerKind.STEP_TIMEOUT: (StepStatus.RUNNING, step.attempt),
-            TimerKind.RETRY: (StepStatus.RETRY_SCHEDULED, step.attempt + 1),
-            TimerKind.COMPENSATION_TIMEOUT: (StepStatus.COMPENSATING, step.compensation_attempt),
-            TimerKind.COMPENSATION_RETRY: (
-                StepStatus.COMPENSATION_RETRY_SCHEDULED,
-                step.compensation_attempt + 1,
-            ),
-        }[timer.timer]
-        return step.due_at if (step.status, timer.attempt) == expected else None
+        return _pending_due(timer, self.status, self.steps, self.deadline_at)
 
     def deadline_passed(self) -> None:
         deadline = self.saga.deadline
@@ -946,6 +930,38 @@ class _Change:
             detail=note,
         )
         self.next_compensation()
+
+
+def pending_due(state: SagaState, timer: TimerMessage) -> datetime | None:
+    """When what ``timer`` was set for is due, if ``state`` still waits for it (else None).
+
+    The shell uses it to drop a timer it has not published yet once it is stale.
+    """
+    return _pending_due(timer, state.status, state.steps, state.deadline_at)
+
+
+def _pending_due(
+    timer: TimerMessage,
+    status: SagaStatus,
+    steps: Sequence[StepState],
+    deadline_at: datetime | None,
+) -> datetime | None:
+    if timer.timer is TimerKind.SAGA_DEADLINE:
+        waiting = status in (SagaStatus.STARTED, SagaStatus.PENDING)
+        return deadline_at if waiting else None
+    step = next((step for step in steps if step.name == timer.step), None)
+    if step is None:
+        return None
+    expected = {
+        TimerKind.STEP_TIMEOUT: (StepStatus.RUNNING, step.attempt),
+        TimerKind.RETRY: (StepStatus.RETRY_SCHEDULED, step.attempt + 1),
+        TimerKind.COMPENSATION_TIMEOUT: (StepStatus.COMPENSATING, step.compensation_attempt),
+        TimerKind.COMPENSATION_RETRY: (
+            StepStatus.COMPENSATION_RETRY_SCHEDULED,
+            step.compensation_attempt + 1,
+        ),
+    }[timer.timer]
+    return step.due_at if (step.status, timer.attempt) == expected else None
 
 
 def _clean_result(model: type[BaseModel] | None, result: JsonObject | None) -> JsonObject:

@@ -46,6 +46,7 @@ from orchestrator.engine import (
     replay,
 )
 from orchestrator.metrics import Metrics
+from orchestrator.outbox import OutboxPublisher
 from orchestrator.state import SagaState, StepState, StepStatus
 from orchestrator.store import Hold, SagaRecord, SagaStore
 from plumbing import tracing
@@ -117,6 +118,11 @@ class EngineConfig:
     published_events: frozenset[EventName] | None = None
     """Lifecycle events to publish to observers; ``None`` publishes every one."""
     queue_policy: QueuePolicy = field(default_factory=QueuePolicy)
+    timer_hold: float = 2.0
+    """Seconds a timer is held back in the process before it is published (see
+    :mod:`orchestrator.outbox`); keep it below ``outbox_grace``."""
+    mark_delay: float = 0.2
+    """Seconds published messages wait to be marked with a saga's next write."""
 
 
 class Orchestrator:
@@ -138,6 +144,13 @@ class Orchestrator:
         self.clock: Clock = clock or SystemClock()
         self.config = config or EngineConfig()
         self.metrics = metrics
+        self.outbox = OutboxPublisher(
+            store,
+            transport,
+            self.clock,
+            timer_hold=self.config.timer_hold,
+            mark_delay=self.config.mark_delay,
+        )
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -215,7 +228,7 @@ class Orchestrator:
                 raise SagaNotFound(f"saga {saga_id} disappeared while being started")
             return await self._existing(raced, wanted, watchers), False
         self._observe(decision, now)
-        await self._publish(record)
+        await self.outbox.publish(record)
         return decision.state, True
 
     async def _existing(
@@ -316,11 +329,11 @@ class Orchestrator:
         # The store appends these to the saga's outbox; entries of earlier decisions stay with
         # whoever is publishing them (or the relay, if they were left behind).
         saved = SagaRecord(decision.state, record.version + 1, self._outbox(decision, now))
-        if not await self.store.save(saved, record.version):
+        if not await self._save(saved, record.version):
             return None
         self._observe(decision, now)
         spans.record(record.state, decision.state, decision.events)
-        await self._publish(saved)
+        await self.outbox.publish(saved)
         return decision
 
     async def _hold(self, record: SagaRecord, event: Event, hold: Hold) -> Decision | None:
@@ -331,7 +344,7 @@ class Orchestrator:
                 "move it to another version (saga resume --to-version N) first"
             )
         kept = self._keep(record, event, hold)
-        if kept is not record and not await self.store.save(kept, record.version):
+        if kept is not record and not await self._save(kept, record.version):
             return None
         if record.hold is None:
             self._held(record.state, hold)
@@ -417,7 +430,7 @@ class Orchestrator:
             effects = tuple(effect for decision in decisions for effect in decision.effects)
             resumed = Decision(replace(state, updated_at=now), effects, Outcome.APPLIED)
             saved = SagaRecord(resumed.state, record.version + 1, self._outbox(resumed, now))
-            if await self.store.save(saved, record.version):
+            if await self._save(saved, record.version):
                 previous = record.state
                 for decision in decisions:
                     self._observe(decision, now)
@@ -429,7 +442,7 @@ class Orchestrator:
                     version=state.definition_version,
                     replies=len(record.state.inbox),
                 )
-                await self._publish(saved)
+                await self.outbox.publish(saved)
                 return resumed.state
             self._conflict()
         raise ConcurrencyExhausted(
@@ -489,31 +502,13 @@ class Orchestrator:
             entries[message.message_id] = message
         return tuple(entries.values())
 
-    async def _publish(
-        self, record: SagaRecord, wanted: Callable[[Outgoing], bool] = lambda _: True
-    ) -> int:
-        """Publish the ``wanted`` entries of a record's outbox, in order.
-
-        Stops at the first failure: the relay publishes the rest after the grace period.
-        """
-        done: list[str] = []
-        for entry in record.outbox:
-            if not wanted(entry):
-                continue
-            try:
-                await self.transport.publish(entry)
-            except PublishFailed as e:
-                log.warning(
-                    "outbox_publish_failed",
-                    saga_id=record.saga_id,
-                    message_id=entry.message_id,
-                    error=str(e),
-                )
-                break
-            done.append(entry.message_id)
-        if done:
-            await self.store.mark_published(record.saga_id, done)
-        return len(done)
+    async def _save(self, saved: SagaRecord, expected_version: int) -> bool:
+        """One compare-and-set that also drops what the outbox publisher is done with."""
+        taken = self.outbox.drops(saved.saga_id, saved.state)
+        if await self.store.save(saved, expected_version, drop=taken.ids):
+            return True
+        self.outbox.restore(saved.saga_id, taken)
+        return False
 
     # --- Message handlers -------------------------------------------------------------------
 
@@ -740,7 +735,7 @@ class Orchestrator:
         if record is None:
             return 0
         # Fresh entries belong to the handler that wrote them; only stale ones are ours.
-        return await self._publish(record, lambda entry: entry.created_at <= older_than)
+        return await self.outbox.publish(record, lambda entry: entry.created_at <= older_than)
 
     async def _isolated(self, loop: str, saga_id: str, work: Awaitable[T]) -> T | None:
         """Run one saga's share of a loop; a failure holds that saga and the loop goes on.
@@ -832,6 +827,7 @@ class Orchestrator:
         await self._survive(self.log_definitions, "definitions")
         await self._survive(self.refresh_gauges, "gauges")
         async with asyncio.TaskGroup() as group:
+            publisher = group.create_task(self.outbox.run(), name="outbox")
             consumers = []
             readiness = []
             for queue, handler in (
@@ -875,10 +871,11 @@ class Orchestrator:
                 task.cancel()  # consumers finish their in-flight messages before they return
             await asyncio.gather(*consumers, return_exceptions=True)
             try:
+                await self.outbox.drain()  # held timers out, published ids marked
                 await self.relay_once(grace=0)
             except (StoreUnavailable, BrokerError) as e:
                 log.warning("outbox_flush_failed", error=str(e))
-            for task in loops:
+            for task in (*loops, publisher):
                 task.cancel()
         log.info("orchestrator_stopped")
 

@@ -88,7 +88,7 @@ async def test_no_wait_only_hands_the_request_over(running: str) -> None:
         running, "order_fulfillment", "--id", "cli-5", "--no-wait", data=order("cli-5")
     )
     assert done.returncode == 0, done.stderr
-    assert "handed to the broker" in done.stdout
+    assert "confirmed by the broker" in done.stdout
 
 
 @pytest.mark.parametrize(
