@@ -16,11 +16,13 @@ What it promises, and how:
   deterministic id in the ``saga-message-id`` header; the AMQP ``message_id`` is random per
   attempt, because aiormq matches returns to publishes by it and two in-flight publishes with
   one id confuse it. Every publish has a deadline. Failures raise :class:`PublishFailed` and
-  are counted by reason: ``returned`` (unroutable), ``nacked``, ``timeout`` (the channel is then
-  replaced: a confirm that never comes means a wedged channel), ``connection`` and ``channel``
-  (the broker closed the channel, e.g. a missing exchange). Headers starting with ``x-`` are
-  never sent: RabbitMQ owns that prefix, and a re-published ``x-death`` makes RabbitMQ 3.10-3.12
-  drop a message in the delay ladder as a dead-letter cycle.
+  are counted by reason: ``returned`` (unroutable), ``nacked`` and ``timeout`` (the channel is
+  then replaced: a confirm that never comes means a wedged channel, and in RabbitMQ 3.10 a
+  channel whose first publish to a quorum queue met a leader on a lost node nacks every later
+  publish to it), ``connection`` and ``channel`` (the broker closed the channel, e.g. a missing
+  exchange). Headers starting with ``x-`` are never sent: RabbitMQ owns that prefix, and a
+  re-published ``x-death`` makes RabbitMQ 3.10-3.12 drop a message in the delay ladder as a
+  dead-letter cycle.
 * **Delays.** A message with ``deliver_at`` goes through the binary delay ladder
   (:mod:`plumbing.delays`) to its destination queue; it is never early.
 * **Consuming.** Manual acks only, a channel per consumer with ``prefetch`` unacknowledged
@@ -537,11 +539,13 @@ class RabbitTransport:
         except PublishError as e:
             raise self._failed("returned", f"{target} was returned: no queue is bound") from e
         except DeliveryError as e:
+            if publisher is not None:
+                await self._replace_publisher(publisher, "nacked")
             raise self._failed("nacked", f"{target} was nacked (a queue is full?)") from e
         except TimeoutError as e:
             if publisher is None or not self.connected:
                 raise self._failed("connection", f"{target}: {self._down()}") from e
-            await self._replace_publisher(publisher)
+            await self._replace_publisher(publisher, "confirm_timeout")
             raise self._failed(
                 "timeout", f"{target} was not confirmed within {self.publish_timeout:g} s"
             ) from e
@@ -580,13 +584,13 @@ class RabbitTransport:
                 self._publisher = _Publisher(channel)
             return self._publisher
 
-    async def _replace_publisher(self, stale: _Publisher) -> None:
-        """Drop a channel whose confirm never came; the next publish opens a fresh one."""
+    async def _replace_publisher(self, stale: _Publisher, reason: str) -> None:
+        """Drop a channel that failed a publish; the next publish opens a fresh one."""
         async with self._publisher_lock:
             if self._publisher is not stale:
                 return
             self._publisher = None
-        log.warning("publisher_channel_replaced", reason="confirm_timeout")
+        log.warning("publisher_channel_replaced", reason=reason)
         await _close_quietly(stale.channel)
 
     # --- consuming --------------------------------------------------------------------------

@@ -490,13 +490,13 @@ class RabbitCluster:
         return set(running)
 
     def ensure_running(self) -> None:
-        """Start any node that is down (an earlier test may have failed before restarting it)
-        and wait until every node is back in the cluster."""
+        """Start any node that is down (an earlier test may have failed before restarting it).
+
+        A node answers AMQP only once it has booted, which includes rejoining the cluster.
+        """
         for node in self.nodes:
             if not node.running:
                 node.start()
-        for node in self.nodes:
-            node.ctl("await_startup")
 
     @contextlib.contextmanager
     def temporary_vhost(self) -> Iterator[str]:
