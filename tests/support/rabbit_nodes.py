@@ -35,6 +35,7 @@ is session-scoped and each test gets a virtual host of its own on it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -122,9 +123,19 @@ class _Reaper:
         """``group`` is gone: do not kill it (its number may be reused)."""
         self._send(f"-{group}")
 
+    def close(self) -> None:
+        """Let the reaper exit, killing what is still registered (at a normal exit)."""
+        with self._lock:
+            process, self._process = self._process, None
+        if process is not None:
+            assert process.stdin is not None
+            process.stdin.close()
+            process.wait(timeout=30)
+
 
 _reaper = _Reaper()
 """Started with the first node; it exits with the test process (its stdin closes then)."""
+atexit.register(_reaper.close)
 
 
 def _start_time(pid: int) -> str | None:
