@@ -89,7 +89,7 @@ async def test_the_transport_fails_over_to_the_next_node_and_back(
         await transport.declare(
             base_topology(POLICY) + Topology(queues=(QueueSpec(QUEUE, POLICY.arguments()),))
         )
-        # Quorum queues are replicated on every node of the cluster by default.
+        # RabbitMQ replicates a quorum queue on 3 nodes by default (quorum_cluster_size): all.
         members = quorum_members(rabbit_cluster, cluster_vhost, QUEUE)
         assert sorted(members) == sorted(node.name for node in rabbit_cluster.nodes)
         assert transport.address == redact_url(first.vhost_url(cluster_vhost))
