@@ -341,8 +341,9 @@ class RabbitNode:
         if process is None:
             return
         helpers = _descendants(process.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:  # once reaped, its group number could belong to another
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         self._reap(helpers)
 
     def stop(self, within: float = 60.0) -> None:
