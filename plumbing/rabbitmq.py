@@ -268,6 +268,7 @@ class RabbitTransport:
         shown = [redact_url(address) for address in addresses]
         vhost = amqp_vhost(addresses[0])
         unanswered: list[str] = []
+        last: Exception | None = None
         for start in range(len(urls)):
             try:
                 return await self._attempt(urls, shown, start)
