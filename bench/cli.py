@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench import peers, procstat, report
 from bench.ceiling_run import run_ceiling
@@ -177,9 +179,7 @@ def project_rows(ctx: Context) -> list[RowSpec]:
     return rows
 
 
-async def guarded(
-    name: str, job: Callable[[], Awaitable[dict[str, Any]]]
-) -> dict[str, Any] | None:
+async def guarded(name: str, job: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any] | None:
     """Run one measurement; a failure is printed and recorded, never fatal to the rest."""
     started = time.perf_counter()
     print(f"- {name} ...", flush=True)
@@ -195,13 +195,15 @@ async def guarded(
     return figures
 
 
-async def run(ctx: Context, record: dict[str, Any]) -> None:
-    """Every row and phase; fills ``record`` as it goes."""
+def plan(ctx: Context, record: dict[str, Any]) -> tuple[list[str], list[RowSpec], list[str]]:
+    """The ceiling, project and peer rows of each repeat; skipped ones noted in ``record``."""
     options = ctx.options
     rows: dict[str, dict[str, Any]] = record["rows"]
-    ceiling_rows = [name for name in ("ceiling", "ceiling+timer") if name in options.rows]
+    ceiling_rows: list[str] = [n for n in ("ceiling", "ceiling+timer") if n in options.rows]
     specs = project_rows(ctx)
-    peer_rows = [name for name in ("celery", "dbos") if name in options.rows]
+    peer_rows = [name for name in ("celery",) if name in options.rows]
+    if "dbos" in options.rows:
+        peer_rows += ["dbos-sync", "dbos-async"]
     for name in [*ceiling_rows, *(spec.name for spec in specs), *peer_rows]:
         rows[name] = {"runs": []}
     if "mongo" in options.rows and not ctx.servers.mongo_url:
@@ -210,33 +212,34 @@ async def run(ctx: Context, record: dict[str, Any]) -> None:
         reason = peers.unavailable(name)
         if reason:
             rows[name] = {"skipped": reason}
+    runnable = [name for name in peer_rows if "skipped" not in rows[name]]
+    return ceiling_rows, specs, runnable
+
+
+async def run(ctx: Context, record: dict[str, Any]) -> None:
+    """Every row and phase; fills ``record`` as it goes."""
+    options = ctx.options
+    rows: dict[str, dict[str, Any]] = record["rows"]
+    ceiling_rows, specs, peer_rows = plan(ctx, record)
     profiled = not options.profile
     for repeat in range(1, options.repeat + 1):
         print(f"repeat {repeat} of {options.repeat}", flush=True)
+        jobs: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = []
         for name in ceiling_rows:
-            timer = name == "ceiling+timer"
-            figures = await guarded(name, lambda timer=timer: run_ceiling(ctx, timer))
-            if figures:
-                rows[name]["runs"].append(figures)
+            jobs.append((name, functools.partial(run_ceiling, ctx, name == "ceiling+timer")))
         for spec in specs:
             profile = not profiled and spec.name == "postgres"
             profiled = profiled or profile
-            figures = await guarded(
-                spec.name, lambda spec=spec, p=profile: run_row(ctx, spec, repeat, profile=p)
-            )
+            jobs.append((spec.name, functools.partial(run_row, ctx, spec, repeat, profile=profile)))
+        for name in peer_rows:
+            jobs.append((name, functools.partial(peers.run, name, ctx)))
+        for name, job in jobs:
+            figures = await guarded(name, job)
             if figures:
                 if "profile" in figures:
                     record["profile"] = figures.pop("profile")
-                rows[spec.name]["runs"].append(figures)
-        for name in peer_rows:
-            if "skipped" in rows[name]:
-                continue
-            figures = await guarded(name, lambda name=name: peers.run(name, ctx))
-            if figures:
                 rows[name]["runs"].append(figures)
-        for row in rows.values():
-            if "runs" in row:
-                row["median"] = report.median_figures(row["runs"])
+                rows[name]["median"] = report.median_figures(rows[name]["runs"])
     await once_per_invocation(ctx, record)
 
 
@@ -254,7 +257,7 @@ async def once_per_invocation(ctx: Context, record: dict[str, Any]) -> None:
             sagas=options.timer_sagas,
             deferred_window=timeout + 30.0,
         )
-        figures = await guarded(name, lambda: run_row(ctx, spec, 1, profile=False))
+        figures = await guarded(name, functools.partial(run_row, ctx, spec, 1, profile=False))
         if figures:
             highest_bit = 1 << (timeout.bit_length() - 1)
             figures["hops_during_run"] = figures["seconds"] > highest_bit
@@ -263,7 +266,7 @@ async def once_per_invocation(ctx: Context, record: dict[str, Any]) -> None:
     if "latency" in options.rows:
         peak = rows.get("postgres", {}).get("median", {}).get("sagas_per_s")
         if peak:
-            latency = await guarded("latency", lambda: latency_phase(ctx, peak / 2))
+            latency = await guarded("latency", functools.partial(latency_phase, ctx, peak / 2))
             if latency:
                 record["latency"] = latency
         else:
@@ -271,7 +274,7 @@ async def once_per_invocation(ctx: Context, record: dict[str, Any]) -> None:
     if "rss" in options.rows:
         record["rss"] = []
         for store in options.rss_stores:
-            result = await guarded(f"rss {store}", lambda store=store: rss_phase(ctx, store))
+            result = await guarded(f"rss {store}", functools.partial(rss_phase, ctx, store))
             if result:
                 record["rss"].append(result)
 
@@ -295,8 +298,11 @@ def render(record: dict[str, Any]) -> str:
     if "deferred" in record:
         parts += ["", f"deferred timer cost ({record['deferred']['row']})"]
         parts.append(report.deferred_table(record["deferred"]))
-        if record["rows"].get(record["deferred"]["row"], {}).get("median", {}).get(
-            "hops_during_run"
+        if (
+            record["rows"]
+            .get(record["deferred"]["row"], {})
+            .get("median", {})
+            .get("hops_during_run")
         ):
             parts.append("  note: the run outlasted the first ladder hop; some hops fell in it")
     if "latency" in record:
@@ -321,7 +327,7 @@ async def amain(args: argparse.Namespace, argv: list[str]) -> int:
     workdir = RESULTS / "logs" / stamp
     workdir.mkdir(parents=True, exist_ok=True)
     servers = Servers(args.amqp_url, args.pg_url, args.mongo_url)
-    broker = procstat.broker_pid()
+    broker = procstat.broker_pid(urlsplit(args.amqp_url).port or 5672)
     ctx = Context(options, servers, workdir, broker)
     record: dict[str, Any] = {
         "command": shlex.join([Path(sys.executable).name, "-m", "bench", *argv]),

@@ -231,9 +231,7 @@ class Driver:
             timed_out = True
         return RunResult(started, ended, last - first, first, last, timed_out)
 
-    async def park(
-        self, count: int, hang_step: str, within: float, concurrency: int = 50
-    ) -> int:
+    async def park(self, count: int, hang_step: str, within: float, concurrency: int = 50) -> int:
         """Start ``count`` sagas whose ``hang_step`` never answers; wait until each started it.
 
         Returns how many were seen starting that step (from ``SagaStepStarted`` events; the
@@ -312,6 +310,7 @@ class Driver:
 
 def expected_commands(ended: dict[str, int]) -> int:
     """Commands the participants should have handled for these ends (no retries)."""
-    return ended.get("SagaCompleted", 0) * COMMANDS_PER_COMPLETED + ended.get(
-        "SagaFailed", 0
-    ) * COMMANDS_PER_DECLINED
+    return (
+        ended.get("SagaCompleted", 0) * COMMANDS_PER_COMPLETED
+        + ended.get("SagaFailed", 0) * COMMANDS_PER_DECLINED
+    )

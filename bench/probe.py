@@ -38,7 +38,7 @@ def install() -> None:
         _COUNTS[self.name] = _COUNTS.get(self.name, 0) + 1
         return await original(self, *args, **kwargs)
 
-    Exchange.publish = counted  # type: ignore[method-assign,assignment]
+    Exchange.publish = counted  # type: ignore[method-assign]
 
 
 def dump(path: Path) -> None:

@@ -51,12 +51,45 @@ def comm(pid: int) -> str:
 
 def pids_named(name: str) -> list[int]:
     """Every process whose short name is ``name``."""
-    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
-            and comm(int(entry.name)) == name]
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and comm(int(entry.name)) == name
+    ]
 
 
-def broker_pid() -> int | None:
-    """The RabbitMQ node's ``beam.smp`` process on this machine, if there is exactly one."""
+def listener_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` on this machine (IPv4 or IPv6), if any."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{inode}]")
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def broker_pid(port: int = 5672) -> int | None:
+    """The RabbitMQ node serving AMQP on ``port`` here: the ``beam.smp`` listening on it."""
+    pid = listener_pid(port)
+    if pid is not None and comm(pid) == "beam.smp":
+        return pid
     found = pids_named("beam.smp")
     return found[0] if len(found) == 1 else None
 

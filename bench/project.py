@@ -28,7 +28,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -175,6 +177,7 @@ async def run_row(ctx: Context, spec: RowSpec, repeat: int, *, profile: bool) ->
             await w.driver.closed_loop(
                 options.warmup, min(options.in_flight, options.warmup), within=300
             )
+        await asyncio.sleep(options.settle)  # the warm-up's last stats flush and acks
         idle = await w.idle_rates(options.baseline)
         groups = await w.groups()
         meter = procstat.CpuMeter.start(groups)
@@ -188,7 +191,9 @@ async def run_row(ctx: Context, spec: RowSpec, repeat: int, *, profile: bool) ->
         profile_summary = await stop_profiler(profiler) if profiler else None
         await asyncio.sleep(options.settle)
         after = await w.snapshot()
-        figures = figures_of(result, meter.seconds(), before, after, idle, ended_at)
+        figures = figures_of(
+            result, cpu=meter.seconds(), before=before, after=after, idle=idle, ended_at=ended_at
+        )
         figures["in_flight"] = options.in_flight
         if profile_summary is not None:
             figures["profile"] = profile_summary
@@ -211,9 +216,7 @@ def _delta_publishes(before: dict[str, Any], after: dict[str, Any]) -> dict[str,
     return totals
 
 
-def _delta_metric(
-    before: dict[str, Any], after: dict[str, Any], name: str, **labels: str
-) -> float:
+def _delta_metric(before: dict[str, Any], after: dict[str, Any], name: str, **labels: str) -> float:
     total = 0.0
     for daemon, samples in after["metrics"].items():
         total += metric_sum(samples, name, **labels) - metric_sum(
@@ -224,6 +227,7 @@ def _delta_metric(
 
 def figures_of(
     result: RunResult,
+    *,
     cpu: dict[str, float],
     before: dict[str, Any],
     after: dict[str, Any],
@@ -265,9 +269,7 @@ def figures_of(
     if after["pg"]:
         window = after["at"] - before["at"]
         xacts = _xacts(after["pg"]) - _xacts(before["pg"]) - idle["xact_per_s"] * window
-        figures["pg"] = {
-            key: after["pg"][key] - before["pg"].get(key, 0) for key in after["pg"]
-        }
+        figures["pg"] = {key: after["pg"][key] - before["pg"].get(key, 0) for key in after["pg"]}
         figures["xact_per_step"] = xacts / steps if steps else None
     return figures
 
@@ -308,9 +310,9 @@ async def deferred_timers(
         "cpu_ms_per_saga": {
             "broker": max(broker_net, 0.0) * 1000 / finished,
             "broker_raw": cpu.get("broker", 0.0) * 1000 / finished,
-            "orchestrator": sum(
-                v for k, v in cpu.items() if k.startswith("orchestrator")
-            ) * 1000 / finished,
+            "orchestrator": sum(v for k, v in cpu.items() if k.startswith("orchestrator"))
+            * 1000
+            / finished,
             "postgres": cpu.get("postgres", 0.0) * 1000 / finished,
         },
     }
@@ -442,13 +444,16 @@ class Profiler:
     output: Path
 
 
+def py_spy() -> str | None:
+    """The py-spy executable: on the PATH or beside this interpreter."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
 async def start_profiler(ctx: Context, w: World, label: str) -> Profiler | None:
     """Start sampling the (first) orchestrator with py-spy, if py-spy is installed."""
-    import shutil
-    import sys
-
-    binary = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(binary).exists():
+    binary = py_spy()
+    if binary is None:
         print("  note: py-spy is not installed (pip install '.[bench]'); no profile")
         return None
     output = ctx.workdir / f"{label}.pyspy.txt"
@@ -460,8 +465,7 @@ async def start_profiler(ctx: Context, w: World, label: str) -> Profiler | None:
         "--format",
         "raw",
         "--rate",
-        "200",
-        "--nonblocking",
+        "100",
         "--duration",
         str(int(ctx.options.profile_seconds)),
         "--output",

@@ -157,8 +157,7 @@ def latency_table(latency: dict[str, Any]) -> str:
     ]
     for name, values in latency["ms"].items():
         lines.append(
-            f"{name:<22}"
-            + "".join(f"{_fmt(values[p]):>8}" for p in ("p50", "p90", "p99", "max"))
+            f"{name:<22}" + "".join(f"{_fmt(values[p]):>8}" for p in ("p50", "p90", "p99", "max"))
         )
     return "\n".join(lines)
 
@@ -179,7 +178,10 @@ def profile_table(profile: dict[str, Any], top: int = 15) -> str:
     """The profile's top functions by self and by total share of samples."""
     if "error" in profile:
         return str(profile["error"])
-    lines = [f"{profile['samples']} samples (py-spy, 200 Hz, active threads only)", "by self:"]
+    lines = [
+        f"{profile['samples']} samples (py-spy record, 100 Hz, active threads only)",
+        "by self:",
+    ]
     lines += [f"  {share:5.1f}%  {name}" for name, share in profile["self"][:top]]
     lines.append("by total (inclusive):")
     lines += [f"  {share:5.1f}%  {name}" for name, share in profile["total"][:top]]

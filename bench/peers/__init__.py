@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.context import Context
 
-_LIBRARIES = {"celery": "celery", "dbos": "dbos"}
+_LIBRARIES = {"celery": "celery", "dbos-sync": "dbos", "dbos-async": "dbos"}
 
 
 def unavailable(name: str) -> str | None:
@@ -30,4 +30,4 @@ async def run(name: str, ctx: Context) -> dict[str, Any]:
         return await run_celery(ctx)
     from bench.peers.dbos_run import run_dbos
 
-    return await run_dbos(ctx)
+    return await run_dbos(ctx, name.removeprefix("dbos-"))
