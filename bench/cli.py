@@ -66,7 +66,7 @@ DEFAULTS = {
     "repeat": 3,
     "warmup": 50,
     "baseline": 5.0,
-    "timer_sagas": 1000,
+    "timer_sagas": 800,
     "timer_timeout": 120,
     "latency_seconds": 30.0,
     "rss_counts": "0,1000,5000",
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--settle", type=float, default=2.5, help="seconds for PostgreSQL stats to flush (2.5)"
     )
-    parser.add_argument("--timer-sagas", type=int, help="sagas of the timer row (1000)")
+    parser.add_argument("--timer-sagas", type=int, help="sagas of the timer row (800)")
     parser.add_argument(
         "--timer-timeout",
         type=int,

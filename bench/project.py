@@ -466,6 +466,7 @@ async def start_profiler(ctx: Context, w: World, label: str) -> Profiler | None:
         "raw",
         "--rate",
         "100",
+        "--gil",  # Python work only: not a thread preempted in a send(), not the probe thread
         "--duration",
         str(int(ctx.options.profile_seconds)),
         "--output",

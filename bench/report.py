@@ -179,7 +179,7 @@ def profile_table(profile: dict[str, Any], top: int = 15) -> str:
     if "error" in profile:
         return str(profile["error"])
     lines = [
-        f"{profile['samples']} samples (py-spy record, 100 Hz, active threads only)",
+        f"{profile['samples']} samples (py-spy record --gil, 100 Hz: samples holding the GIL)",
         "by self:",
     ]
     lines += [f"  {share:5.1f}%  {name}" for name, share in profile["self"][:top]]
