@@ -100,6 +100,9 @@ def main_table(rows: dict[str, dict[str, Any]]) -> str:
         if "skipped" in row:
             lines.append(f"{name:<22}  skipped: {row['skipped']}")
             continue
+        if not row.get("runs"):
+            lines.append(f"{name:<22}  failed in every repeat (see the log above)")
+            continue
         runs = row["runs"]
         median = row["median"]
         rates = [run["sagas_per_s"] for run in runs]
