@@ -316,6 +316,15 @@ class SagaState:
         return _SAGA_STATE.dump_json(self)
 
     @classmethod
+    def from_json(cls, text: str | bytes) -> SagaState:
+        """Read a stored document back from its JSON text, validating every field.
+
+        Raises:
+            pydantic.ValidationError: the document is not a saga state this release knows.
+        """
+        return _SAGA_STATE.validate_json(text)
+
+    @classmethod
     def from_document(cls, document: object) -> SagaState:
         """Read a stored document back, validating every field.
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from orchestrator.state import SagaState, SagaStatus
 from plumbing.codec import validation_summary
@@ -217,13 +217,23 @@ class SagaStore(Protocol):
         ...
 
 
+_OUTBOX: TypeAdapter[list[Outgoing]] = TypeAdapter(list[Outgoing])
+
+
+def outbox_json(outbox: Sequence[Outgoing]) -> str:
+    """Outbox entries as JSON text, as the stores keep them."""
+    return _OUTBOX.dump_json(list(outbox)).decode()
+
+
 def read_state(saga_id: str, document: object) -> SagaState:
-    """A stored state document, validated.
+    """A stored state, validated: a document (dict) or its JSON text.
 
     Raises:
-        SagaUnreadable: the document does not validate (damaged, or from a newer release).
+        SagaUnreadable: it does not validate (damaged, or from a newer release).
     """
     try:
+        if isinstance(document, str | bytes):
+            return SagaState.from_json(document)
         return SagaState.from_document(document)
     except ValidationError as e:
         message = f"saga {saga_id}'s state cannot be read: {validation_summary(e)}"
@@ -234,17 +244,20 @@ def read_record(
     saga_id: str,
     *,
     state: object,
-    outbox: Iterable[object],
+    outbox: Iterable[object] | str,
     version: int,
     hold: Hold | None,
 ) -> SagaRecord:
-    """A stored record from its parts, validated.
+    """A stored record from its parts (documents or JSON text), validated.
 
     Raises:
         SagaUnreadable: the state or an outbox entry does not validate.
     """
     try:
-        entries = tuple(Outgoing.model_validate(entry) for entry in outbox)
+        if isinstance(outbox, str):
+            entries = tuple(_OUTBOX.validate_json(outbox))
+        else:
+            entries = tuple(Outgoing.model_validate(entry) for entry in outbox)
     except ValidationError as e:
         message = f"saga {saga_id}'s outbox cannot be read: {validation_summary(e)}"
         raise SagaUnreadable(message, saga_id=saga_id) from e

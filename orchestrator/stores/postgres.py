@@ -37,6 +37,7 @@ from orchestrator.store import (
     Listed,
     SagaFilter,
     SagaRecord,
+    outbox_json,
     read_record,
     read_state,
 )
@@ -98,8 +99,8 @@ _COLUMNS: Final[dict[str, _Column]] = {
     "status": lambda record, _: record.state.status.value,
     "version": lambda record, _: record.version,
     "definition_version": lambda record, _: record.state.definition_version,
-    "state": lambda record, _: record.state.to_document(),
-    "outbox": lambda record, _: [entry.model_dump(mode="json") for entry in record.outbox],
+    "state": lambda record, _: record.state.to_json().decode(),
+    "outbox": lambda record, _: outbox_json(record.outbox),
     "next_due_at": lambda record, _: record.next_due_at,
     "outbox_since": lambda record, _: record.outbox_since,
     "created_at": lambda record, _: record.state.created_at,
@@ -112,9 +113,20 @@ _COLUMNS: Final[dict[str, _Column]] = {
 }
 
 
+# The JSON columns travel as JSON text that pydantic wrote and reads back itself: no dicts in
+# between, and no second encoder (the PostgreSQL parameter is text, cast to jsonb).
+_AS_JSON: Final = frozenset({"state", "outbox"})
+
+
+def _parameter(column: str, position: int) -> str:
+    return f"${position}::text::jsonb" if column in _AS_JSON else f"${position}"
+
+
 def _insert_statement() -> str:
     columns = ", ".join(["saga_id", *_COLUMNS])
-    parameters = ", ".join(f"${n}" for n in range(1, len(_COLUMNS) + 2))
+    parameters = ", ".join(
+        ["$1", *(_parameter(column, n) for n, column in enumerate(_COLUMNS, start=2))]
+    )
     # Only our own column names are spliced in; every value is a parameter.
     return f"""
         INSERT INTO "{{table}}" ({columns}) VALUES ({parameters})
@@ -145,13 +157,13 @@ def _save_statement(*, dropping: bool) -> str:
             # have published and marked an older entry since this writer loaded the row, and
             # writing that entry back would send it twice.
             kept = _KEPT.replace("${drop}", f"${drop}") if dropping else "outbox"
-            assignments.append(f"outbox = {kept} || ${position}::jsonb")
+            assignments.append(f"outbox = {kept} || {_parameter(column, position)}")
         elif column == "outbox_since":
             # LEAST ignores NULLs: no stored or no new entries.
             since = _KEPT_SINCE.replace("${drop}", f"${drop}") if dropping else "outbox_since"
             assignments.append(f"outbox_since = LEAST({since}, ${position})")
         else:
-            assignments.append(f"{column} = ${position}")
+            assignments.append(f"{column} = {_parameter(column, position)}")
     return f"""
         UPDATE "{{table}}" SET {", ".join(assignments)}
         WHERE saga_id = $1 AND version = $2
@@ -164,8 +176,9 @@ _SQL: Final = {
     "save": _save_statement(dropping=False),
     "save_dropping": _save_statement(dropping=True),
     "load": """
-        SELECT version, state, outbox, held_reason, held_since, held_for FROM "{table}"
-        WHERE saga_id = $1
+        SELECT version, state::text AS state, outbox::text AS outbox,
+               held_reason, held_since, held_for
+        FROM "{table}" WHERE saga_id = $1
     """,
     "hold": """
         UPDATE "{table}" SET held_reason = $2, held_since = $3, held_for = $4, next_due_at = NULL
@@ -217,7 +230,8 @@ _SQL: Final = {
         LIMIT $2
     """,
     "find": """
-        SELECT saga_id, state, held_reason, held_since, held_for FROM "{table}" {where}
+        SELECT saga_id, state::text AS state, held_reason, held_since, held_for
+        FROM "{table}" {where}
         ORDER BY updated_at DESC, saga_id DESC
         LIMIT $1
     """,
