@@ -1,9 +1,10 @@
 """The saga store contract: one suite, run against every store.
 
 Stores: ``memory`` (the reference), ``postgres`` (the server on this machine; a table per test),
-``mongomock`` (the Mongo adapter over an async facade on mongomock) and ``mongo`` (a real
-server, only when ``SAGA_TEST_MONGO_URL`` is set; a database per test). Saga states are built
-with the real engine from the example order saga, so the stores hold what production holds.
+``mongomock`` (the Mongo adapter over an async facade on mongomock) and ``mongo`` (the server
+``SAGA_TEST_MONGO_URL`` names: SecantusDB under ``.ci/run``, MongoDB in the hosted workflow;
+a database per test). Saga states are built with the real engine from the example order saga,
+so the stores hold what production holds.
 
 Times are whole seconds (BSON dates keep milliseconds, as the Mongo store documents), and
 start from today: MongoDB's TTL index (and mongomock's) deletes a finished saga whose
@@ -16,7 +17,6 @@ import asyncio
 import contextlib
 import gc
 import inspect
-import os
 import socket
 import time
 import warnings
@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import bson
 import pytest
@@ -49,6 +48,7 @@ from orchestrator.stores.postgres import ACTIVE_STATUSES, PostgresStore
 from plumbing.errors import ConfigError, StoreUnavailable
 from plumbing.transport import Outgoing
 from plumbing.urls import redact_url
+from tests.conftest import with_database
 from tests.support.mongomock_async import (
     AsyncMongoMockClient,
     AsyncMongoMockCollection,
@@ -56,7 +56,6 @@ from tests.support.mongomock_async import (
     AsyncMongoMockDatabase,
 )
 
-MONGO_URL = os.environ.get("SAGA_TEST_MONGO_URL")
 T0 = datetime.now(UTC).replace(microsecond=0)
 ORDER = {
     "customer_id": "c-1",
@@ -188,13 +187,6 @@ class Backend:
     stored_bytes: Callable[[str], Awaitable[int]]
 
 
-def with_database(url: str, name: str) -> str:
-    """``url`` naming the database ``name`` (keeping credentials and options)."""
-    parts = urlsplit(url)
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{parts.netloc}/{name}{query}"
-
-
 @contextlib.asynccontextmanager
 async def memory_backend(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Backend]:
     store = MemoryStore()
@@ -245,8 +237,8 @@ async def mongomock_backend(request: pytest.FixtureRequest, unique: str) -> Asyn
 
 @contextlib.asynccontextmanager
 async def mongo_backend(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Backend]:
-    assert MONGO_URL is not None
-    store = MongoStore.from_url(with_database(MONGO_URL, f"saga_test_{unique}"))
+    url = with_database(request.getfixturevalue("mongo_url"), f"saga_test_{unique}")
+    store = MongoStore.from_url(url)
     try:
         yield Backend(store, mongo_sizer(store))
     finally:
@@ -267,10 +259,7 @@ BACKENDS = {
         "memory",
         pytest.param("postgres", marks=pytest.mark.postgres),
         "mongomock",
-        pytest.param(
-            "mongo",
-            marks=pytest.mark.skipif(MONGO_URL is None, reason="SAGA_TEST_MONGO_URL is not set"),
-        ),
+        "mongo",
     ]
 )
 async def backend(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Backend]:
