@@ -374,6 +374,63 @@ async def test_fifty_concurrent_writers_lose_no_update(store: SagaStore) -> None
     assert conflicts > 0, "the writers never raced, so the test proved nothing"
 
 
+async def test_saves_and_marks_racing_leave_the_relay_the_unpublished_entries(
+    store: SagaStore,
+) -> None:
+    """Saves append while relays mark published, in any order: what is left is exactly the
+    unpublished entries, in commit order, and the relay's queries see their oldest time."""
+    first = started("race-2")
+    await store.create(first)
+    writers = 20
+    # The relays publish the saga's own entries and the older half of the writers': a relay
+    # field derived from anything but the outbox as it ends up would show an older time.
+    published = set(ids(first.outbox)) | {f"writer-{n}" for n in range(writers // 2)}
+    committed: dict[int, str] = {}  # version -> the outbox entry its save added
+    conflicts = marks_while_saving = 0
+
+    async def writer(n: int) -> None:
+        nonlocal conflicts
+        added = message(f"writer-{n}", T0 + timedelta(seconds=n + 1))
+        while True:
+            current = await store.load("race-2")
+            assert current is not None
+            await asyncio.sleep(0)  # deciding takes a moment: relays and writers get in between
+            if await store.save(
+                SagaRecord(current.state, current.version + 1, (added,)), current.version
+            ):
+                committed[current.version + 1] = added.message_id
+                return
+            conflicts += 1
+
+    async def relay() -> None:
+        nonlocal marks_while_saving
+        while True:
+            finished = len(committed) == writers  # before the load: it then sees every entry
+            current = await store.load("race-2")
+            assert current is not None
+            due = [message_id for message_id in ids(current.outbox) if message_id in published]
+            if due:
+                marks_while_saving += not finished
+                await store.mark_published("race-2", due)
+            elif finished:
+                return
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(writer(n) for n in range(writers)), relay(), relay())
+
+    final = await store.load("race-2")
+    assert final is not None
+    assert final.version == writers + 1
+    unpublished = [committed[v] for v in sorted(committed) if committed[v] not in published]
+    assert ids(final.outbox) == unpublished
+    oldest = T0 + timedelta(seconds=writers // 2 + 1)  # the oldest entry no relay publishes
+    assert await store.unpublished(oldest - timedelta(seconds=1), 10) == []
+    assert await store.unpublished(oldest, 10) == [final]
+    assert await store.outbox_backlog() == (writers // 2, oldest)
+    assert conflicts > 0, "the writers never raced, so the test proved nothing"
+    assert marks_while_saving > 0, "no relay marked while writers saved: nothing was raced"
+
+
 # --- Outbox -----------------------------------------------------------------------------------
 
 
