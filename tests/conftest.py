@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from pymongo import AsyncMongoClient
 
 from plumbing.logs import configure_logging
 
@@ -141,8 +142,6 @@ async def database_url(postgres_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 async def mongo_database_url(mongo_url: str) -> AsyncIterator[str]:
     """A MongoDB URL on a database of its own, dropped afterwards."""
-    from pymongo import AsyncMongoClient
-
     url = with_database(mongo_url, f"saga_e2e_{uuid.uuid4().hex[:10]}")
     try:
         yield url
