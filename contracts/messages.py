@@ -81,6 +81,11 @@ class ErrorDetail(BaseModel):
     message: str = ""
     code: str | None = None
 
+    @property
+    def summary(self) -> str:
+        """``type: message``, or the type alone when there is no message."""
+        return f"{self.type}: {self.message}" if self.message else self.type
+
 
 class CommandEnvelope(Contract):
     """A command from the orchestrator to a participant service."""
@@ -100,7 +105,44 @@ class CommandEnvelope(Contract):
     deadline: datetime | None = Field(
         default=None, description="After this instant the participant must not execute it."
     )
+    pickup_by: datetime | None = Field(
+        default=None,
+        description="Set when the step has a dispatch timeout: the participant acknowledges "
+        "picking the command up (PickedUp) and must not start it after this instant.",
+    )
+    heartbeat_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Set when the step expects heartbeats: seconds without one after which "
+        "the attempt times out.",
+    )
     traceparent: str | None = None
+    tracestate: str | None = Field(default=None, max_length=512)
+
+
+class PickedUp(Contract):
+    """A participant took a command off its queue (sent only when the command asks)."""
+
+    kind: Literal["picked_up"] = "picked_up"
+    message_id: str
+    saga_id: str
+    step: str
+    direction: Direction
+    attempt: int = Field(ge=1)
+    sent_at: datetime
+
+
+class Heartbeat(Contract):
+    """A long-running handler is still working on a command attempt."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    message_id: str
+    saga_id: str
+    step: str
+    direction: Direction
+    attempt: int = Field(ge=1)
+    details: str | None = Field(default=None, max_length=1000)
+    sent_at: datetime
 
 
 class Reply(Contract):
@@ -154,7 +196,20 @@ class StartSaga(Contract):
     saga_type: str
     saga_id: str = Field(min_length=1, max_length=200)
     data: JsonObject
+    version: int | None = Field(
+        default=None, ge=1, description="The definition version to run; default: the newest."
+    )
+    reply_to: str | None = Field(
+        default=None,
+        description="The requester's queue: the orchestrator answers there (StartAnswer).",
+    )
+    watch: bool = Field(
+        default=False, description="Also send the saga's outcome to reply_to when it ends."
+    )
     traceparent: str | None = None
+    tracestate: str | None = Field(
+        default=None, max_length=512, description="W3C tracestate, kept with the traceparent."
+    )
 
 
 def command_message_id(saga_id: str, step: str, direction: Direction, attempt: int) -> str:
@@ -162,9 +217,16 @@ def command_message_id(saga_id: str, step: str, direction: Direction, attempt: i
     return f"{saga_id}:{step}:{direction.value}:{attempt}"
 
 
-def idempotency_key(saga_id: str, step: str, direction: Direction) -> str:
-    """The participant-side key that is the same on every attempt of a step's direction."""
+def idempotency_key(saga_id: str, step: str, direction: Direction, generation: int = 1) -> str:
+    """The participant-side key that is the same on every attempt of a step's direction.
+
+    An operator's retry of a refused compensation starts a new ``generation`` with a key of
+    its own (``comp.2:...``), so the participant runs it again instead of replaying its stored
+    refusal; the part after the first ``:`` names the saga and step either way.
+    """
     prefix = "fwd" if direction is Direction.FORWARD else "comp"
+    if generation > 1:
+        prefix = f"{prefix}.{generation}"
     return f"{prefix}:{saga_id}:{step}"
 
 

@@ -10,9 +10,10 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from contracts import names
+from contracts.events import LifecycleEvent, lifecycle_event_adapter
 from contracts.messages import StartSaga
 from orchestrator import demo as demos
-from orchestrator.cli import print_json
+from orchestrator.cli import EXIT_SAGA_FAILED, print_json
 from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
 from orchestrator.loader import load_app
 from orchestrator.runtime import OperatorAction, Orchestrator
@@ -27,7 +28,7 @@ from plumbing.delays import DelayLadder
 from plumbing.errors import ConfigError, PublishFailed, SagaNotFound
 from plumbing.logs import configure_logging
 from plumbing.settings import load_settings
-from plumbing.topology import Topology, orchestrator_topology
+from plumbing.topology import Topology, client_topology, orchestrator_topology
 from plumbing.transport import Outgoing
 from plumbing.urls import redact_url
 
@@ -97,7 +98,8 @@ async def participant(args: argparse.Namespace) -> int:
 
 
 async def start(args: argparse.Namespace) -> int:
-    """``saga start``: send a start request over RabbitMQ."""
+    """``saga start``: ask the orchestrator to start a saga; wait for its answer (and end)."""
+    from orchestrator.client import SagaClient
     from plumbing.daemons import rabbit_transport
 
     settings = _quiet_settings()
@@ -108,21 +110,49 @@ async def start(args: argparse.Namespace) -> int:
     if not isinstance(data, dict):
         raise ConfigError("--data must be a JSON object")
     traceparent = tracing.continue_or_start(args.traceparent)
-    request = StartSaga(
-        saga_type=args.saga_type, saga_id=args.saga_id, data=data, traceparent=traceparent
-    )
     transport = rabbit_transport(settings)
-    try:
-        policy = settings.queue_policy
-        await transport.declare(orchestrator_topology((), policy))
-        await transport.publish(start_message(request, SystemClock().now()))
-    finally:
-        await transport.close()
-    print(
-        f"start request for {args.saga_type} {args.saga_id} confirmed by the broker "
-        f"(trace {tracing.trace_id(traceparent)})"
+    if args.no_wait:
+        request = StartSaga(
+            saga_type=args.saga_type,
+            saga_id=args.saga_id,
+            data=data,
+            version=args.version,
+            traceparent=traceparent,
+        )
+        try:
+            await transport.declare(client_topology(settings.queue_policy))
+            await transport.publish(start_message(request, SystemClock().now()))
+        finally:
+            await transport.close()
+        print(
+            f"start request for {args.saga_type} {args.saga_id} confirmed by the broker "
+            f"(trace {tracing.trace_id(traceparent)}); not waiting for the orchestrator"
+        )
+        return 0
+    client = SagaClient(
+        settings.amqp_url or "",
+        answer_timeout=args.timeout,
+        policy=settings.queue_policy,
+        transport=transport,
     )
-    return 0
+    async with client:
+        handle = await client.start(
+            args.saga_type, args.saga_id, data, version=args.version, traceparent=traceparent
+        )
+        said = "already started" if handle.status.value == "already_started" else "started"
+        print(f"saga {args.saga_id} {said} ({args.saga_type} v{handle.version})")
+        if not args.wait:
+            return 0
+        outcome = await handle.result(timeout=args.timeout)
+    if args.json:
+        print_json(outcome.model_dump(mode="json"))
+    else:
+        print(f"saga {args.saga_id} {outcome.status}")
+        if outcome.failure_reason:
+            print(f"  reason: {outcome.failure_reason}")
+        for step, result in outcome.results.items():
+            print(f"  {step}: {json.dumps(result, sort_keys=True)}")
+    return 0 if outcome.status == "completed" else EXIT_SAGA_FAILED
 
 
 @asynccontextmanager
@@ -148,20 +178,36 @@ async def ls(args: argparse.Namespace) -> int:
                 f"--status {args.status!r} is not a status; use one of {known}"
             ) from e
     async with _store(settings) as store:
-        states = await store.list(
-            SagaFilter(status=status, saga_type=args.saga_type, limit=args.limit)
+        listed = await store.find(
+            SagaFilter(
+                status=status,
+                saga_type=args.saga_type,
+                version=args.version,
+                held=True if args.held else None,
+                limit=args.limit,
+            )
         )
     if args.json:
-        print_json({"sagas": [state.summary(with_history=False) for state in states]})
+        print_json({"sagas": [item.summary() for item in listed]})
         return 0
-    if not states:
+    if not listed:
         print(f"no sagas in {redact_url(settings.store_url)} match")
         return 0
-    widths = (28, 22, 13, 34)
-    print(_row(("SAGA ID", "TYPE", "STATUS", "STEP", "UPDATED"), widths))
-    for state in states:
-        updated = f"{state.updated_at:%Y-%m-%d %H:%M:%S}"
-        cells = (state.saga_id, state.saga_type, state.status.value, _current_step(state), updated)
+    widths = (28, 22, 4, 13, 34)
+    print(_row(("SAGA ID", "TYPE", "VER", "STATUS", "STEP", "UPDATED / HELD"), widths))
+    for item in listed:
+        state = item.state
+        last = f"{state.updated_at:%Y-%m-%d %H:%M:%S}"
+        if item.hold is not None:
+            last = f"HELD: {item.hold.reason}"
+        cells = (
+            state.saga_id,
+            state.saga_type,
+            f"v{state.definition_version}",
+            state.status.value,
+            _current_step(state),
+            last,
+        )
         print(_row(cells, widths))
     return 0
 
@@ -186,11 +232,16 @@ async def show(args: argparse.Namespace) -> int:
     if record is None:
         raise SagaNotFound(f"no saga has id {args.saga_id!r} in {redact_url(settings.store_url)}")
     if args.json:
-        print_json(record.state.summary())
-    else:
-        demos.render_timeline(record.state, sys.stdout)
-        if record.outbox:
-            print(f"  ({len(record.outbox)} message(s) waiting in the outbox)")
+        print_json(record.summary())
+        return 0
+    demos.render_timeline(record.state, sys.stdout)
+    print(f"  definition: {record.state.saga_type} v{record.state.definition_version}")
+    if record.hold is not None:
+        print(f"  HELD since {record.hold.since:%Y-%m-%d %H:%M:%S}: {record.hold.reason}")
+        if record.state.inbox:
+            print(f"  {len(record.state.inbox)} reply(ies) kept for when it resumes")
+    if record.outbox:
+        print(f"  ({len(record.outbox)} message(s) waiting in the outbox)")
     return 0
 
 
@@ -215,7 +266,8 @@ class _OutboxOnly:
         """Nothing to release."""
 
 
-async def _operate(args: argparse.Namespace, action: OperatorAction) -> int:
+async def _operate(args: argparse.Namespace, action: OperatorAction | None) -> int:
+    """Apply an operator action (``None``: resume) and say what it changed."""
     settings = _quiet_settings()
     app = load_app(args.app or settings.app, settings.step_timeouts)
     async with _store(settings) as store:
@@ -230,7 +282,10 @@ async def _operate(args: argparse.Namespace, action: OperatorAction) -> int:
             before = await store.load(args.saga_id)
             if before is None:
                 raise SagaNotFound(f"no saga has id {args.saga_id!r}")
-            after = await engine.operate(args.saga_id, action)
+            if action is None:
+                after = await engine.resume(args.saga_id, to_version=args.to_version)
+            else:
+                after = await engine.operate(args.saga_id, action)
             record = await store.load(args.saga_id)
         finally:
             await transport.close()
@@ -239,6 +294,11 @@ async def _operate(args: argparse.Namespace, action: OperatorAction) -> int:
         waiting = len(record.outbox)
         print(f"  {waiting} message(s) wait in the outbox; the orchestrator daemon sends them")
     return 0
+
+
+async def resume(args: argparse.Namespace) -> int:
+    """``saga resume``: carry a held saga on, optionally on another definition version."""
+    return await _operate(args, None)
 
 
 async def retry(args: argparse.Namespace) -> int:
@@ -280,3 +340,46 @@ async def topology(args: argparse.Namespace) -> int:
         f"{len(full.bindings)} bindings on {redact_url(settings.amqp_url or '')}"
     )
     return 0
+
+
+async def watch(args: argparse.Namespace) -> int:
+    """``saga watch``: stream lifecycle events to the terminal as they are published."""
+    from plumbing.daemons import rabbit_transport
+
+    settings = _quiet_settings()
+    transport = rabbit_transport(settings)
+    key = f"{args.saga_type or '*'}.{args.event or '*'}"
+    seen = 0
+    try:
+        connection = await transport.connect()
+        channel = connection.channel()
+        await channel.initialize()
+        exchange = await channel.declare_exchange(names.EVENTS_EXCHANGE, "topic", durable=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=key)
+        print(f"watching {key} on {redact_url(settings.amqp_url or '')}", file=sys.stderr)
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                event = lifecycle_event_adapter.validate_json(message.body)
+                if args.json:
+                    print(event.model_dump_json(exclude_none=True), flush=True)
+                else:
+                    print(_event_line(event), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+    finally:
+        await transport.close()
+    return 0
+
+
+def _event_line(event: LifecycleEvent) -> str:
+    subject = event.step or ""
+    if event.attempt is not None:
+        subject += f" #{event.attempt}"
+    line = (
+        f"{event.at:%H:%M:%S.%f}"[:-3]
+        + f"  {event.saga_type:<20} {event.saga_id:<24} {event.event.value:<26} {subject:<24}"
+    )
+    return (line + (f" {event.detail}" if event.detail else "")).rstrip()

@@ -24,8 +24,8 @@ Rules worth knowing before reading the code:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import partial
@@ -33,26 +33,23 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from contracts.events import EVENT_CLASSES, EventName, LifecycleEvent
+from contracts.events import EventName, LifecycleEvent
 from contracts.messages import (
-    Command,
     CommandEnvelope,
     Direction,
     ErrorDetail,
+    Heartbeat,
     JsonObject,
+    PickedUp,
     Reply,
     ReplyStatus,
     TimerKind,
     TimerMessage,
-    command_message_id,
-    idempotency_key,
-    timer_message_id,
 )
-from contracts.names import REPLIES_ROUTING_KEY
 from orchestrator.definition import Saga, Step, StepKind
-from orchestrator.effects import Effect, PublishEvent, ScheduleTimer, SendCommand
+from orchestrator.effects import Effect, MessageBuilder, PublishEvent, SendCommand
 from orchestrator.state import HistoryEntry, SagaState, SagaStatus, StepState, StepStatus
-from plumbing import tracing
+from plumbing.codec import validation_summary
 from plumbing.errors import ActionRefused, InvalidSagaData
 
 HISTORY_LIMIT = 200
@@ -74,6 +71,13 @@ class ReplyReceived:
     """A participant answered a command attempt."""
 
     reply: Reply
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A participant picked a command up, or sent a heartbeat while working on it."""
+
+    message: PickedUp | Heartbeat
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,27 @@ class OperatorResolve:
     note: str = "resolved by an operator"
 
 
-Event = Start | ReplyReceived | Wakeup | OperatorRetry | OperatorAbort | OperatorResolve
+@dataclass(frozen=True)
+class Watch:
+    """A client wants the saga's outcome sent to its queue when the saga ends."""
+
+    reply_to: str
+
+
+Event = (
+    Start
+    | ReplyReceived
+    | Progress
+    | Wakeup
+    | OperatorRetry
+    | OperatorAbort
+    | OperatorResolve
+    | Watch
+)
 """Everything that can happen to a saga."""
+
+WATCHERS_LIMIT = 16
+"""Clients' queues kept per saga; a newer watcher pushes the oldest out."""
 
 
 class Outcome(StrEnum):
@@ -113,6 +136,8 @@ class Outcome(StrEnum):
     LATE_REPLY = "late_reply"
     STALE_TIMER = "stale_timer"
     REARMED = "rearmed"
+    HELD = "held"
+    """Not decided: the saga is held (the shell kept a reply for when it resumes)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +170,8 @@ def new_saga(
     now: datetime,
     *,
     traceparent: str | None = None,
+    tracestate: str | None = None,
+    watchers: tuple[str, ...] = (),
 ) -> SagaState:
     """The state of a saga that has been accepted but not started.
 
@@ -155,20 +182,25 @@ def new_saga(
         try:
             clean: JsonObject = saga.data.model_validate(dict(data)).model_dump(mode="json")
         except ValidationError as e:
-            raise InvalidSagaData(f"data for saga type {saga.name!r} is invalid: {e}") from e
+            raise InvalidSagaData(
+                f"data for saga type {saga.name!r} is invalid: {validation_summary(e)}"
+            ) from e
     else:
         clean = dict(data)
-    deadline = saga.deadline_delta
     return SagaState(
         saga_id=saga_id,
         saga_type=saga.name,
         status=SagaStatus.STARTED,
         data=clean,
-        steps=tuple(StepState(name=step.name) for step in saga.typed_steps),
+        steps=tuple(StepState(name=step.name) for step in saga.steps),
         created_at=now,
         updated_at=now,
-        deadline_at=now + deadline if deadline is not None else None,
+        deadline_at=now + saga.deadline if saga.deadline is not None else None,
         traceparent=traceparent,
+        tracestate=tracestate,
+        definition_version=saga.version,
+        definition_fingerprint=saga.fingerprint,
+        watchers=watchers[-WATCHERS_LIMIT:],
     )
 
 
@@ -179,10 +211,11 @@ def start_saga(
     now: datetime,
     *,
     traceparent: str | None = None,
+    watchers: tuple[str, ...] = (),
     history_limit: int = HISTORY_LIMIT,
 ) -> Decision:
     """Accept a saga and dispatch its first step (``new_saga`` then ``Start``)."""
-    state = new_saga(saga, saga_id, data, now, traceparent=traceparent)
+    state = new_saga(saga, saga_id, data, now, traceparent=traceparent, watchers=watchers)
     return decide(state, Start(), now, saga, history_limit=history_limit)
 
 
@@ -202,11 +235,12 @@ def decide(
     change = _Change(saga, state, now)
     match event:
         case Start():
-            change.event(EventName.SAGA_STARTED, data=state.data)
-            change.dispatch(0, attempt=1)
+            change.start()
             outcome = Outcome.APPLIED
         case ReplyReceived(reply=reply):
             outcome = change.on_reply(reply)
+        case Progress(message=message):
+            outcome = change.on_progress(message)
         case Wakeup(timer=timer):
             outcome = change.on_wakeup(timer)
         case OperatorRetry():
@@ -218,19 +252,45 @@ def decide(
         case OperatorResolve(note=note):
             change.operator_resolve(note)
             outcome = Outcome.APPLIED
+        case Watch(reply_to=reply_to):
+            change.watch(reply_to)
+            outcome = Outcome.APPLIED
     return change.decision(outcome, history_limit)
+
+
+def replay(
+    state: SagaState,
+    events: Sequence[Event],
+    now: datetime,
+    saga: Saga,
+    *,
+    history_limit: int = HISTORY_LIMIT,
+) -> tuple[Decision, ...]:
+    """Apply ``events`` in turn, each to the state the previous one left: how a held saga
+    catches up on the replies it kept when it resumes."""
+    decisions = []
+    for event in events:
+        decision = decide(state, event, now, saga, history_limit=history_limit)
+        decisions.append(decision)
+        state = decision.state
+    return tuple(decisions)
 
 
 # --- The working copy ------------------------------------------------------------------------
 
 
 class _Change:
-    """A mutable scratch copy of one saga for the duration of one ``decide`` call."""
+    """A mutable scratch copy of one saga for the duration of one ``decide`` call.
+
+    Its fields are the parts of the state a decision may change; steps change only through
+    :class:`StepState`'s named transitions.
+    """
 
     def __init__(self, saga: Saga, state: SagaState, now: datetime) -> None:
         self.saga = saga
         self.original = state
         self.now = now
+        self.messages = MessageBuilder(state, now)
         self.status = state.status
         self.steps = list(state.steps)
         self.results = state.results
@@ -238,6 +298,7 @@ class _Change:
         self.finished_at = state.finished_at
         self.failure_reason = state.failure_reason
         self.history = list(state.history)
+        self.watchers = state.watchers
         self.effects: list[Effect] = []
 
     # -- bookkeeping --
@@ -249,65 +310,50 @@ class _Change:
             excess = len(history) - history_limit
             history = [history[0], *history[1 + excess :]]
             dropped += excess
-        state = self.original.model_copy(
-            update={
-                "status": self.status,
-                "steps": tuple(self.steps),
-                "results": self.results,
-                "deadline_at": self.deadline_at,
-                "finished_at": self.finished_at,
-                "failure_reason": self.failure_reason,
-                "history": tuple(history),
-                "history_dropped": dropped,
-            }
+        state = replace(
+            self.original,
+            status=self.status,
+            steps=tuple(self.steps),
+            results=self.results,
+            deadline_at=self.deadline_at,
+            finished_at=self.finished_at,
+            failure_reason=self.failure_reason,
+            history=tuple(history),
+            history_dropped=dropped,
+            watchers=self.watchers,
         )
+        if self.status is not self.original.status and not self.status.is_active:
+            # Ended or stuck: watching clients learn how. Once it has ended for good nobody
+            # needs to be told again; a stuck saga keeps its watchers for the real end.
+            self.effects.extend(self.messages.outcomes(state))
+            if self.status.is_terminal:
+                state = replace(state, watchers=())
         # Compare the state itself, not just effects and history: some transitions only
         # clear a due time, and losing that write would make the sweep fire it forever.
         changed = bool(self.effects) or state != self.original
-        state = state.model_copy(update={"updated_at": self.now}) if changed else self.original
+        state = replace(state, updated_at=self.now) if changed else self.original
         return Decision(state=state, effects=tuple(self.effects), outcome=outcome, changed=changed)
 
-    def event(
+    def record(
         self,
         name: EventName,
         *,
         step: str | None = None,
         attempt: int | None = None,
         detail: str | None = None,
-        **extra: Any,
+        **extra: object,
     ) -> None:
+        """Append ``name`` to the history and publish it as a lifecycle event."""
         sequence = self.original.history_dropped + len(self.history)
         self.history.append(
             HistoryEntry(event=name, at=self.now, step=step, attempt=attempt, detail=detail)
         )
-        cls = EVENT_CLASSES[name]
         self.effects.append(
-            PublishEvent(
-                cls(
-                    event_id=(event_id := f"{self.original.saga_id}:{sequence}"),
-                    saga_id=self.original.saga_id,
-                    saga_type=self.original.saga_type,
-                    at=self.now,
-                    step=step,
-                    attempt=attempt,
-                    detail=detail,
-                    traceparent=self.span(event_id),
-                    **extra,
-                )
-            )
+            self.messages.event(name, sequence, step=step, attempt=attempt, detail=detail, **extra)
         )
 
-    def span(self, message_id: str) -> str | None:
-        """The trace context of one message: the saga's trace, a span per message id."""
-        root = self.original.traceparent
-        return None if root is None else tracing.child(root, message_id)
-
-    def set_step(self, index: int, **updates: Any) -> StepState:
-        self.steps[index] = self.steps[index].model_copy(update=updates)
-        return self.steps[index]
-
     def definition(self, index: int) -> Step:
-        return self.saga.typed_steps[index]
+        return self.saga.steps[index]
 
     def index_of(self, name: str) -> int | None:
         return self.saga.index.get(name)
@@ -315,142 +361,145 @@ class _Change:
     def context(self, upto: int) -> JsonObject:
         """Start data plus the results of the first ``upto`` steps, later ones winning."""
         context = dict(self.original.data)
-        for step in self.saga.typed_steps[:upto]:
+        for step in self.saga.steps[:upto]:
             context.update(self.results.get(step.name, {}))
         return context
 
     def past_point_of_no_return(self) -> bool:
-        for definition, step in zip(self.saga.typed_steps, self.steps, strict=True):
-            kind = definition.step_kind
-            if kind is StepKind.PIVOT and step.status is StepStatus.COMPLETED:
+        for definition, step in zip(self.saga.steps, self.steps, strict=True):
+            if definition.kind is StepKind.PIVOT and step.status is StepStatus.COMPLETED:
                 return True
-            if kind is StepKind.RETRIABLE and step.status is not StepStatus.NOT_STARTED:
+            if definition.kind is StepKind.RETRIABLE and step.status is not StepStatus.NOT_STARTED:
                 return True
         return False
 
     def running_pivot(self) -> Step | None:
-        for definition, step in zip(self.saga.typed_steps, self.steps, strict=True):
-            if definition.step_kind is StepKind.PIVOT and step.status in (
+        for definition, step in zip(self.saga.steps, self.steps, strict=True):
+            if definition.kind is StepKind.PIVOT and step.status in (
                 StepStatus.RUNNING,
                 StepStatus.RETRY_SCHEDULED,
             ):
                 return definition
         return None
 
-    def forward_index(self) -> int | None:
-        """The step going forward right now (running or waiting for its retry)."""
-        for index, step in enumerate(self.steps):
-            if step.status in (StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED):
-                return index
-        return None
+    def forward_indices(self) -> list[int]:
+        """The steps going forward right now (running or waiting for a retry): one, or the
+        members of a group."""
+        return [
+            index
+            for index, step in enumerate(self.steps)
+            if step.status in (StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED)
+        ]
 
-    def envelope(
-        self,
-        index: int,
-        *,
-        command: type[Command],
-        direction: Direction,
-        attempt: int,
-        upto: int,
-        timeout: timedelta,
-    ) -> CommandEnvelope:
-        name = self.definition(index).name
-        saga_id = self.original.saga_id
-        payload = command.model_validate(self.context(upto)).model_dump(mode="json")
-        message_id = command_message_id(saga_id, name, direction, attempt)
-        return CommandEnvelope(
-            message_id=message_id,
-            saga_id=saga_id,
-            saga_type=self.original.saga_type,
-            step=name,
-            command=command.name(),
-            direction=direction,
-            attempt=attempt,
-            idempotency_key=idempotency_key(saga_id, name, direction),
-            payload=payload,
-            reply_to=REPLIES_ROUTING_KEY,
-            sent_at=self.now,
-            deadline=self.now + timeout,
-            traceparent=self.span(message_id),
-        )
+    def forward_status(self) -> SagaStatus:
+        """``started`` while a command is out, ``pending`` while only retries are waiting."""
+        running = any(step.status is StepStatus.RUNNING for step in self.steps)
+        return SagaStatus.STARTED if running else SagaStatus.PENDING
 
     def timer(self, kind: TimerKind, step: str | None, attempt: int, due: datetime) -> None:
-        saga_id = self.original.saga_id
-        message_id = timer_message_id(saga_id, kind, step, attempt)
-        self.effects.append(
-            ScheduleTimer(
-                TimerMessage(
-                    message_id=message_id,
-                    saga_id=saga_id,
-                    timer=kind,
-                    step=step,
-                    attempt=attempt,
-                    due_at=due,
-                    traceparent=self.span(message_id),
-                )
-            )
-        )
+        self.effects.append(self.messages.timer(kind, step, attempt, due))
+
+    def watch(self, reply_to: str) -> None:
+        if not self.status.is_active or reply_to in self.watchers:
+            return  # an ended saga's outcome is in the snapshot the client gets anyway
+        self.watchers = (*self.watchers, reply_to)[-WATCHERS_LIMIT:]
+
+    def attempt_due(self, definition: Step, step: StepState) -> datetime:
+        """When the running attempt must have been picked up, sent a heartbeat or answered."""
+        assert step.attempt_at is not None
+        if definition.dispatch_timeout is not None and step.picked_up_at is None:
+            due = step.attempt_at + definition.dispatch_timeout
+        else:
+            began = step.picked_up_at or step.attempt_at
+            due = began + definition.timeout
+            if definition.heartbeat_timeout is not None:
+                due = min(due, (step.heartbeat_at or began) + definition.heartbeat_timeout)
+        return due if step.budget_at is None else min(due, step.budget_at)
 
     # -- going forward --
 
+    def start(self) -> None:
+        self.record(EventName.SAGA_STARTED, data=self.original.data)
+        if self.deadline_at is not None:
+            # Its own wake-up, so the deadline fires on time even without a sweep.
+            self.timer(TimerKind.SAGA_DEADLINE, None, 0, self.deadline_at)
+        self.dispatch_stage(0)
+
+    def dispatch_stage(self, stage: int) -> None:
+        """Send the first attempt of every step of ``stage`` (one step, or a group)."""
+        for index in self.saga.stages[stage]:
+            if self.status is SagaStatus.COMPENSATING:
+                return  # a member's command could not be built: the saga is going back
+            self.dispatch(index, attempt=1)
+
     def dispatch(self, index: int, attempt: int) -> None:
         definition = self.definition(index)
-        timeout = definition.forward_timeout
+        first = self.saga.stages[self.saga.stage_of[index]][0]
+        budget_at = self.steps[index].budget_at
+        if budget_at is None and definition.budget is not None:
+            budget_at = self.now + definition.budget
+        pickup_by = None
+        if definition.dispatch_timeout is not None:
+            pickup_by = self.now + definition.dispatch_timeout
+        deadline = (pickup_by or self.now) + definition.timeout
         try:
-            envelope = self.envelope(
-                index,
+            send = self.messages.command(
+                definition,
                 command=definition.command,
                 direction=Direction.FORWARD,
                 attempt=attempt,
-                upto=index,
-                timeout=timeout,
+                context=self.context(first),  # the results before its stage, not siblings'
+                deadline=deadline if budget_at is None else min(deadline, budget_at),
+                pickup_by=pickup_by,
+                heartbeat_timeout=definition.heartbeat_timeout,
             )
         except ValidationError as e:
-            self.set_step(index, status=StepStatus.RUNNING, attempt=attempt, started_at=self.now)
-            self.fail_forward(index, ErrorDetail(type="CommandBuildError", message=_brief(e)))
+            self.steps[index] = self.steps[index].unsendable(attempt, self.now)
+            error = ErrorDetail(type="CommandBuildError", message=validation_summary(e))
+            self.fail_forward(index, error)
             return
-        due = self.now + timeout
-        previous = self.steps[index]
-        self.set_step(
-            index,
-            status=StepStatus.RUNNING,
-            attempt=attempt,
-            due_at=due,
-            started_at=previous.started_at or self.now,
-        )
-        self.status = SagaStatus.STARTED
-        if definition.step_kind is StepKind.RETRIABLE:
+        running = self.steps[index].running(attempt, self.now, self.now, budget_at)
+        due = self.attempt_due(definition, running)
+        self.steps[index] = replace(running, due_at=due)
+        self.status = self.forward_status()
+        if definition.kind is StepKind.RETRIABLE:
             self.deadline_at = None  # past the point of no return: the deadline cannot apply
-        self.effects.append(SendCommand(definition.service, envelope))
+        self.effects.append(send)
         self.timer(TimerKind.STEP_TIMEOUT, definition.name, attempt, due)
-        self.event(EventName.STEP_STARTED, step=definition.name, attempt=attempt)
+        self.record(EventName.STEP_STARTED, step=definition.name, attempt=attempt)
 
     def complete_forward(self, index: int, result: JsonObject) -> None:
         definition = self.definition(index)
         self.results = {**self.results, definition.name: result}
-        self.set_step(
-            index, status=StepStatus.COMPLETED, due_at=None, finished_at=self.now, error=None
-        )
-        self.event(
+        self.steps[index] = self.steps[index].completed(self.now)
+        self.record(
             EventName.STEP_COMPLETED,
             step=definition.name,
             attempt=self.steps[index].attempt,
             result=result,
         )
-        if definition.step_kind is StepKind.PIVOT:
+        if definition.kind is StepKind.PIVOT:
             self.deadline_at = None
-        if index == len(self.steps) - 1:
+        if self.status is SagaStatus.COMPENSATING:
+            self.next_compensation()  # a sibling failed meanwhile: this one is undone too
+            return
+        stage = self.saga.stage_of[index]
+        if any(self.steps[i].status is not StepStatus.COMPLETED for i in self.saga.stages[stage]):
+            self.status = self.forward_status()  # the group waits for its other members
+        elif stage == len(self.saga.stages) - 1:
             self.status = SagaStatus.COMPLETED
             self.finished_at = self.now
             self.deadline_at = None
-            self.event(EventName.SAGA_COMPLETED)
+            self.record(EventName.SAGA_COMPLETED)
         else:
-            self.dispatch(index + 1, attempt=1)
+            self.dispatch_stage(stage + 1)
 
     def errored_forward(self, index: int, error: ErrorDetail) -> None:
         definition = self.definition(index)
-        policy = definition.retry_policy
-        if definition.step_kind is StepKind.RETRIABLE or (
+        policy = definition.retry
+        if self.status is SagaStatus.COMPENSATING:
+            self.fail_forward(index, error)  # a sibling failed: no more attempts
+        elif definition.kind is StepKind.RETRIABLE or (
             policy.retries_error(error.type) and policy.allows_another(self.steps[index].attempt)
         ):
             self.schedule_retry(index, error)
@@ -460,66 +509,132 @@ class _Change:
     def schedule_retry(self, index: int, error: ErrorDetail) -> None:
         definition = self.definition(index)
         step = self.steps[index]
-        delay = definition.retry_policy.backoff(
-            step.attempt, seed=f"{self.original.saga_id}:{step.name}"
-        )
+        delay = definition.retry.backoff(step.attempt, seed=f"{self.original.saga_id}:{step.name}")
         due = self.now + delay
-        self.set_step(index, status=StepStatus.RETRY_SCHEDULED, due_at=due, error=error)
-        self.status = SagaStatus.PENDING
+        if step.budget_at is not None and due >= step.budget_at:
+            assert definition.budget is not None
+            spent = ErrorDetail(
+                type="BudgetExhausted",
+                message=f"no time left in its budget of {_seconds(definition.budget)} for "
+                f"another attempt (last: {error.summary})",
+            )
+            self.fail_forward(index, spent)
+            return
+        self.steps[index] = step.retry_scheduled(due, error)
+        self.status = self.forward_status()
         self.timer(TimerKind.RETRY, step.name, step.attempt + 1, due)
-        self.event(
+        self.record(
             EventName.STEP_RETRYING,
             step=step.name,
             attempt=step.attempt + 1,
-            detail=f"{error.type}: {error.message}" if error.message else error.type,
+            detail=error.summary,
             retry_at=due,
             error=error,
         )
 
     def fail_forward(self, index: int, error: ErrorDetail) -> None:
         definition = self.definition(index)
-        if definition.step_kind is StepKind.RETRIABLE:
+        if definition.kind is StepKind.RETRIABLE:
             self.schedule_retry(index, error)  # a retriable step never fails for good
             return
-        step = self.set_step(
-            index, status=StepStatus.FAILED, due_at=None, finished_at=self.now, error=error
-        )
-        self.event(
+        step = self.steps[index] = self.steps[index].failed(error, self.now)
+        self.record(
             EventName.STEP_FAILED,
             step=step.name,
             attempt=step.attempt,
-            detail=f"{error.type}: {error.message}" if error.message else error.type,
+            detail=error.summary,
             error=error,
         )
-        self.begin_compensation(f"step {step.name} failed ({error.type})")
+        if self.status is SagaStatus.COMPENSATING:
+            self.next_compensation()  # a sibling failed first; this one was the last to answer
+        else:
+            self.begin_compensation(f"step {step.name} failed ({error.type})")
 
     def forward_timed_out(self, index: int) -> None:
         definition = self.definition(index)
-        step = self.set_step(index, in_doubt=True)
-        timeout = definition.forward_timeout
-        self.event(
-            EventName.STEP_TIMED_OUT,
-            step=step.name,
-            attempt=step.attempt,
-            detail=f"no reply within {_seconds(timeout)}",
-        )
-        error = ErrorDetail(type="StepTimeout", message=f"no reply within {_seconds(timeout)}")
-        policy = definition.retry_policy
-        if definition.step_kind is StepKind.RETRIABLE or (
-            policy.retry_timeouts and policy.allows_another(step.attempt)
+        step = self.steps[index] = self.steps[index].doubted()
+        event, error = self.why_timed_out(definition, step)
+        self.record(event, step=step.name, attempt=step.attempt, detail=error.message)
+        policy = definition.retry
+        compensating = self.status is SagaStatus.COMPENSATING  # a sibling failed meanwhile
+        spent = error.type == "BudgetExhausted"
+        if (
+            not compensating
+            and not spent
+            and (
+                definition.kind is StepKind.RETRIABLE
+                or (policy.retry_timeouts and policy.allows_another(step.attempt))
+            )
         ):
             self.schedule_retry(index, error)
             return
-        self.set_step(
-            index, status=StepStatus.TIMED_OUT, due_at=None, finished_at=self.now, error=error
-        )
-        self.begin_compensation(f"step {step.name} timed out")
+        self.steps[index] = step.timed_out(error, self.now)
+        if compensating:
+            self.next_compensation()
+        else:
+            self.begin_compensation(f"step {step.name} timed out")
+
+    def why_timed_out(self, definition: Step, step: StepState) -> tuple[EventName, ErrorDetail]:
+        """Which limit a running attempt reached: pick-up, budget, heartbeat or reply.
+
+        Every one leaves the step in doubt: even a command reported as not picked up may
+        have been taken just now, and a participant that never ran it accepts its
+        compensation (and refuses the command afterwards).
+        """
+        if definition.dispatch_timeout is not None and step.picked_up_at is None:
+            wait = _seconds(definition.dispatch_timeout)
+            message = f"no participant picked it up within {wait}"
+            return EventName.STEP_NOT_PICKED_UP, ErrorDetail(
+                type="StepNotPickedUp", message=message
+            )
+        if step.budget_at is not None and self.now >= step.budget_at:
+            assert definition.budget is not None
+            message = f"its budget of {_seconds(definition.budget)} is spent"
+            return EventName.STEP_TIMED_OUT, ErrorDetail(type="BudgetExhausted", message=message)
+        began = step.picked_up_at or step.attempt_at
+        beat = definition.heartbeat_timeout
+        if beat is not None and began is not None and self.now < began + definition.timeout:
+            message = f"no heartbeat within {_seconds(beat)}"
+            return EventName.STEP_TIMED_OUT, ErrorDetail(type="HeartbeatTimeout", message=message)
+        message = f"no reply within {_seconds(definition.timeout)}"
+        return EventName.STEP_TIMED_OUT, ErrorDetail(type="StepTimeout", message=message)
+
+    def on_progress(self, message: PickedUp | Heartbeat) -> Outcome:
+        """A pick-up or a heartbeat moves the running attempt's due time; nothing else."""
+        index = self.index_of(message.step)
+        if index is None or message.direction is not Direction.FORWARD:
+            return Outcome.LATE_REPLY
+        step = self.steps[index]
+        if step.status is not StepStatus.RUNNING or message.attempt != step.attempt:
+            return Outcome.LATE_REPLY
+        definition = self.definition(index)
+        if isinstance(message, PickedUp):
+            if step.picked_up_at is not None:
+                return Outcome.APPLIED  # a duplicate: nothing moves, nothing is written
+            moved = step.picked_up(self.now, step.due_at or self.now)
+        else:
+            moved = step.beating(self.now, message.details, step.due_at or self.now)
+        # The timer already set fires early now; the wake-up re-arms it for the new due time.
+        self.steps[index] = replace(moved, due_at=self.attempt_due(definition, moved))
+        return Outcome.APPLIED
 
     # -- going back --
 
     def begin_compensation(self, reason: str) -> None:
         self.status = SagaStatus.COMPENSATING
         self.failure_reason = reason
+        for index, step in enumerate(self.steps):
+            if step.status is StepStatus.RETRY_SCHEDULED:
+                # A group member waiting to retry: no more attempts now the saga goes back.
+                error = ErrorDetail(type="Cancelled", message=f"not retried: {reason}")
+                self.steps[index] = step.failed(error, self.now)
+                self.record(
+                    EventName.STEP_FAILED,
+                    step=step.name,
+                    attempt=step.attempt,
+                    detail=error.summary,
+                    error=error,
+                )
         self.next_compensation()
 
     def needs_compensation(self, index: int) -> bool:
@@ -536,6 +651,8 @@ class _Change:
         )
 
     def next_compensation(self) -> None:
+        if any(step.status is StepStatus.RUNNING for step in self.steps):
+            return  # a group member's command is out: undo nothing before it has answered
         for index in range(len(self.steps) - 1, -1, -1):
             if self.needs_compensation(index):
                 self.dispatch_compensation(index, self.steps[index].compensation_attempt + 1)
@@ -543,33 +660,33 @@ class _Change:
         self.status = SagaStatus.FAILED
         self.finished_at = self.now
         self.deadline_at = None
-        self.event(EventName.SAGA_FAILED, detail=self.failure_reason)
+        self.record(EventName.SAGA_FAILED, detail=self.failure_reason)
 
     def dispatch_compensation(self, index: int, attempt: int, detail: str | None = None) -> None:
         definition = self.definition(index)
         assert definition.compensation is not None  # only called for steps that need it
-        timeout = definition.undo_timeout
         try:
-            envelope = self.envelope(
-                index,
+            send = self.messages.command(
+                definition,
                 command=definition.compensation,
                 direction=Direction.COMPENSATION,
                 attempt=attempt,
-                upto=index + 1,  # its own result, if it completed
-                timeout=timeout,
+                context=self.context(index + 1),  # its own result, if it completed
+                deadline=self.now + definition.compensation_timeout,
+                generation=self.steps[index].compensation_generation,
             )
         except ValidationError as e:
-            self.set_step(index, status=StepStatus.COMPENSATING, compensation_attempt=attempt)
-            error = ErrorDetail(type="CommandBuildError", message=_brief(e))
+            self.steps[index] = self.steps[index].compensating(
+                attempt, self.steps[index].due_at, self.now
+            )
+            error = ErrorDetail(type="CommandBuildError", message=validation_summary(e))
             self.compensation_failed(index, error, retryable=False)
             return
-        due = self.now + timeout
-        self.set_step(
-            index, status=StepStatus.COMPENSATING, compensation_attempt=attempt, due_at=due
-        )
-        self.effects.append(SendCommand(definition.service, envelope))
+        due = self.now + definition.compensation_timeout
+        self.steps[index] = self.steps[index].compensating(attempt, due, self.now)
+        self.effects.append(send)
         self.timer(TimerKind.COMPENSATION_TIMEOUT, definition.name, attempt, due)
-        self.event(
+        self.record(
             EventName.COMPENSATION_STARTED, step=definition.name, attempt=attempt, detail=detail
         )
 
@@ -578,39 +695,26 @@ class _Change:
         step = self.steps[index]
         failures = step.compensation_failures + 1
         policy = definition.compensation_retry
-        detail = f"{error.type}: {error.message}" if error.message else error.type
-        self.event(
+        self.record(
             EventName.COMPENSATION_FAILED,
             step=step.name,
             attempt=step.compensation_attempt,
-            detail=detail,
+            detail=error.summary,
             error=error,
         )
         if retryable and policy.allows_another(failures):
             delay = policy.backoff(failures, seed=f"{self.original.saga_id}:{step.name}:undo")
             due = self.now + delay
-            self.set_step(
-                index,
-                status=StepStatus.COMPENSATION_RETRY_SCHEDULED,
-                compensation_failures=failures,
-                due_at=due,
-                error=error,
-            )
+            self.steps[index] = step.compensation_retry_scheduled(due, error)
             self.timer(TimerKind.COMPENSATION_RETRY, step.name, step.compensation_attempt + 1, due)
             return
-        self.set_step(
-            index,
-            status=StepStatus.COMPENSATION_FAILED,
-            compensation_failures=failures,
-            due_at=None,
-            error=error,
-        )
+        self.steps[index] = step.compensation_failed(error)
         self.status = SagaStatus.STUCK
-        self.event(
+        self.record(
             EventName.SAGA_STUCK,
             step=step.name,
             attempt=step.compensation_attempt,
-            detail=f"compensation of {step.name} failed {failures} time(s): {detail}",
+            detail=f"compensation of {step.name} failed {failures} time(s): {error.summary}",
         )
 
     # -- replies --
@@ -621,8 +725,9 @@ class _Change:
             return self.late(reply, f"no step named {reply.step!r}")
         step = self.steps[index]
         if reply.direction is Direction.FORWARD:
+            # While compensating, a group member may still be running: its answer counts.
             if not (
-                self.status in (SagaStatus.STARTED, SagaStatus.PENDING)
+                self.status.is_active
                 and step.status is StepStatus.RUNNING
                 and reply.attempt == step.attempt
             ):
@@ -650,7 +755,8 @@ class _Change:
             try:
                 result = _clean_result(result_model, reply.result)
             except ValidationError as e:
-                self.errored_forward(index, ErrorDetail(type="InvalidResult", message=_brief(e)))
+                error = ErrorDetail(type="InvalidResult", message=validation_summary(e))
+                self.errored_forward(index, error)
                 return
             self.complete_forward(index, result)
         elif reply.status is ReplyStatus.FAILED:
@@ -661,10 +767,8 @@ class _Change:
     def on_compensation_reply(self, index: int, reply: Reply) -> None:
         step = self.steps[index]
         if reply.status is ReplyStatus.COMPLETED:
-            self.set_step(
-                index, status=StepStatus.COMPENSATED, due_at=None, finished_at=self.now, error=None
-            )
-            self.event(
+            self.steps[index] = step.compensated(self.now, clear_error=True)
+            self.record(
                 EventName.COMPENSATION_COMPLETED, step=step.name, attempt=step.compensation_attempt
             )
             self.next_compensation()
@@ -677,7 +781,7 @@ class _Change:
         self.compensation_failed(index, error, retryable=retryable)
 
     def late(self, reply: Reply, why: str) -> Outcome:
-        self.event(
+        self.record(
             EventName.LATE_REPLY,
             step=reply.step,
             attempt=reply.attempt,
@@ -735,7 +839,7 @@ class _Change:
         definition = self.definition(index)
         error = ErrorDetail(
             type="CompensationTimeout",
-            message=f"no reply within {_seconds(definition.undo_timeout)}",
+            message=f"no reply within {_seconds(definition.compensation_timeout)}",
         )
         self.compensation_failed(
             index, error, retryable=definition.compensation_retry.retry_timeouts
@@ -743,26 +847,10 @@ class _Change:
 
     def pending_due(self, timer: TimerMessage) -> datetime | None:
         """The due time of the target ``timer`` names, if the saga still waits for it."""
-        if timer.timer is TimerKind.SAGA_DEADLINE:
-            waiting = self.status in (SagaStatus.STARTED, SagaStatus.PENDING)
-            return self.deadline_at if waiting else None
-        index = self.index_of(timer.step or "")
-        if index is None:
-            return None
-        step = self.steps[index]
-        expected = {
-            TimerKind.STEP_TIMEOUT: (StepStatus.RUNNING, step.attempt),
-            TimerKind.RETRY: (StepStatus.RETRY_SCHEDULED, step.attempt + 1),
-            TimerKind.COMPENSATION_TIMEOUT: (StepStatus.COMPENSATING, step.compensation_attempt),
-            TimerKind.COMPENSATION_RETRY: (
-                StepStatus.COMPENSATION_RETRY_SCHEDULED,
-                step.compensation_attempt + 1,
-            ),
-        }[timer.timer]
-        return step.due_at if (step.status, timer.attempt) == expected else None
+        return _pending_due(timer, self.status, self.steps, self.deadline_at)
 
     def deadline_passed(self) -> None:
-        deadline = self.saga.deadline_delta
+        deadline = self.saga.deadline
         reason = f"the saga deadline ({_seconds(deadline) if deadline else '?'}) passed"
         if self.past_point_of_no_return() or self.running_pivot() is not None:
             self.deadline_at = None  # the pivot decides now: its own timeout still applies
@@ -773,20 +861,12 @@ class _Change:
     # -- operator actions --
 
     def abort(self, reason: str) -> None:
-        index = self.forward_index()
-        if index is not None:
+        for index in self.forward_indices():
             step = self.steps[index]
             in_doubt = step.in_doubt or step.status is StepStatus.RUNNING
             error = ErrorDetail(type="Aborted", message=reason)
-            self.set_step(
-                index,
-                status=StepStatus.FAILED,
-                due_at=None,
-                finished_at=self.now,
-                error=error,
-                in_doubt=in_doubt,
-            )
-            self.event(
+            self.steps[index] = step.failed(error, self.now, in_doubt=in_doubt)
+            self.record(
                 EventName.STEP_FAILED,
                 step=step.name,
                 attempt=step.attempt,
@@ -831,19 +911,19 @@ class _Change:
 
     def operator_retry(self) -> None:
         index = self.stuck_index("retried")
-        self.set_step(index, compensation_failures=0, error=None)
+        step = self.steps[index] = self.steps[index].retried_by_operator()
         self.status = SagaStatus.COMPENSATING
         self.dispatch_compensation(
-            index, self.steps[index].compensation_attempt + 1, detail="retried by an operator"
+            index,
+            step.compensation_attempt + 1,
+            detail=f"retried by an operator (generation {step.compensation_generation})",
         )
 
     def operator_resolve(self, note: str) -> None:
         index = self.stuck_index("resolved")
-        step = self.set_step(
-            index, status=StepStatus.COMPENSATED, due_at=None, finished_at=self.now
-        )
+        step = self.steps[index] = self.steps[index].compensated(self.now, clear_error=False)
         self.status = SagaStatus.COMPENSATING
-        self.event(
+        self.record(
             EventName.COMPENSATION_COMPLETED,
             step=step.name,
             attempt=step.compensation_attempt,
@@ -852,16 +932,42 @@ class _Change:
         self.next_compensation()
 
 
+def pending_due(state: SagaState, timer: TimerMessage) -> datetime | None:
+    """When what ``timer`` was set for is due, if ``state`` still waits for it (else None).
+
+    The shell uses it to drop a timer it has not published yet once it is stale.
+    """
+    return _pending_due(timer, state.status, state.steps, state.deadline_at)
+
+
+def _pending_due(
+    timer: TimerMessage,
+    status: SagaStatus,
+    steps: Sequence[StepState],
+    deadline_at: datetime | None,
+) -> datetime | None:
+    if timer.timer is TimerKind.SAGA_DEADLINE:
+        waiting = status in (SagaStatus.STARTED, SagaStatus.PENDING)
+        return deadline_at if waiting else None
+    step = next((step for step in steps if step.name == timer.step), None)
+    if step is None:
+        return None
+    expected = {
+        TimerKind.STEP_TIMEOUT: (StepStatus.RUNNING, step.attempt),
+        TimerKind.RETRY: (StepStatus.RETRY_SCHEDULED, step.attempt + 1),
+        TimerKind.COMPENSATION_TIMEOUT: (StepStatus.COMPENSATING, step.compensation_attempt),
+        TimerKind.COMPENSATION_RETRY: (
+            StepStatus.COMPENSATION_RETRY_SCHEDULED,
+            step.compensation_attempt + 1,
+        ),
+    }[timer.timer]
+    return step.due_at if (step.status, timer.attempt) == expected else None
+
+
 def _clean_result(model: type[BaseModel] | None, result: JsonObject | None) -> JsonObject:
     if model is None:
         return dict(result or {})
     return model.model_validate(result or {}).model_dump(mode="json")
-
-
-def _brief(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
-    )
 
 
 def _seconds(delta: timedelta) -> str:

@@ -12,7 +12,7 @@ Families (all prefixed ``saga_``):
 ``saga_failed_total``                         sagas rolled back, by type
 ``saga_stuck_total``                          sagas parked as stuck, by type
 ``saga_step_outcomes_total``                  step attempts by outcome (completed, failed,
-                                              error, timed_out)
+                                              error, timed_out, not_picked_up)
 ``saga_step_retries_total``                   step retries scheduled
 ``saga_compensations_total``                  compensation attempts by outcome (completed,
                                               failed)
@@ -28,6 +28,11 @@ Families (all prefixed ``saga_``):
 ``saga_dead_lettered_total``                  messages parked, by queue and reason
 ``saga_publish_failures_total``               publishes not confirmed, by reason
 ``saga_version_conflicts_total``              transitions that lost the version race
+``saga_held``                                 sagas held, by type and what they wait for
+                                              (``v<N>``: a definition; ``operator``)
+``saga_holds_total``                          sagas held by this daemon, by cause
+                                              (definition, error)
+``saga_loop_errors_total``                    failures inside a background loop
 ``saga_messages_total``                       messages handled, by queue and outcome
 ``saga_consumers_ready``                      1 while every consumer is registered
 ============================================  ==========================================
@@ -55,6 +60,7 @@ _STEP_OUTCOMES = {
     EventName.STEP_COMPLETED: "completed",
     EventName.STEP_FAILED: "failed",
     EventName.STEP_TIMED_OUT: "timed_out",
+    EventName.STEP_NOT_PICKED_UP: "not_picked_up",
 }
 _COMPENSATION_OUTCOMES = {
     EventName.COMPENSATION_COMPLETED: "completed",
@@ -74,6 +80,7 @@ class Metrics(ProcessMetrics):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         super().__init__(registry)
+        self._held_labels: set[tuple[str, str]] = set()
         self.started = Counter(
             "saga_started_total", "Sagas started.", ["saga_type"], registry=registry
         )
@@ -97,7 +104,7 @@ class Metrics(ProcessMetrics):
         )
         self.step_outcomes = Counter(
             "saga_step_outcomes_total",
-            "Step attempts by outcome: completed, failed, error, timed_out.",
+            "Step attempts by outcome: completed, failed, error, timed_out, not_picked_up.",
             ["saga_type", "step", "outcome"],
             registry=registry,
         )
@@ -170,6 +177,24 @@ class Metrics(ProcessMetrics):
             "Transitions that lost the version race and were decided again.",
             registry=registry,
         )
+        self.held = Gauge(
+            "saga_held",
+            "Sagas held, by what they wait for: a definition version (v<N>) or an operator.",
+            ["saga_type", "waiting_for"],
+            registry=registry,
+        )
+        self.holds = Counter(
+            "saga_holds_total",
+            "Sagas this daemon held, by cause: definition (not loaded), error (handling failed).",
+            ["saga_type", "cause"],
+            registry=registry,
+        )
+        self.loop_errors = Counter(
+            "saga_loop_errors_total",
+            "Failures inside a background loop (sweep, relay, purge, gauges) or a held saga.",
+            ["loop"],
+            registry=registry,
+        )
         self.messages = Counter(
             "saga_messages_total",
             "Messages handled, by queue and outcome.",
@@ -192,9 +217,9 @@ class Metrics(ProcessMetrics):
                 self.late_replies,
             ):
                 counter.labels(saga.name)
-            for step in saga.typed_steps:
+            for step in saga.steps:
                 self.step_retries.labels(saga.name, step.name)
-                for outcome in ("completed", "failed", "error", "timed_out"):
+                for outcome in ("completed", "failed", "error", "timed_out", "not_picked_up"):
                     self.step_outcomes.labels(saga.name, step.name, outcome)
                 if step.compensation is not None:
                     for outcome in ("completed", "failed"):
@@ -249,6 +274,25 @@ class Metrics(ProcessMetrics):
                 self.in_flight.labels(saga_type, status.value).set(
                     counts.get((saga_type, status.value), 0)
                 )
+
+    def set_held(self, counts: Mapping[tuple[str, str], int], saga_types: tuple[str, ...]) -> None:
+        """Replace the held gauge with counts read from the store, keyed by definition key.
+
+        Every known type gets an ``operator`` series (zero included) so its alert resolves.
+        """
+        values: dict[tuple[str, str], int] = {
+            (saga_type, "operator"): 0 for saga_type in saga_types
+        }
+        for (saga_type, waiting_for), count in counts.items():
+            label = "operator"
+            if waiting_for:
+                label = "v" + waiting_for.split(":")[1]
+            values[saga_type, label] = values.get((saga_type, label), 0) + count
+        for (saga_type, label), count in values.items():
+            self.held.labels(saga_type, label).set(count)
+        for labels in list(self._held_labels - values.keys()):
+            self.held.labels(*labels).set(0)
+        self._held_labels |= values.keys()
 
     def set_outbox(self, size: int, oldest: datetime | None, now: datetime) -> None:
         """Record the outbox backlog read from the store."""

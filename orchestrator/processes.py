@@ -8,12 +8,14 @@ polls ``/readyz`` so nothing is sent to a process that is not consuming yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from plumbing.errors import ConfigError
 
@@ -59,18 +61,24 @@ class Daemon:
     args: tuple[str, ...]
     env: dict[str, str]
     port: int
+    log: Path | None = None
+    """Where the process's output goes (appended across restarts); None: this one's stderr."""
     process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        """Start the process (its output goes to this process's stderr)."""
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            *self.args,
-            env=self.env,
-            stdin=asyncio.subprocess.DEVNULL,
-        )
+        """Start the process."""
+        with contextlib.ExitStack() as files:
+            output = None if self.log is None else files.enter_context(self.log.open("ab"))
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "orchestrator.cli",
+                *self.args,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+            )
 
     async def wait_ready(self, within: float = 30.0) -> None:
         """Wait until ``/readyz`` answers 200; fail if the process exits first."""
@@ -108,6 +116,8 @@ class SagaProcesses:
     env: Mapping[str, str]
     replicas: int = 1
     """How many orchestrator daemons share the broker and the store."""
+    log_dir: Path | None = None
+    """Each process writes its output to ``<name>.log`` here; None: to this one's stderr."""
     daemons: dict[str, Daemon] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,7 +128,8 @@ class SagaProcesses:
             port = free_port()
             command = "orchestrator" if name.startswith("orchestrator") else "participant"
             env = {**base, "SAGA_HTTP_HOST": "127.0.0.1", "SAGA_HTTP_PORT": str(port)}
-            self.daemons[name] = Daemon(name, (command, "--app", target), env, port)
+            log = None if self.log_dir is None else self.log_dir / f"{name}.log"
+            self.daemons[name] = Daemon(name, (command, "--app", target), env, port, log)
 
     async def start(self, within: float = 60.0) -> None:
         """Start every process and wait until all of them consume."""

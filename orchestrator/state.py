@@ -24,14 +24,18 @@ Step statuses: ``not_started``, ``running`` (a command attempt is out), ``retry_
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, TypeAdapter
 
 from contracts.events import EventName
-from contracts.messages import ErrorDetail, JsonObject
+from contracts.messages import ErrorDetail, JsonObject, Reply
+
+_STORED = ConfigDict(extra="forbid")
+"""How stored documents are read back: a field this release does not know is an error."""
 
 
 class SagaStatus(StrEnum):
@@ -70,15 +74,19 @@ class StepStatus(StrEnum):
     COMPENSATION_FAILED = "compensation_failed"
 
 
-class StepState(BaseModel):
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepState:
     """One step of one saga.
 
     ``attempt`` and ``compensation_attempt`` count attempts sent and fence replies and timers:
     only the reply to the latest attempt moves the saga. ``in_doubt`` is set once any attempt
     timed out, because the participant may have acted even if a later attempt errored.
+
+    Every change is one of the named transitions below, so that each says which fields it
+    touches and mypy checks them.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    __pydantic_config__ = _STORED
 
     name: str
     status: StepStatus = StepStatus.NOT_STARTED
@@ -90,12 +98,142 @@ class StepState(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: ErrorDetail | None = None
+    compensation_generation: int = 1
+    """Raised by each operator retry: a new generation gets a new idempotency key, so a
+    participant that refused the compensation runs it again instead of replaying its refusal."""
+    attempt_at: datetime | None = None
+    """When the current forward attempt was sent."""
+    picked_up_at: datetime | None = None
+    """When a participant acknowledged picking the current attempt up (dispatch timeouts)."""
+    heartbeat_at: datetime | None = None
+    heartbeat: str | None = None
+    """The details of the current attempt's last heartbeat."""
+    budget_at: datetime | None = None
+    """When the step's budget, across all its attempts, runs out."""
+    compensation_at: datetime | None = None
+    """When the current compensation attempt was sent."""
+
+    def running(
+        self, attempt: int, due: datetime, now: datetime, budget_at: datetime | None = None
+    ) -> StepState:
+        """A forward attempt was sent and is due to answer (or be picked up) by ``due``."""
+        return replace(
+            self,
+            status=StepStatus.RUNNING,
+            attempt=attempt,
+            due_at=due,
+            started_at=self.started_at or now,
+            attempt_at=now,
+            picked_up_at=None,
+            heartbeat_at=None,
+            heartbeat=None,
+            budget_at=budget_at,
+        )
+
+    def picked_up(self, now: datetime, due: datetime) -> StepState:
+        """A participant took the current attempt off its queue."""
+        return replace(self, picked_up_at=now, due_at=due)
+
+    def beating(self, now: datetime, details: str | None, due: datetime) -> StepState:
+        """The participant reported progress on the current attempt."""
+        return replace(
+            self,
+            heartbeat_at=now,
+            heartbeat=details,
+            picked_up_at=self.picked_up_at or now,
+            due_at=due,
+        )
+
+    def unsendable(self, attempt: int, now: datetime) -> StepState:
+        """A forward attempt could not even be built (its command does not validate)."""
+        return replace(
+            self, status=StepStatus.RUNNING, attempt=attempt, started_at=self.started_at or now
+        )
+
+    def retry_scheduled(self, due: datetime, error: ErrorDetail) -> StepState:
+        """The attempt errored; the next one is sent at ``due``."""
+        return replace(self, status=StepStatus.RETRY_SCHEDULED, due_at=due, error=error)
+
+    def completed(self, now: datetime) -> StepState:
+        """The participant answered ``completed``."""
+        return replace(self, status=StepStatus.COMPLETED, due_at=None, finished_at=now, error=None)
+
+    def failed(
+        self, error: ErrorDetail, now: datetime, *, in_doubt: bool | None = None
+    ) -> StepState:
+        """The step failed for good; ``in_doubt`` marks it as possibly acted on."""
+        return replace(
+            self,
+            status=StepStatus.FAILED,
+            due_at=None,
+            finished_at=now,
+            error=error,
+            in_doubt=self.in_doubt if in_doubt is None else in_doubt,
+        )
+
+    def doubted(self) -> StepState:
+        """An attempt timed out: the participant may have acted."""
+        return replace(self, in_doubt=True)
+
+    def timed_out(self, error: ErrorDetail, now: datetime) -> StepState:
+        """The step gave up waiting for good."""
+        return replace(self, status=StepStatus.TIMED_OUT, due_at=None, finished_at=now, error=error)
+
+    def compensating(self, attempt: int, due: datetime | None, now: datetime) -> StepState:
+        """A compensation attempt was sent (``due`` is None when it could not be built)."""
+        return replace(
+            self,
+            status=StepStatus.COMPENSATING,
+            compensation_attempt=attempt,
+            due_at=due,
+            compensation_at=now,
+        )
+
+    def compensation_retry_scheduled(self, due: datetime, error: ErrorDetail) -> StepState:
+        """A compensation attempt failed; the next one is sent at ``due``."""
+        return replace(
+            self,
+            status=StepStatus.COMPENSATION_RETRY_SCHEDULED,
+            compensation_failures=self.compensation_failures + 1,
+            due_at=due,
+            error=error,
+        )
+
+    def compensation_failed(self, error: ErrorDetail) -> StepState:
+        """The compensation gave up: the saga is stuck on this step."""
+        return replace(
+            self,
+            status=StepStatus.COMPENSATION_FAILED,
+            compensation_failures=self.compensation_failures + 1,
+            due_at=None,
+            error=error,
+        )
+
+    def compensated(self, now: datetime, *, clear_error: bool) -> StepState:
+        """The step was undone (or resolved by an operator)."""
+        return replace(
+            self,
+            status=StepStatus.COMPENSATED,
+            due_at=None,
+            finished_at=now,
+            error=None if clear_error else self.error,
+        )
+
+    def retried_by_operator(self) -> StepState:
+        """An operator asked for another round of compensation attempts, a new generation."""
+        return replace(
+            self,
+            compensation_failures=0,
+            error=None,
+            compensation_generation=self.compensation_generation + 1,
+        )
 
 
-class HistoryEntry(BaseModel):
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HistoryEntry:
     """One line of a saga's timeline, named as the lifecycle event it was published as."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    __pydantic_config__ = _STORED
 
     event: EventName
     at: datetime
@@ -103,24 +241,33 @@ class HistoryEntry(BaseModel):
     attempt: int | None = None
     detail: str | None = None
 
+    def to_json(self) -> JsonObject:
+        """The entry in JSON mode, without empty fields."""
+        document: JsonObject = _HISTORY_ENTRY.dump_python(self, mode="json", exclude_none=True)
+        return document
 
-class SagaState(BaseModel):
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SagaState:
     """Everything the pure core knows about one saga.
 
     ``results`` holds each completed step's result; with ``data`` it forms the context that
     later commands and compensations are built from. ``history`` is bounded: when it would
     grow past its cap, the oldest entries after the first are dropped and counted in
     ``history_dropped``.
+
+    The stored document is this dataclass in pydantic's JSON mode (:meth:`to_document`,
+    :meth:`from_document`), validated when it is read back.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    __pydantic_config__ = _STORED
 
     saga_id: str
     saga_type: str
     status: SagaStatus
     data: JsonObject
     steps: tuple[StepState, ...]
-    results: dict[str, JsonObject] = Field(default_factory=dict)
+    results: dict[str, JsonObject] = field(default_factory=dict)
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None
@@ -129,6 +276,14 @@ class SagaState(BaseModel):
     history: tuple[HistoryEntry, ...] = ()
     history_dropped: int = 0
     traceparent: str | None = None
+    tracestate: str | None = None
+    definition_version: int = 1
+    definition_fingerprint: str | None = None
+    """The definition the saga started with; ``None`` for sagas stored before fingerprints."""
+    inbox: tuple[Reply, ...] = ()
+    """Replies that arrived while the saga was held, applied in order when it resumes."""
+    watchers: tuple[str, ...] = ()
+    """Clients' queues to send the outcome to when the saga ends (or gets stuck)."""
 
     def step(self, name: str) -> StepState:
         """The state of the step called ``name``."""
@@ -151,11 +306,31 @@ class SagaState(BaseModel):
             candidates.append(self.deadline_at)
         return min(candidates, default=None)
 
+    def to_document(self) -> JsonObject:
+        """The state as stored: JSON-compatible values (datetimes as ISO strings)."""
+        document: JsonObject = _SAGA_STATE.dump_python(self, mode="json")
+        return document
+
+    def to_json(self) -> bytes:
+        """The stored document as JSON bytes."""
+        return _SAGA_STATE.dump_json(self)
+
+    @classmethod
+    def from_document(cls, document: object) -> SagaState:
+        """Read a stored document back, validating every field.
+
+        Raises:
+            pydantic.ValidationError: the document is not a saga state this release knows.
+        """
+        return _SAGA_STATE.validate_python(document)
+
     def summary(self, *, with_history: bool = True) -> dict[str, Any]:
         """The JSON shape used by ``saga demo --json``, ``saga show --json`` and ``saga ls``."""
         out: dict[str, Any] = {
             "saga_id": self.saga_id,
             "saga_type": self.saga_type,
+            "version": self.definition_version,
+            "fingerprint": self.definition_fingerprint,
             "status": self.status.value,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
@@ -167,11 +342,13 @@ class SagaState(BaseModel):
             ],
         }
         if with_history:
-            out["history"] = [
-                entry.model_dump(mode="json", exclude_none=True) for entry in self.history
-            ]
+            out["history"] = [entry.to_json() for entry in self.history]
             out["history_dropped"] = self.history_dropped
         return out
+
+
+_SAGA_STATE: TypeAdapter[SagaState] = TypeAdapter(SagaState)
+_HISTORY_ENTRY: TypeAdapter[HistoryEntry] = TypeAdapter(HistoryEntry)
 
 
 def _iso(instant: datetime) -> str:

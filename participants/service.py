@@ -54,7 +54,7 @@ from participants.idempotency import (
     StoredOutcome,
     forward_key,
 )
-from participants.metrics import ParticipantMetrics
+from participants.metrics import CommandOutcome, ParticipantMetrics
 from plumbing import tracing
 from plumbing.clock import Clock, SystemClock
 from plumbing.codec import answer, decode, reply_message
@@ -160,7 +160,9 @@ class Participant:
             if stored is not None:
                 log.info("command_duplicate", stored=stored.kind.value)
                 if self.metrics:
-                    self.metrics.commands.labels(self.service, envelope.command, "duplicate").inc()
+                    self.metrics.commands.labels(
+                        self.service, envelope.command, CommandOutcome.DUPLICATE
+                    ).inc()
                 return _from_stored(envelope, stored, now)
             if envelope.direction is Direction.COMPENSATION:
                 # If the forward command has not run here, this tombstone makes it refuse to
@@ -277,9 +279,12 @@ class Participant:
     def _observe(self, command: str, reply: Reply | None, seconds: float) -> None:
         if self.metrics is None:
             return
-        outcome = "no_reply" if reply is None else reply.status.value
-        if reply is not None and reply.error is not None:
-            outcome = _SPECIAL_OUTCOMES.get(reply.error.type, outcome)
+        if reply is None:
+            outcome = CommandOutcome.NO_REPLY
+        elif reply.error is not None and reply.error.type in _SPECIAL_OUTCOMES:
+            outcome = _SPECIAL_OUTCOMES[reply.error.type]
+        else:
+            outcome = CommandOutcome(reply.status.value)
         self.metrics.commands.labels(self.service, command, outcome).inc()
         self.metrics.handler_duration.labels(self.service, command).observe(seconds)
 
@@ -310,7 +315,10 @@ def _from_stored(envelope: CommandEnvelope, stored: StoredOutcome, now: datetime
     return answer(envelope, ReplyStatus.FAILED, now, error=stored.error)
 
 
-_SPECIAL_OUTCOMES = {"Cancelled": "cancelled", "DeadlineExceeded": "expired"}
+_SPECIAL_OUTCOMES = {
+    "Cancelled": CommandOutcome.CANCELLED,
+    "DeadlineExceeded": CommandOutcome.EXPIRED,
+}
 
 _CANCELLED = ErrorDetail(
     type="Cancelled", message="the step was compensated before this command arrived; not executed"

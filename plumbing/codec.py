@@ -6,16 +6,19 @@ participants and clients send, and how any process validates what it receives, l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from contracts import names
 from contracts.messages import (
     CommandEnvelope,
     ErrorDetail,
+    Heartbeat,
     JsonObject,
+    PickedUp,
     Reply,
     ReplyStatus,
     StartSaga,
@@ -27,18 +30,43 @@ from plumbing.transport import Delivery, MessageKind, Outgoing
 M = TypeVar("M", bound=BaseModel)
 
 
-def message_headers(
-    saga_id: str, message_id: str, kind: MessageKind, traceparent: str | None
-) -> dict[str, str]:
-    """The headers every message carries: saga id, our message id, kind and trace context."""
+def wire_message(
+    kind: MessageKind,
+    *,
+    message_id: str,
+    saga_id: str,
+    traceparent: str | None,
+    exchange: str,
+    routing_key: str,
+    body: str,
+    now: datetime,
+    mandatory: bool = True,
+    deliver_at: datetime | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> Outgoing:
+    """One of our messages: the saga id as correlation id, and our message id, the kind and
+    the trace context in headers, so every receiver can drop duplicates and continue the trace.
+    """
     headers = {
         names.HEADER_SAGA_ID: saga_id,
         names.HEADER_MESSAGE_ID: message_id,
         names.HEADER_MESSAGE_KIND: kind,
+        **(extra_headers or {}),
     }
     if traceparent:
         headers[names.HEADER_TRACEPARENT] = traceparent
-    return headers
+    return Outgoing(
+        message_id=message_id,
+        kind=kind,
+        exchange=exchange,
+        routing_key=routing_key,
+        body=body,
+        headers=headers,
+        correlation_id=saga_id,
+        mandatory=mandatory,
+        deliver_at=deliver_at,
+        created_at=now,
+    )
 
 
 def answer(
@@ -70,32 +98,37 @@ def answer(
 
 def reply_message(reply: Reply, routing_key: str, now: datetime) -> Outgoing:
     """The message that carries a participant's reply."""
-    return Outgoing(
+    return wire_message(
+        MessageKind.REPLY,
         message_id=reply.message_id,
-        kind=MessageKind.REPLY,
+        saga_id=reply.saga_id,
+        traceparent=reply.traceparent,
         exchange=names.REPLIES_EXCHANGE,
         routing_key=routing_key,
         body=reply.model_dump_json(),
-        headers=message_headers(
-            reply.saga_id, reply.message_id, MessageKind.REPLY, reply.traceparent
-        ),
-        correlation_id=reply.saga_id,
-        created_at=now,
+        now=now,
     )
 
 
 def start_message(start: StartSaga, now: datetime) -> Outgoing:
     """The message that asks the orchestrator to start a saga."""
-    message_id = f"{start.saga_id}:start"
-    return Outgoing(
-        message_id=message_id,
-        kind=MessageKind.START,
+    return wire_message(
+        MessageKind.START,
+        message_id=f"{start.saga_id}:start",
+        saga_id=start.saga_id,
+        traceparent=start.traceparent,
         exchange=names.START_EXCHANGE,
         routing_key=names.START_ROUTING_KEY,
         body=start.model_dump_json(),
-        headers=message_headers(start.saga_id, message_id, MessageKind.START, start.traceparent),
-        correlation_id=start.saga_id,
-        created_at=now,
+        now=now,
+    )
+
+
+def validation_summary(error: ValidationError, limit: int = 5) -> str:
+    """The first ``limit`` problems of a validation error on one line: ``field: what``."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or 'body'}: {problem['msg']}"
+        for problem in error.errors()[:limit]
     )
 
 
@@ -109,8 +142,35 @@ def decode(delivery: Delivery, model: type[M]) -> M:
     try:
         return model.model_validate_json(delivery.body)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in e.errors()[:5]
-        )
-        raise MessageRejected(f"not a valid {model.__name__}: {problems}") from e
+        raise MessageRejected(f"not a valid {model.__name__}: {validation_summary(e)}") from e
+
+
+_PARTICIPANT_MESSAGE: TypeAdapter[Reply | PickedUp | Heartbeat] = TypeAdapter(
+    Annotated[Reply | PickedUp | Heartbeat, Field(discriminator="kind")]
+)
+
+
+def decode_answer(delivery: Delivery) -> Reply | PickedUp | Heartbeat:
+    """What a participant sent to the replies queue: a reply, a pick-up or a heartbeat.
+
+    Raises:
+        MessageRejected: the body is none of them; the reason says what is wrong.
+    """
+    try:
+        return _PARTICIPANT_MESSAGE.validate_json(delivery.body)
+    except ValidationError as e:
+        raise MessageRejected(f"not a valid Reply: {validation_summary(e)}") from e
+
+
+def progress_message(progress: PickedUp | Heartbeat, routing_key: str, now: datetime) -> Outgoing:
+    """The message that carries a participant's pick-up or heartbeat to the orchestrator."""
+    return wire_message(
+        MessageKind.REPLY,
+        message_id=progress.message_id,
+        saga_id=progress.saga_id,
+        traceparent=None,
+        exchange=names.REPLIES_EXCHANGE,
+        routing_key=routing_key,
+        body=progress.model_dump_json(),
+        now=now,
+    )

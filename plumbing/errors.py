@@ -7,11 +7,13 @@
     ├── ConfigError (ValueError)          a setting is missing or malformed
     ├── UnknownSagaType (ValueError)      a start names a saga type the app does not have
     ├── InvalidSagaData (ValueError)      start data does not match the saga's data model
-    ├── SagaConflict                      a saga id is taken by a saga of another type
+    ├── SagaConflict                      a saga id is taken by another type or other data
+    ├── StartRefused                      the orchestrator refused a client's start request
     ├── SagaNotFound                      no saga has this id
     ├── ActionRefused                     an operator action does not apply in this state
     ├── ConcurrencyExhausted              version conflicts kept winning; the message is retried
     ├── StoreUnavailable                  the saga store cannot be reached
+    ├── SagaUnreadable                    a stored saga's record does not validate
     ├── BrokerError                       RabbitMQ did not do what was asked
     │   ├── BrokerUnavailable             it cannot be reached, or the connection is closed
     │   ├── QueueNotFound                 a queue to consume from does not exist
@@ -49,6 +51,11 @@ class SagaConflict(SagaError):
     """Raised when a saga id is already used by a saga of another type."""
 
 
+class StartRefused(SagaError):
+    """Raised by the client when the orchestrator refused a start request (unknown type or
+    version, invalid data, or the id already used with other data); the message says why."""
+
+
 class SagaNotFound(SagaError):
     """Raised when no saga has the given id."""
 
@@ -63,6 +70,15 @@ class ConcurrencyExhausted(SagaError):
 
 class StoreUnavailable(SagaError):
     """Raised when the saga store cannot be reached or refuses the connection."""
+
+
+class SagaUnreadable(SagaError):
+    """Raised when a stored saga's record does not validate (damaged, or written by a newer
+    release); the saga is held for an operator instead of being processed."""
+
+    def __init__(self, message: str, *, saga_id: str) -> None:
+        super().__init__(message)
+        self.saga_id = saga_id
 
 
 class BrokerError(SagaError):

@@ -37,17 +37,23 @@ after ``connect_timeout`` seconds.
 
 from __future__ import annotations
 
-import builtins
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Final
 
-from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from orchestrator.state import SagaState
-from orchestrator.store import DEFAULT_RETENTION, SagaFilter, SagaRecord
+from orchestrator.store import (
+    DEFAULT_RETENTION,
+    Hold,
+    Listed,
+    SagaFilter,
+    SagaRecord,
+    read_record,
+    read_state,
+)
 from plumbing.clock import utc
 from plumbing.mongo import Document, MongoCollection
 from plumbing.transport import Outgoing
@@ -101,6 +107,7 @@ INDEXES: Final = (
         name="listing_v1",
     ),
     IndexModel([("purge_at", ASCENDING)], name="purge_v1", expireAfterSeconds=0),
+    IndexModel([("held_for", ASCENDING), ("held_since", ASCENDING)], name="held_v1"),
 )
 """The saga collection's indexes; versioned names leave room to change one later."""
 
@@ -164,8 +171,11 @@ class MongoStore(MongoCollection):
             document = await self.collection.find_one({"_id": saga_id}, _RECORD)
         return None if document is None else _record(document)
 
-    async def save(self, record: SagaRecord, expected_version: int) -> bool:
-        """Replace the state and append ``record.outbox`` if the version is ``expected_version``."""
+    async def save(
+        self, record: SagaRecord, expected_version: int, *, drop: Collection[str] = ()
+    ) -> bool:
+        """Replace the state, drop ``drop`` from the outbox and append ``record.outbox``, if
+        the version is ``expected_version``; one write either way."""
         if record.version != expected_version + 1:
             raise ValueError("record.version must be expected_version + 1")
         # A pipeline update, so that outbox_since can be derived from the stored outbox: an
@@ -173,12 +183,13 @@ class MongoStore(MongoCollection):
         # pipeline a "$..." string is a field path and a document is an expression, so every
         # value is a $literal: saga data is never read as either.
         fields = {name: {"$literal": value} for name, value in self._state_fields(record).items()}
-        update: builtins.list[Document] = [{"$set": fields}]
-        if record.outbox:
+        update: list[Document] = [{"$set": fields}]
+        if record.outbox or drop:
             # Appended, never rewritten from what this writer loaded: another handler may have
             # published and marked an older entry since, and writing it back would resend it.
+            kept: object = _without(drop) if drop else "$outbox"
             added = {"$literal": _entries(record.outbox)}
-            update.append({"$set": {"outbox": {"$concatArrays": ["$outbox", added]}}})
+            update.append({"$set": {"outbox": {"$concatArrays": [kept, added]}}})
             update.append(_OUTBOX_SUMMARY)
         with self._errors():
             before = await self.collection.find_one_and_update(
@@ -190,24 +201,24 @@ class MongoStore(MongoCollection):
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
         """Drop these messages from the saga's outbox; the version does not change."""
-        ids = builtins.list(message_ids)
-        if not ids:
-            return
-        keep = {"$not": {"$in": ["$$entry.message_id", ids]}}
-        with self._errors():
-            await self.collection.update_one(
-                {"_id": saga_id, "outbox.message_id": {"$in": ids}},
-                [
-                    {
-                        "$set": {
-                            "outbox": {"$filter": {"input": "$outbox", "as": "entry", "cond": keep}}
-                        }
-                    },
-                    _OUTBOX_SUMMARY,
-                ],
-            )
+        await self.mark_published_many({saga_id: message_ids})
 
-    async def due(self, now: datetime, limit: int) -> builtins.list[str]:
+    async def mark_published_many(self, published: Mapping[str, Collection[str]]) -> None:
+        """Drop the entries of several sagas in one bulk write."""
+        updates = [
+            UpdateOne(
+                {"_id": saga_id, "outbox.message_id": {"$in": list(ids)}},
+                [{"$set": {"outbox": _without(ids)}}, _OUTBOX_SUMMARY],
+            )
+            for saga_id, ids in published.items()
+            if ids
+        ]
+        if not updates:
+            return
+        with self._errors():
+            await self.collection.bulk_write(updates, ordered=False)
+
+    async def due(self, now: datetime, limit: int) -> list[str]:
         """Ids of active sagas whose ``next_due_at`` is at or before ``now``, oldest first."""
         documents = await self._find(
             {"active": True, "next_due_at": {"$lte": now}},
@@ -217,27 +228,111 @@ class MongoStore(MongoCollection):
         )
         return [str(document["_id"]) for document in documents]
 
-    async def unpublished(self, older_than: datetime, limit: int) -> builtins.list[SagaRecord]:
-        """Sagas holding an outbox message written at or before ``older_than``."""
+    async def unpublished(self, older_than: datetime, limit: int) -> list[str]:
+        """Ids of sagas holding an outbox message written at or before ``older_than``."""
         documents = await self._find(
-            {"has_outbox": True, "outbox_since": {"$lte": older_than}},
-            _RECORD,
+            {
+                "has_outbox": True,
+                "outbox_since": {"$lte": older_than},
+                # A saga held for an operator may have an unreadable record: leave it alone.
+                "$or": [{"held_reason": None}, {"held_for": {"$ne": None}}],
+            },
+            {"_id": 1},
             [("outbox_since", ASCENDING), ("_id", ASCENDING)],
             limit,
         )
-        return [_record(document) for document in documents]
+        return [str(document["_id"]) for document in documents]
 
-    async def list(self, query: SagaFilter) -> Sequence[SagaState]:
+    async def find(self, query: SagaFilter) -> Sequence[Listed]:
         """Sagas matching ``query``, most recently updated first."""
         match: Document = {}
         if query.status is not None:
             match["status"] = query.status.value
         if query.saga_type is not None:
             match["saga_type"] = query.saga_type
+        if query.version is not None:
+            match["definition_version"] = query.version
+        if query.held is not None:
+            match["held_reason"] = {"$ne": None} if query.held else None
         documents = await self._find(
-            match, {"state": 1}, [("updated_at", DESCENDING), ("_id", DESCENDING)], query.limit
+            match,
+            {"state": 1, **_HOLD},
+            [("updated_at", DESCENDING), ("_id", DESCENDING)],
+            query.limit,
         )
-        return [SagaState.model_validate(document["state"]) for document in documents]
+        return [
+            Listed(read_state(str(document["_id"]), document["state"]), _hold(document))
+            for document in documents
+        ]
+
+    async def hold(self, saga_id: str, hold: Hold) -> None:
+        """Set the hold without reading the record; state and version stay."""
+        with self._errors():
+            await self.collection.update_one(
+                {"_id": saga_id},
+                {
+                    "$set": {
+                        "held_reason": hold.reason,
+                        "held_since": hold.since,
+                        "held_for": hold.waiting_for,
+                        "next_due_at": None,
+                    }
+                },
+            )
+
+    async def held(self, waiting_for: Collection[str], limit: int) -> list[str]:
+        """Ids of sagas held for one of these definitions, oldest hold first."""
+        documents = await self._find(
+            {"held_for": {"$in": list(waiting_for)}},
+            {"_id": 1},
+            [("held_since", ASCENDING), ("_id", ASCENDING)],
+            limit,
+        )
+        return [str(document["_id"]) for document in documents]
+
+    async def count_held(self) -> dict[tuple[str, str], int]:
+        """Held sagas per ``(saga_type, waiting_for)``."""
+        groups = await self._aggregate(
+            [
+                {"$match": {"held_reason": {"$ne": None}}},
+                {
+                    "$group": {
+                        "_id": {"saga_type": "$saga_type", "waiting_for": "$held_for"},
+                        "sagas": {"$sum": 1},
+                    }
+                },
+            ]
+        )
+        return {
+            (group["_id"]["saga_type"], group["_id"].get("waiting_for") or ""): int(group["sagas"])
+            for group in groups
+        }
+
+    async def count_by_definition(self) -> dict[tuple[str, int, str], int]:
+        """Active sagas per ``(saga_type, definition version, fingerprint)``."""
+        groups = await self._aggregate(
+            [
+                {"$match": {"active": True}},
+                {
+                    "$group": {
+                        "_id": {
+                            "saga_type": "$saga_type",
+                            "version": "$definition_version",
+                            "fingerprint": "$state.definition_fingerprint",
+                        },
+                        "sagas": {"$sum": 1},
+                    }
+                },
+            ]
+        )
+        return {
+            (
+                group["_id"]["saga_type"],
+                int(group["_id"].get("version") or 1),
+                group["_id"].get("fingerprint") or "",
+            ): int(group["sagas"])
+            for group in groups
+        }
 
     async def count_by_status(self) -> dict[tuple[str, str], int]:
         """Number of sagas per ``(saga_type, status)``."""
@@ -285,16 +380,16 @@ class MongoStore(MongoCollection):
         self,
         match: Document,
         projection: Document,
-        sort: builtins.list[tuple[str, int]],
+        sort: list[tuple[str, int]],
         limit: int,
-    ) -> builtins.list[Document]:
+    ) -> list[Document]:
         if limit <= 0:  # MongoDB reads a limit of 0 as "no limit"
             return []
         with self._errors():
             cursor = self.collection.find(match, projection, sort=sort, limit=limit)
             return await cursor.to_list()
 
-    async def _aggregate(self, pipeline: builtins.list[Document]) -> builtins.list[Document]:
+    async def _aggregate(self, pipeline: list[Document]) -> list[Document]:
         with self._errors():
             cursor = await self.collection.aggregate(pipeline)
             return await cursor.to_list()
@@ -311,35 +406,57 @@ class MongoStore(MongoCollection):
     def _state_fields(self, record: SagaRecord) -> Document:
         """What every transition replaces: the version, the state and the fields derived from it."""
         state = record.state
+        hold = record.hold
         return {
             "version": record.version,
             "saga_type": state.saga_type,
+            "definition_version": state.definition_version,
             "status": state.status.value,
             "active": state.status.is_active,
-            "next_due_at": state.next_due_at,
+            "next_due_at": record.next_due_at,
             "created_at": state.created_at,
             "updated_at": state.updated_at,
             "finished_at": state.finished_at,
             "purge_at": record.purge_at(self.retention),
-            "state": state.model_dump(mode="json"),
+            "state": state.to_document(),
+            "held_reason": None if hold is None else hold.reason,
+            "held_since": None if hold is None else hold.since,
+            "held_for": None if hold is None else hold.waiting_for,
         }
 
 
-_RECORD: Final = {"version": 1, "state": 1, "outbox": 1}
+_HOLD: Final = {"held_reason": 1, "held_since": 1, "held_for": 1}
+_RECORD: Final = {"version": 1, "state": 1, "outbox": 1, **_HOLD}
 
 
-def _entries(outbox: Sequence[Outgoing]) -> builtins.list[Document]:
+def _without(message_ids: Collection[str]) -> Document:
+    """The stored outbox without these entries, as a pipeline expression."""
+    keep = {"$not": {"$in": ["$$entry.message_id", list(message_ids)]}}
+    return {"$filter": {"input": "$outbox", "as": "entry", "cond": keep}}
+
+
+def _entries(outbox: Sequence[Outgoing]) -> list[Document]:
     """Outbox entries as stored: JSON mode, plus their write time as a BSON date."""
     return [{**entry.model_dump(mode="json"), _WRITTEN_AT: entry.created_at} for entry in outbox]
 
 
 def _record(document: Document) -> SagaRecord:
-    outbox = tuple(
-        Outgoing.model_validate({k: v for k, v in entry.items() if k != _WRITTEN_AT})
-        for entry in document["outbox"]
-    )
-    return SagaRecord(
-        state=SagaState.model_validate(document["state"]),
+    return read_record(
+        str(document["_id"]),
+        state=document["state"],
+        outbox=(
+            {k: v for k, v in entry.items() if k != _WRITTEN_AT} for entry in document["outbox"]
+        ),
         version=int(document["version"]),
-        outbox=outbox,
+        hold=_hold(document),
+    )
+
+
+def _hold(document: Document) -> Hold | None:
+    if document.get("held_reason") is None:
+        return None
+    return Hold(
+        reason=document["held_reason"],
+        since=utc(document["held_since"]),
+        waiting_for=document.get("held_for"),
     )

@@ -27,15 +27,20 @@ start together migrate once.
 
 from __future__ import annotations
 
-import builtins
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from orchestrator.state import SagaState
-from orchestrator.store import DEFAULT_RETENTION, SagaFilter, SagaRecord
+from orchestrator.store import (
+    DEFAULT_RETENTION,
+    Hold,
+    Listed,
+    SagaFilter,
+    SagaRecord,
+    read_record,
+    read_state,
+)
 from plumbing.postgres import PostgresPool, table_name
-from plumbing.transport import Outgoing
 
 DEFAULT_TABLE: Final = "saga_instances"
 """The table sagas are kept in unless the store is given another name."""
@@ -71,30 +76,115 @@ _MIGRATIONS: Final = (
     CREATE INDEX "{table}_listing" ON "{table}" (status, saga_type, updated_at DESC, saga_id DESC);
     CREATE INDEX "{table}_purge" ON "{table}" (purge_at) WHERE purge_at IS NOT NULL;
     """,
+    # Definition versions and holds (issue: definitions that change while sagas are in flight).
+    """
+    ALTER TABLE "{table}"
+        ADD COLUMN definition_version integer NOT NULL DEFAULT 1,
+        ADD COLUMN held_reason text,
+        ADD COLUMN held_since  timestamptz,
+        ADD COLUMN held_for    text;
+    CREATE INDEX "{table}_held" ON "{table}" (held_for, held_since) WHERE held_for IS NOT NULL;
+    """,
 )
 
-_SQL: Final = {
-    # The columns after saga_id are in the order of PostgresStore._columns.
-    "insert": """
-        INSERT INTO "{table}" (saga_id, saga_type, status, version, state, outbox, next_due_at,
-                               outbox_since, created_at, updated_at, finished_at, purge_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+
+_Column = Callable[[SagaRecord, timedelta], object]
+
+# Every column after saga_id, and how it is derived from a record (and the retention). The
+# insert and save statements are built from this one mapping, in its order, so a column and
+# its parameter cannot drift apart.
+_COLUMNS: Final[dict[str, _Column]] = {
+    "saga_type": lambda record, _: record.state.saga_type,
+    "status": lambda record, _: record.state.status.value,
+    "version": lambda record, _: record.version,
+    "definition_version": lambda record, _: record.state.definition_version,
+    "state": lambda record, _: record.state.to_document(),
+    "outbox": lambda record, _: [entry.model_dump(mode="json") for entry in record.outbox],
+    "next_due_at": lambda record, _: record.next_due_at,
+    "outbox_since": lambda record, _: record.outbox_since,
+    "created_at": lambda record, _: record.state.created_at,
+    "updated_at": lambda record, _: record.state.updated_at,
+    "finished_at": lambda record, _: record.state.finished_at,
+    "purge_at": lambda record, retention: record.purge_at(retention),
+    "held_reason": lambda record, _: None if record.hold is None else record.hold.reason,
+    "held_since": lambda record, _: None if record.hold is None else record.hold.since,
+    "held_for": lambda record, _: None if record.hold is None else record.hold.waiting_for,
+}
+
+
+def _insert_statement() -> str:
+    columns = ", ".join(["saga_id", *_COLUMNS])
+    parameters = ", ".join(f"${n}" for n in range(1, len(_COLUMNS) + 2))
+    # Only our own column names are spliced in; every value is a parameter.
+    return f"""
+        INSERT INTO "{{table}}" ({columns}) VALUES ({parameters})
         ON CONFLICT (saga_id) DO NOTHING
         RETURNING version
-    """,
-    "load": 'SELECT version, state, outbox FROM "{table}" WHERE saga_id = $1',
-    # The new entries join the stored outbox rather than replace it: a handler may have
-    # published and marked an older entry since this writer loaded the row, and writing that
-    # entry back would send it twice. LEAST ignores NULLs: no stored or no new entries.
-    "save": """
-        UPDATE "{table}"
-        SET (saga_type, status, version, state, next_due_at,
-             created_at, updated_at, finished_at, purge_at)
-          = ($3, $4, $5, $6, $8, $10, $11, $12, $13),
-            outbox = outbox || $7::jsonb,
-            outbox_since = LEAST(outbox_since, $9)
+    """  # noqa: S608
+
+
+# The stored outbox without the entries named by the array parameter ${drop}, in order.
+_KEPT = """COALESCE(
+    (SELECT jsonb_agg(e.entry ORDER BY e.position)
+       FROM jsonb_array_elements(outbox) WITH ORDINALITY AS e(entry, position)
+      WHERE NOT (e.entry ->> 'message_id' = ANY(${drop}::text[]))),
+    '[]'::jsonb)"""
+_KEPT_SINCE = """(SELECT min((e.entry ->> 'created_at')::timestamptz)
+       FROM jsonb_array_elements(outbox) AS e(entry)
+      WHERE NOT (e.entry ->> 'message_id' = ANY(${drop}::text[])))"""
+
+
+def _save_statement(*, dropping: bool) -> str:
+    # $1 is the saga id and $2 the expected version; the columns follow from $3, and the
+    # ids to drop come last.
+    drop = len(_COLUMNS) + 3
+    assignments = []
+    for position, column in enumerate(_COLUMNS, start=3):
+        if column == "outbox":
+            # The new entries join the stored outbox rather than replace it: a handler may
+            # have published and marked an older entry since this writer loaded the row, and
+            # writing that entry back would send it twice.
+            kept = _KEPT.replace("${drop}", f"${drop}") if dropping else "outbox"
+            assignments.append(f"outbox = {kept} || ${position}::jsonb")
+        elif column == "outbox_since":
+            # LEAST ignores NULLs: no stored or no new entries.
+            since = _KEPT_SINCE.replace("${drop}", f"${drop}") if dropping else "outbox_since"
+            assignments.append(f"outbox_since = LEAST({since}, ${position})")
+        else:
+            assignments.append(f"{column} = ${position}")
+    return f"""
+        UPDATE "{{table}}" SET {", ".join(assignments)}
         WHERE saga_id = $1 AND version = $2
         RETURNING version
+    """  # noqa: S608 - only our own column names are spliced in
+
+
+_SQL: Final = {
+    "insert": _insert_statement(),
+    "save": _save_statement(dropping=False),
+    "save_dropping": _save_statement(dropping=True),
+    "load": """
+        SELECT version, state, outbox, held_reason, held_since, held_for FROM "{table}"
+        WHERE saga_id = $1
+    """,
+    "hold": """
+        UPDATE "{table}" SET held_reason = $2, held_since = $3, held_for = $4, next_due_at = NULL
+        WHERE saga_id = $1
+    """,
+    "held": """
+        SELECT saga_id FROM "{table}" WHERE held_for = ANY($1::text[])
+        ORDER BY held_since, saga_id
+        LIMIT $2
+    """,
+    "count_held": """
+        SELECT saga_type, coalesce(held_for, '') AS waiting_for, count(*) AS sagas
+        FROM "{table}" WHERE held_reason IS NOT NULL GROUP BY 1, 2
+    """,
+    "count_by_definition": """
+        SELECT saga_type, definition_version,
+               coalesce(state ->> 'definition_fingerprint', '') AS fingerprint,
+               count(*) AS sagas
+        FROM "{table}" WHERE {active} GROUP BY 1, 2, 3
     """,
     # SET expressions read the row being updated, so a save that commits first is seen (the
     # update re-reads the new row version) and its outbox entries are kept, not overwritten.
@@ -119,14 +209,15 @@ _SQL: Final = {
         ORDER BY next_due_at, saga_id
         LIMIT $2
     """,
+    # A saga held for an operator may have an unreadable record: the relay leaves it alone.
     "unpublished": """
-        SELECT version, state, outbox FROM "{table}"
-        WHERE outbox_since <= $1
+        SELECT saga_id FROM "{table}"
+        WHERE outbox_since <= $1 AND (held_reason IS NULL OR held_for IS NOT NULL)
         ORDER BY outbox_since, saga_id
         LIMIT $2
     """,
-    "list": """
-        SELECT state FROM "{table}" {where}
+    "find": """
+        SELECT saga_id, state, held_reason, held_since, held_for FROM "{table}" {where}
         ORDER BY updated_at DESC, saga_id DESC
         LIMIT $1
     """,
@@ -188,7 +279,7 @@ class PostgresStore:
         """Insert a new saga; ``False`` (and nothing written) if the id exists."""
         async with self.pool.connection() as connection:
             inserted = await connection.fetchval(
-                self._sql["insert"], record.saga_id, *self._columns(record)
+                self._sql["insert"], record.saga_id, *self._values(record)
             )
         return inserted is not None
 
@@ -196,16 +287,22 @@ class PostgresStore:
         """The saga's record, or ``None``."""
         async with self.pool.connection() as connection:
             row = await connection.fetchrow(self._sql["load"], saga_id)
-        return None if row is None else _record(row)
+        return None if row is None else _record(saga_id, row)
 
-    async def save(self, record: SagaRecord, expected_version: int) -> bool:
-        """Replace the state and append ``record.outbox`` if the version is ``expected_version``."""
+    async def save(
+        self, record: SagaRecord, expected_version: int, *, drop: Collection[str] = ()
+    ) -> bool:
+        """Replace the state, drop ``drop`` from the outbox and append ``record.outbox``, if
+        the version is ``expected_version``; one statement either way."""
         if record.version != expected_version + 1:
             raise ValueError("record.version must be expected_version + 1")
+        arguments = [record.saga_id, expected_version, *self._values(record)]
+        statement = self._sql["save"]
+        if drop:
+            statement = self._sql["save_dropping"]
+            arguments.append(list(drop))
         async with self.pool.connection() as connection:
-            saved = await connection.fetchval(
-                self._sql["save"], record.saga_id, expected_version, *self._columns(record)
-            )
+            saved = await connection.fetchval(statement, *arguments)
         return saved is not None
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
@@ -215,32 +312,74 @@ class PostgresStore:
         async with self.pool.connection() as connection:
             await connection.execute(self._sql["mark_published"], saga_id, list(message_ids))
 
-    async def due(self, now: datetime, limit: int) -> builtins.list[str]:
+    async def mark_published_many(self, published: Mapping[str, Collection[str]]) -> None:
+        """Drop the entries of several sagas in one pipelined round trip."""
+        batch = [(saga_id, list(ids)) for saga_id, ids in published.items() if ids]
+        if not batch:
+            return
+        async with self.pool.connection() as connection:
+            await connection.executemany(self._sql["mark_published"], batch)
+
+    async def due(self, now: datetime, limit: int) -> list[str]:
         """Ids of active sagas whose ``next_due_at`` is at or before ``now``, oldest first."""
         async with self.pool.connection() as connection:
             rows = await connection.fetch(self._sql["due"], now, limit)
         return [row["saga_id"] for row in rows]
 
-    async def unpublished(self, older_than: datetime, limit: int) -> builtins.list[SagaRecord]:
-        """Sagas holding an outbox message written at or before ``older_than``."""
+    async def unpublished(self, older_than: datetime, limit: int) -> list[str]:
+        """Ids of sagas holding an outbox message written at or before ``older_than``."""
         async with self.pool.connection() as connection:
             rows = await connection.fetch(self._sql["unpublished"], older_than, limit)
-        return [_record(row) for row in rows]
+        return [row["saga_id"] for row in rows]
 
-    async def list(self, query: SagaFilter) -> Sequence[SagaState]:
+    async def find(self, query: SagaFilter) -> Sequence[Listed]:
         """Sagas matching ``query``, most recently updated first."""
-        conditions: builtins.list[str] = []
-        arguments: builtins.list[object] = [query.limit]
-        if query.status is not None:
-            arguments.append(query.status.value)
-            conditions.append(f"status = ${len(arguments)}")
-        if query.saga_type is not None:
-            arguments.append(query.saga_type)
-            conditions.append(f"saga_type = ${len(arguments)}")
+        conditions: list[str] = []
+        arguments: list[object] = [query.limit]
+        for column, value in (
+            ("status", None if query.status is None else query.status.value),
+            ("saga_type", query.saga_type),
+            ("definition_version", query.version),
+        ):
+            if value is not None:
+                arguments.append(value)
+                conditions.append(f"{column} = ${len(arguments)}")
+        if query.held is not None:
+            conditions.append(f"held_reason IS {'NOT ' if query.held else ''}NULL")
         where = "WHERE " + " AND ".join(conditions) if conditions else ""
         async with self.pool.connection() as connection:
-            rows = await connection.fetch(self._sql["list"].format(where=where), *arguments)
-        return [SagaState.model_validate(row["state"]) for row in rows]
+            rows = await connection.fetch(self._sql["find"].format(where=where), *arguments)
+        return [Listed(read_state(row["saga_id"], row["state"]), _hold(row)) for row in rows]
+
+    async def hold(self, saga_id: str, hold: Hold) -> None:
+        """Set the hold without reading the record; state and version stay."""
+        async with self.pool.connection() as connection:
+            await connection.execute(
+                self._sql["hold"], saga_id, hold.reason, hold.since, hold.waiting_for
+            )
+
+    async def held(self, waiting_for: Collection[str], limit: int) -> list[str]:
+        """Ids of sagas held for one of these definitions, oldest hold first."""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["held"], list(waiting_for), limit)
+        return [row["saga_id"] for row in rows]
+
+    async def count_held(self) -> dict[tuple[str, str], int]:
+        """Held sagas per ``(saga_type, waiting_for)``."""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["count_held"])
+        return {(row["saga_type"], row["waiting_for"]): int(row["sagas"]) for row in rows}
+
+    async def count_by_definition(self) -> dict[tuple[str, int, str], int]:
+        """Active sagas per ``(saga_type, definition version, fingerprint)``."""
+        async with self.pool.connection() as connection:
+            rows = await connection.fetch(self._sql["count_by_definition"])
+        return {
+            (row["saga_type"], int(row["definition_version"]), row["fingerprint"]): int(
+                row["sagas"]
+            )
+            for row in rows
+        }
 
     async def count_by_status(self) -> dict[tuple[str, str], int]:
         """Number of sagas per ``(saga_type, status)``."""
@@ -267,27 +406,22 @@ class PostgresStore:
         """Close the connection pool."""
         await self.pool.close()
 
-    def _columns(self, record: SagaRecord) -> tuple[object, ...]:
-        """The stored columns after ``saga_id``, in the order the statements list them."""
-        state = record.state
-        return (
-            state.saga_type,
-            state.status.value,
-            record.version,
-            state.model_dump(mode="json"),
-            [entry.model_dump(mode="json") for entry in record.outbox],
-            state.next_due_at,
-            record.outbox_since,
-            state.created_at,
-            state.updated_at,
-            state.finished_at,
-            record.purge_at(self.retention),
-        )
+    def _values(self, record: SagaRecord) -> tuple[object, ...]:
+        """The values of the columns after ``saga_id``, in :data:`_COLUMNS` order."""
+        return tuple(column(record, self.retention) for column in _COLUMNS.values())
 
 
-def _record(row: Any) -> SagaRecord:
-    return SagaRecord(
-        state=SagaState.model_validate(row["state"]),
+def _record(saga_id: str, row: Any) -> SagaRecord:
+    return read_record(
+        saga_id,
+        state=row["state"],
+        outbox=row["outbox"],
         version=int(row["version"]),
-        outbox=tuple(Outgoing.model_validate(entry) for entry in row["outbox"]),
+        hold=_hold(row),
     )
+
+
+def _hold(row: Any) -> Hold | None:
+    if row["held_reason"] is None:
+        return None
+    return Hold(reason=row["held_reason"], since=row["held_since"], waiting_for=row["held_for"])

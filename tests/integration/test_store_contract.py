@@ -21,7 +21,7 @@ import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,7 +40,7 @@ from orchestrator.definition import Saga, Step
 from orchestrator.effects import outgoing
 from orchestrator.engine import HISTORY_LIMIT, Decision, Event, ReplyReceived, decide, start_saga
 from orchestrator.state import SagaStatus, StepStatus
-from orchestrator.store import SagaFilter, SagaRecord, SagaStore
+from orchestrator.store import Hold, Listed, SagaFilter, SagaRecord, SagaStore
 from orchestrator.stores import open_store
 from orchestrator.stores.memory import MemoryStore
 from orchestrator.stores.mongo import MongoStore
@@ -91,6 +91,18 @@ OK, FAIL = ReplyStatus.COMPLETED, ReplyStatus.FAILED
 
 
 # --- Building realistic records with the real engine ------------------------------------------
+
+
+async def unpublished_records(
+    store: SagaStore, older_than: datetime, limit: int
+) -> list[SagaRecord]:
+    """The records whose ids ``unpublished`` returns, in its order."""
+    records = []
+    for saga_id in await store.unpublished(older_than, limit):
+        record = await store.load(saga_id)
+        assert record is not None
+        records.append(record)
+    return records
 
 
 def record_of(decision: Decision, version: int, now: datetime) -> SagaRecord:
@@ -158,7 +170,7 @@ def driven(
 
 def completed(saga_id: str, at: datetime = T0, saga: Saga = order_fulfillment) -> SagaRecord:
     """Every step completed."""
-    return driven(saga_id, at, *[OK] * len(saga.typed_steps), saga=saga)
+    return driven(saga_id, at, *[OK] * len(saga.steps), saga=saga)
 
 
 def compensating(saga_id: str, at: datetime = T0) -> SagaRecord:
@@ -195,7 +207,7 @@ async def memory_backend(request: pytest.FixtureRequest, unique: str) -> AsyncIt
         record = await store.load(saga_id)
         assert record is not None
         outbox = sum(len(entry.model_dump_json()) for entry in record.outbox)
-        return len(record.state.model_dump_json()) + outbox
+        return len(record.state.to_json()) + outbox
 
     yield Backend(store, stored_bytes)
 
@@ -352,7 +364,7 @@ async def test_fifty_concurrent_writers_lose_no_update(store: SagaStore) -> None
             current = await store.load("race-1")
             assert current is not None
             data = {**current.state.data, f"writer_{n}": n}
-            state = current.state.model_copy(update={"data": data})
+            state = replace(current.state, data=data)
             await asyncio.sleep(0)  # deciding takes a moment: other writers get in between
             if await store.save(SagaRecord(state, current.version + 1, (added,)), current.version):
                 committed[current.version + 1] = added.message_id
@@ -424,8 +436,8 @@ async def test_saves_and_marks_racing_leave_the_relay_the_unpublished_entries(
     unpublished = [committed[v] for v in sorted(committed) if committed[v] not in published]
     assert ids(final.outbox) == unpublished
     oldest = T0 + timedelta(seconds=writers // 2 + 1)  # the oldest entry no relay publishes
-    assert await store.unpublished(oldest - timedelta(seconds=1), 10) == []
-    assert await store.unpublished(oldest, 10) == [final]
+    assert await unpublished_records(store, oldest - timedelta(seconds=1), 10) == []
+    assert await unpublished_records(store, oldest, 10) == [final]
     assert await store.outbox_backlog() == (writers // 2, oldest)
     assert conflicts > 0, "the writers never raced, so the test proved nothing"
     assert marks_while_saving > 0, "no relay marked while writers saved: nothing was raced"
@@ -448,8 +460,8 @@ async def test_mark_published_removes_only_the_named_entries_and_keeps_the_versi
 
     after = await store.load("out-1")
     assert after == saved
-    assert await store.unpublished(later - timedelta(seconds=1), 10) == []
-    assert await store.unpublished(later, 10) == [after]
+    assert await unpublished_records(store, later - timedelta(seconds=1), 10) == []
+    assert await unpublished_records(store, later, 10) == [after]
     assert await store.outbox_backlog() == (len(saved.outbox), later)
 
     await store.mark_published("out-1", ["no-such-message"])
@@ -459,7 +471,7 @@ async def test_mark_published_removes_only_the_named_entries_and_keeps_the_versi
 
     await store.mark_published("out-1", old_ids + ids(saved.outbox))
     assert await store.load("out-1") == SagaRecord(saved.state, 2, ())
-    assert await store.unpublished(later + timedelta(days=1), 10) == []
+    assert await unpublished_records(store, later + timedelta(days=1), 10) == []
     assert await store.outbox_backlog() == (0, None)
 
 
@@ -476,13 +488,13 @@ async def test_a_save_appends_to_the_unpublished_entries_and_keeps_the_oldest_ti
     stored = await store.load("app-1")
     assert stored == SagaRecord(second.state, 2, first.outbox + second.outbox)
     assert stored.outbox_since == T0
-    assert await store.unpublished(T0, 10) == [stored]
+    assert await unpublished_records(store, T0, 10) == [stored]
     assert await store.outbox_backlog() == (len(first.outbox) + len(second.outbox), T0)
 
     # Entries stamped earlier than those stored (another replica's clock) become the oldest.
     skewed = message("skewed", T0 - timedelta(seconds=5))
     assert await store.save(SagaRecord(second.state, 3, (skewed,)), 2)
-    assert await store.unpublished(T0 - timedelta(seconds=5), 10) == [
+    assert await unpublished_records(store, T0 - timedelta(seconds=5), 10) == [
         SagaRecord(second.state, 3, (*stored.outbox, skewed))
     ]
     assert await store.outbox_backlog() == (len(stored.outbox) + 1, T0 - timedelta(seconds=5))
@@ -502,8 +514,8 @@ async def test_a_save_after_everything_was_published_starts_the_outbox_again(
     assert await store.save(SagaRecord(first.state, 2, (added,)), 1)
     assert await store.save(SagaRecord(empty.state, 2, (added,)), 1)
 
-    assert await store.unpublished(later - timedelta(seconds=1), 10) == []
-    assert {record.saga_id for record in await store.unpublished(later, 10)} == {
+    assert await unpublished_records(store, later - timedelta(seconds=1), 10) == []
+    assert {record.saga_id for record in await unpublished_records(store, later, 10)} == {
         "again-1",
         "again-2",
     }
@@ -527,7 +539,7 @@ async def test_an_entry_published_after_a_writers_load_is_not_written_back(
 
     stored = await store.load("res-1")
     assert stored == SagaRecord(decided.state, 2, decided.outbox)
-    assert await store.unpublished(later - timedelta(seconds=1), 10) == []
+    assert await unpublished_records(store, later - timedelta(seconds=1), 10) == []
     assert await store.outbox_backlog() == (len(decided.outbox), later)
 
 
@@ -539,7 +551,7 @@ async def test_a_save_without_new_entries_leaves_the_outbox_as_it_was(store: Sag
 
     for record in (pending, published):
         data = {**record.state.data, "touched": True}
-        assert await store.save(SagaRecord(record.state.model_copy(update={"data": data}), 2), 1)
+        assert await store.save(SagaRecord(replace(record.state, data=data), 2), 1)
 
     kept = await store.load("keep-1")
     assert kept is not None
@@ -547,8 +559,8 @@ async def test_a_save_without_new_entries_leaves_the_outbox_as_it_was(store: Sag
     emptied = await store.load("keep-2")
     assert emptied is not None
     assert (emptied.version, emptied.outbox) == (2, ())
-    assert await store.unpublished(T0, 10) == [kept]
-    assert await store.unpublished(T0 + timedelta(days=1), 10) == [kept]
+    assert await unpublished_records(store, T0, 10) == [kept]
+    assert await unpublished_records(store, T0 + timedelta(days=1), 10) == [kept]
     assert await store.outbox_backlog() == backlog == (len(pending.outbox), T0)
 
 
@@ -564,7 +576,7 @@ async def test_saga_data_that_looks_like_a_query_is_stored_as_data(store: SagaSt
     }
     later = T0 + timedelta(seconds=30)
     added = message("$outbox", later).model_copy(update={"body": '{"$set": "$state"}'})
-    saved = SagaRecord(first.state.model_copy(update={"data": data}), 2, (added,))
+    saved = SagaRecord(replace(first.state, data=data), 2, (added,))
 
     assert await store.save(saved, 1)
 
@@ -577,10 +589,10 @@ async def test_unpublished_finds_old_outboxes_oldest_first(store: SagaStore) -> 
     await create_all(store, c, done, a, b)
     await store.mark_published("un-done", [entry.message_id for entry in done.outbox])
 
-    assert await store.unpublished(T0 + timedelta(seconds=10), 10) == [a, b]
-    assert await store.unpublished(T0 + timedelta(seconds=10), 1) == [a]
-    assert await store.unpublished(T0 - timedelta(seconds=1), 10) == []
-    assert await store.unpublished(T0 + timedelta(hours=1), 10) == [a, b, c]
+    assert await unpublished_records(store, T0 + timedelta(seconds=10), 10) == [a, b]
+    assert await unpublished_records(store, T0 + timedelta(seconds=10), 1) == [a]
+    assert await unpublished_records(store, T0 - timedelta(seconds=1), 10) == []
+    assert await unpublished_records(store, T0 + timedelta(hours=1), 10) == [a, b, c]
 
 
 async def test_outbox_backlog_counts_every_unpublished_message(store: SagaStore) -> None:
@@ -627,7 +639,7 @@ async def test_list_filters_by_status_and_type_newest_first(store: SagaStore) ->
     )
 
     async def ids(**query: Any) -> list[str]:
-        return [state.saga_id for state in await store.list(SagaFilter(**query))]
+        return [listed.state.saga_id for listed in await store.find(SagaFilter(**query))]
 
     assert await ids() == ["ls-o3", "ls-s2", "ls-o2", "ls-s1", "ls-o1"]
     assert await ids(limit=2) == ["ls-o3", "ls-s2"]
@@ -635,8 +647,8 @@ async def test_list_filters_by_status_and_type_newest_first(store: SagaStore) ->
     assert await ids(saga_type="stock_check") == ["ls-s2", "ls-s1"]
     assert await ids(status=SagaStatus.COMPLETED, saga_type="order_fulfillment") == ["ls-o2"]
     assert await ids(status=SagaStatus.STUCK) == []
-    listed = await store.list(SagaFilter(saga_type="stock_check", limit=1))
-    assert listed == [completed("ls-s2", T0 + timedelta(seconds=70), stock_check).state]
+    listed = await store.find(SagaFilter(saga_type="stock_check", limit=1))
+    assert listed == [Listed(completed("ls-s2", T0 + timedelta(seconds=70), stock_check).state)]
 
 
 async def test_count_by_status(store: SagaStore) -> None:
@@ -671,7 +683,7 @@ async def test_purge_deletes_only_finished_sagas_past_retention(store: SagaStore
     assert await store.load("pg-done") is None
     assert await store.purge(rolled_back.state.finished_at + retention) == 1
     assert await store.purge(T0 + timedelta(days=3650)) == 0
-    assert {state.saga_id for state in await store.list(SagaFilter())} == {
+    assert {listed.state.saga_id for listed in await store.find(SagaFilter())} == {
         "pg-stuck",
         "pg-running",
     }
@@ -760,7 +772,7 @@ async def test_postgres_keeps_an_outbox_entry_saved_while_another_is_being_marke
         assert after is not None
         assert after.version == 2
         assert [entry.model_dump(mode="json") for entry in after.outbox] == added
-        assert await store.unpublished(later - timedelta(seconds=1), 10) == []
+        assert await unpublished_records(store, later - timedelta(seconds=1), 10) == []
     finally:
         await store.drop()
         await store.close()
@@ -1102,3 +1114,167 @@ def test_a_malformed_mongo_url_is_a_config_error(url: str) -> None:
 )
 def test_redact_url_hides_passwords(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+# --- Holds and definition versions -------------------------------------------------------------
+
+
+async def test_a_held_saga_is_not_due_and_is_found_by_the_definition_it_waits_for(
+    store: SagaStore,
+) -> None:
+    waiting = started("hold-def")
+    assert waiting.state.next_due_at is not None
+    await create_all(store, waiting, started("hold-free"))
+    key = f"order_fulfillment:1:{waiting.state.definition_fingerprint}"
+    hold = Hold("no definition order_fulfillment v1", T0, waiting_for=key)
+    assert await store.save(replace(waiting, version=2, hold=hold), 1)
+
+    later = T0 + timedelta(days=1)
+    assert await store.due(later, 10) == ["hold-free"]
+    assert await store.held([key], 10) == ["hold-def"]
+    assert await store.held(["order_fulfillment:2:other"], 10) == []
+    loaded = await store.load("hold-def")
+    assert loaded is not None
+    assert loaded.hold == hold
+    assert await store.count_held() == {("order_fulfillment", key): 1}
+    held = await store.find(SagaFilter(held=True))
+    assert [listed.state.saga_id for listed in held] == ["hold-def"]
+    assert held[0].hold == hold
+    free = await store.find(SagaFilter(held=False))
+    assert [listed.state.saga_id for listed in free] == ["hold-free"]
+
+    assert await store.save(replace(loaded, version=3, hold=None), 2)  # resumed
+    assert set(await store.due(later, 10)) == {"hold-def", "hold-free"}
+    assert await store.count_held() == {}
+
+
+async def test_holding_an_unreadable_saga_does_not_read_it_and_the_relay_passes_it_by(
+    store: SagaStore,
+) -> None:
+    record = started("hold-op")
+    await store.create(record)
+    assert await unpublished_records(store, T0, 10) == [record]
+    await store.hold("hold-op", Hold("the sweep failed on it: boom", T0))
+
+    assert await store.unpublished(T0, 10) == []
+    assert await store.due(T0 + timedelta(days=1), 10) == []
+    assert await store.count_held() == {("order_fulfillment", ""): 1}
+    loaded = await store.load("hold-op")
+    assert loaded is not None
+    assert loaded.version == record.version  # nothing but the hold changed
+    assert loaded.state == record.state
+    assert loaded.hold == Hold("the sweep failed on it: boom", T0)
+
+
+async def test_sagas_are_counted_and_listed_by_definition_version(store: SagaStore) -> None:
+    v2 = Saga("order_fulfillment", steps=list(order_fulfillment.steps)[:3], version=2)
+    await create_all(
+        store,
+        started("def-1"),
+        started("def-2"),
+        started("def-3", saga=v2),
+        completed("def-4"),
+    )
+    assert await store.count_by_definition() == {
+        ("order_fulfillment", 1, order_fulfillment.fingerprint): 2,
+        ("order_fulfillment", 2, v2.fingerprint): 1,
+    }
+    listed = await store.find(SagaFilter(version=2))
+    assert [item.state.saga_id for item in listed] == ["def-3"]
+    assert {item.state.saga_id for item in await store.find(SagaFilter(version=1))} == {
+        "def-1",
+        "def-2",
+        "def-4",
+    }
+
+
+@pytest.mark.postgres
+async def test_a_table_of_the_first_schema_is_migrated_with_its_sagas(
+    postgres_url: str, unique: str
+) -> None:
+    from orchestrator.stores.postgres import _MIGRATIONS
+
+    table = f"saga_migrate_{unique}"
+    old = PostgresStore(postgres_url, table=table)
+    await old.pool.migrate(table, _MIGRATIONS[:1], active=_active_condition())
+    record = started("mig-1")
+    async with old.pool.connection() as connection:
+        await connection.execute(
+            f"""INSERT INTO "{table}" (saga_id, saga_type, status, version, state, outbox,
+                    next_due_at, created_at, updated_at)
+                VALUES ($1, $2, 'started', 1, $3, '[]', $4, $5, $5)""",
+            "mig-1",
+            "order_fulfillment",
+            record.state.to_document(),
+            record.state.next_due_at,
+            T0,
+        )
+    await old.close()
+    store = PostgresStore(postgres_url, table=table)
+    try:
+        await store.setup()  # applies migration 2 to the table and its row
+        loaded = await store.load("mig-1")
+        assert loaded is not None
+        assert (loaded.state, loaded.hold) == (record.state, None)
+        assert await store.due(T0 + timedelta(days=1), 10) == ["mig-1"]
+        assert await store.find(SagaFilter(version=1)) == [Listed(record.state)]
+    finally:
+        await store.drop()
+        await store.close()
+
+
+def _active_condition() -> str:
+    from orchestrator.stores.postgres import _ACTIVE
+
+    return _ACTIVE
+
+
+# --- Folding and batching the marks ------------------------------------------------------------
+
+
+async def test_a_save_can_drop_published_entries_as_it_appends(store: SagaStore) -> None:
+    first = started("drop-1")
+    later = T0 + timedelta(seconds=30)
+    second = apply(first, answer(first, OK, later), later)
+    await store.create(first)
+    done, waiting = first.outbox[0], first.outbox[1:]
+
+    assert await store.save(second, 1, drop=[done.message_id, "never-there"])
+
+    stored = await store.load("drop-1")
+    assert stored == SagaRecord(second.state, 2, waiting + second.outbox)
+    assert stored.outbox_since == (T0 if waiting else later)
+    assert not await store.save(SagaRecord(second.state, 2), 1, drop=["x"])  # lost the race
+    assert await store.load("drop-1") == stored
+
+
+async def test_a_save_that_drops_everything_old_keeps_only_the_new_time(store: SagaStore) -> None:
+    first = started("drop-2")
+    later = T0 + timedelta(seconds=30)
+    second = apply(first, answer(first, OK, later), later)
+    await store.create(first)
+    assert await store.save(second, 1, drop=[entry.message_id for entry in first.outbox])
+    stored = await store.load("drop-2")
+    assert stored is not None
+    assert stored.outbox == second.outbox
+    assert stored.outbox_since == later
+    assert await unpublished_records(store, T0 + timedelta(seconds=29), 10) == []
+
+
+async def test_marks_for_many_sagas_go_at_once(store: SagaStore) -> None:
+    one, two, three = started("many-1"), started("many-2"), started("many-3")
+    await create_all(store, one, two, three)
+    await store.mark_published_many(
+        {
+            "many-1": [entry.message_id for entry in one.outbox],
+            "many-2": [two.outbox[0].message_id],
+            "many-4": ["nothing"],
+        }
+    )
+    loaded = {saga_id: await store.load(saga_id) for saga_id in ("many-1", "many-2", "many-3")}
+    assert loaded["many-1"] is not None
+    assert loaded["many-1"].outbox == ()
+    assert loaded["many-1"].outbox_since is None
+    assert loaded["many-2"] is not None
+    assert loaded["many-2"].outbox == two.outbox[1:]
+    assert loaded["many-3"] == three

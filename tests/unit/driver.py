@@ -20,7 +20,7 @@ from contracts.messages import (
     ReplyStatus,
     TimerMessage,
 )
-from orchestrator.definition import RetryPolicy, Saga, Step, StepKind
+from orchestrator.definition import Parallel, RetryPolicy, Saga, Step, StepKind
 from orchestrator.effects import ScheduleTimer, SendCommand
 from orchestrator.engine import (
     Decision,
@@ -52,9 +52,12 @@ def chain(
     retry: RetryPolicy | None = None,
     compensation_retry: RetryPolicy | None = None,
     deadline: float | None = None,
+    version: int = 1,
+    group: tuple[int, int] | None = None,
 ) -> Saga:
     """A saga of ``count`` steps ``s0..sN``: compensatable, then an optional pivot and
-    retriable tail. Commands are ``do_i`` and compensations ``undo_i``."""
+    retriable tail. Commands are ``do_i`` and compensations ``undo_i``. Steps
+    ``group[0] <= i < group[1]`` run as one parallel group."""
     steps = []
     for i in range(count):
         retriable = retriable_from is not None and i >= retriable_from
@@ -79,7 +82,11 @@ def chain(
                 **extra,
             )
         )
-    return Saga("chain", steps=steps, deadline=deadline)
+    items: list[Step | Parallel] = list(steps)
+    if group is not None:
+        start, end = group
+        items = [*steps[:start], Parallel(*steps[start:end]), *steps[end:]]
+    return Saga("chain", steps=items, deadline=deadline, version=version)
 
 
 @dataclass
@@ -124,13 +131,28 @@ class Driver:
         error_type: str = "Boom",
     ) -> Decision:
         """Answer ``to`` (default: the last command sent)."""
-        envelope = to or self.last
+        return self.apply(
+            self.answer(to or self.last, status, result=result, error_type=error_type)
+        )
+
+    def answer(
+        self,
+        envelope: CommandEnvelope,
+        status: ReplyStatus = ReplyStatus.COMPLETED,
+        *,
+        result: dict[str, Any] | None = None,
+        error_type: str = "Boom",
+    ) -> ReplyReceived:
+        """The event of a participant answering ``envelope`` now."""
         error = (
             None if status is ReplyStatus.COMPLETED else ErrorDetail(type=error_type, message="x")
         )
         result = result if status is ReplyStatus.COMPLETED else None
-        reply = answer(envelope, status, self.now, result=result, error=error)
-        return self.apply(ReplyReceived(reply))
+        return ReplyReceived(answer(envelope, status, self.now, result=result, error=error))
+
+    def record(self, decision: Decision) -> Decision:
+        """Remember a decision made outside :meth:`apply` (a replay on resume)."""
+        return self._record(decision)
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)

@@ -24,9 +24,9 @@ def step(name: str = "a", **overrides: object) -> Step:
 
 
 def test_the_example_saga_is_valid_and_infers_kinds() -> None:
-    kinds = [s.step_kind for s in order_fulfillment.typed_steps]
+    kinds = [s.kind for s in order_fulfillment.steps]
     assert kinds == [StepKind.COMPENSATABLE] * 3 + [StepKind.RETRIABLE]
-    assert [s.forward_timeout for s in order_fulfillment.typed_steps] == [
+    assert [s.timeout for s in order_fulfillment.steps] == [
         timedelta(minutes=2),
         timedelta(minutes=1),
         timedelta(minutes=15),
@@ -121,9 +121,9 @@ def test_fields_may_come_from_earlier_results() -> None:
 def test_step_timeouts_are_overridden_by_configuration() -> None:
     tuned = app.with_step_timeouts({"order_fulfillment.create_shipment": 5})
     shipment = tuned["order_fulfillment"].step("create_shipment")
-    assert shipment.forward_timeout == timedelta(seconds=5)
-    assert shipment.undo_timeout == timedelta(seconds=5)
-    assert app["order_fulfillment"].step("create_shipment").forward_timeout == timedelta(minutes=15)
+    assert shipment.timeout == timedelta(seconds=5)
+    assert shipment.compensation_timeout == timedelta(seconds=5)
+    assert app["order_fulfillment"].step("create_shipment").timeout == timedelta(minutes=15)
 
 
 @pytest.mark.parametrize(

@@ -89,7 +89,7 @@ def test_timeout_at_each_step_compensates_it_too_in_reverse(hanging: int) -> Non
 
 def test_timed_out_step_is_not_compensated_when_it_says_so() -> None:
     saga = chain(3)
-    steps = list(saga.typed_steps)
+    steps = list(saga.steps)
     from dataclasses import replace
 
     steps[2] = replace(steps[2], compensate_on_timeout=False)

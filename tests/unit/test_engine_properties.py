@@ -5,7 +5,9 @@ After every event:
 
 * a terminal saga never sends a command or sets a timer again; a stuck one only when an
   operator acts;
-* a step starts forward only after the previous step completed, and at most one step is busy;
+* a step starts forward only after every step of the previous stage completed; the steps
+  going forward at once are the members of one stage (a step, or a parallel group); at most
+  one compensation is in progress, and none while a step still goes forward;
 * only the reply to a step's latest attempt moves the saga;
 * compensations are sent in strictly reverse step order, only for steps that completed or may
   have acted (timed out), never past the point of no return, and each step is compensated at
@@ -17,6 +19,11 @@ After every event:
 
 At the end, letting participants answer and time run, every saga reaches ``completed``,
 ``failed`` or ``stuck``.
+
+Each saga's type comes in two versions of random shape; the saga starts on one, and deploys
+now and then leave its version out. Meanwhile it is held, as the orchestrator holds it:
+replies are kept, nothing else happens; when its version is back it replays what it kept.
+It always runs on its own version, and the invariants hold throughout.
 """
 
 from __future__ import annotations
@@ -38,13 +45,16 @@ from orchestrator.engine import (
     OperatorResolve,
     OperatorRetry,
     Outcome,
+    ReplyReceived,
     Wakeup,
+    replay,
 )
 from orchestrator.state import SagaStatus, StepStatus
 from plumbing.errors import ActionRefused
 from tests.unit.driver import Driver, chain
 
 STATUSES = st.sampled_from([ReplyStatus.COMPLETED, ReplyStatus.FAILED, ReplyStatus.ERROR])
+FORWARD_BUSY = {StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED}
 BUSY = {
     StepStatus.RUNNING,
     StepStatus.RETRY_SCHEDULED,
@@ -59,8 +69,17 @@ class SagaMachine(RuleBasedStateMachine):
     driver: Driver
 
     @initialize(
-        steps=st.integers(1, 5),
-        shape=st.sampled_from(["plain", "pivot", "retriable_tail"]),
+        shapes=st.lists(
+            st.tuples(
+                st.integers(1, 5),
+                st.sampled_from(["plain", "pivot", "retriable_tail"]),
+                st.integers(0, 4),
+                st.integers(2, 3),
+            ),
+            min_size=2,
+            max_size=2,
+        ),
+        start_on=st.sampled_from([1, 2]),
         attempts=st.integers(1, 3),
         retry_timeouts=st.booleans(),
         compensation_attempts=st.integers(1, 3),
@@ -69,30 +88,43 @@ class SagaMachine(RuleBasedStateMachine):
     def build(
         self,
         *,
-        steps: int,
-        shape: str,
+        shapes: list[tuple[int, str, int, int]],
+        start_on: int,
         attempts: int,
         retry_timeouts: bool,
         compensation_attempts: int,
         deadline: int | None,
     ) -> None:
-        pivot_at = retriable_from = None
-        if shape == "pivot" and steps >= 2:
-            pivot_at, retriable_from = steps - 2, steps - 1
-        elif shape == "retriable_tail":
-            retriable_from = steps - 1
-        saga = chain(
-            steps,
-            pivot_at=pivot_at,
-            retriable_from=retriable_from,
-            timeout=10,
-            retry=RetryPolicy(max_attempts=attempts, retry_timeouts=retry_timeouts, max_backoff=8),
-            compensation_retry=RetryPolicy(
-                max_attempts=compensation_attempts, retry_timeouts=True, max_backoff=8
-            ),
-            deadline=deadline,
-        )
-        self.driver = Driver(saga)
+        versions = {}
+        for version, (steps, shape, group_at, group_size) in enumerate(shapes, start=1):
+            pivot_at = retriable_from = None
+            if shape == "pivot" and steps >= 2:
+                pivot_at, retriable_from = steps - 2, steps - 1
+            elif shape == "retriable_tail":
+                retriable_from = steps - 1
+            # A parallel group inside the compensatable prefix, when there is room for one.
+            compensatable = min(i for i in (pivot_at, retriable_from, steps) if i is not None)
+            end = group_at + group_size
+            group = (group_at, end) if end <= compensatable else None
+            versions[version] = chain(
+                steps,
+                pivot_at=pivot_at,
+                retriable_from=retriable_from,
+                timeout=10,
+                retry=RetryPolicy(
+                    max_attempts=attempts, retry_timeouts=retry_timeouts, max_backoff=8
+                ),
+                compensation_retry=RetryPolicy(
+                    max_attempts=compensation_attempts, retry_timeouts=True, max_backoff=8
+                ),
+                deadline=deadline,
+                version=version,
+                group=group,
+            )
+        self.versions = versions
+        self.loaded = {1, 2}
+        self.kept: list[ReplyReceived] = []
+        self.driver = Driver(versions[start_on])
         self.driver.start()
         self.timers_seen = list(self.driver.timers)
         self.compensation_order: list[int] = []
@@ -101,9 +133,18 @@ class SagaMachine(RuleBasedStateMachine):
 
     # --- what can happen ---
 
+    @property
+    def held(self) -> bool:
+        """Whether the deployed app lacks the saga's version, so the orchestrator holds it."""
+        return self.driver.saga.version not in self.loaded
+
     def apply(self, event: Event) -> Decision | None:
         before = self.driver.state
         assert before is not None
+        if self.held:
+            if isinstance(event, ReplyReceived):
+                self.kept.append(event)  # kept for when the saga resumes; nothing else moves
+            return None
         try:
             decision = self.driver.apply(event)
         except ActionRefused:
@@ -131,9 +172,8 @@ class SagaMachine(RuleBasedStateMachine):
     def reply(self, envelope: CommandEnvelope, status: ReplyStatus) -> None:
         before = self.driver.state
         assert before is not None
-        decision = self.driver.reply(status, to=envelope)
-        self.check_decision(before.status, None, decision)
-        if decision.outcome is Outcome.APPLIED:
+        decision = self.apply(self.driver.answer(envelope, status))
+        if decision is not None and decision.outcome is Outcome.APPLIED:
             step = before.step(envelope.step)
             latest = (
                 step.attempt
@@ -157,10 +197,29 @@ class SagaMachine(RuleBasedStateMachine):
     def next_timer_fires(self) -> None:
         state = self.driver.state
         assert state is not None
-        if state.next_due_at is not None:
+        if state.next_due_at is not None and not self.held:
             before = state.status
             decision = self.driver.fire_next()
             self.check_decision(before, Wakeup(), decision)
+
+    @rule(loaded=st.sampled_from([frozenset({1}), frozenset({2}), frozenset({1, 2})]))
+    def deploy(self, loaded: frozenset[int]) -> None:
+        """A daemon with some versions takes over; a held saga whose version is back resumes."""
+        was_held = self.held
+        self.loaded = set(loaded)
+        if not was_held or self.held:
+            return
+        state = self.driver.state
+        assert state is not None
+        events: list[Event] = [*self.kept, Wakeup()]
+        self.kept = []
+        for event, decision in zip(
+            events, replay(state, events, self.driver.now, self.driver.saga), strict=True
+        ):
+            before = self.driver.state
+            assert before is not None
+            self.driver.record(decision)
+            self.check_decision(before.status, event, decision)
 
     @rule(pick=st.integers(0, 1000), late=st.integers(0, 30))
     def any_timer_arrives(self, pick: int, late: int) -> None:
@@ -217,32 +276,37 @@ class SagaMachine(RuleBasedStateMachine):
     def check_send(self, envelope: CommandEnvelope, decision: Decision) -> None:
         i = self.driver.saga.index[envelope.step]
         if envelope.direction is Direction.FORWARD:
-            if envelope.attempt == 1 and i > 0:
-                assert decision.state.steps[i - 1].status is StepStatus.COMPLETED
+            saga = self.driver.saga
+            stage = saga.stage_of[i]
+            if envelope.attempt == 1 and stage > 0:
+                for j in saga.stages[stage - 1]:
+                    assert decision.state.steps[j].status is StepStatus.COMPLETED
             return
         assert not self.passed_no_return, "compensation after the point of no return"
-        assert self.driver.saga.typed_steps[i].step_kind is StepKind.COMPENSATABLE
+        assert self.driver.saga.steps[i].kind is StepKind.COMPENSATABLE
         if i not in self.compensation_order:
             if self.compensation_order:
                 assert i < self.compensation_order[-1], "compensations out of order"
             self.compensation_order.append(i)
 
     def note_point_of_no_return(self, decision: Decision) -> None:
-        for definition, step in zip(
-            self.driver.saga.typed_steps, decision.state.steps, strict=True
-        ):
-            kind = definition.step_kind
+        for definition, step in zip(self.driver.saga.steps, decision.state.steps, strict=True):
+            kind = definition.kind
             if kind is StepKind.PIVOT and step.status is StepStatus.COMPLETED:
                 self.passed_no_return = True
             if kind is StepKind.RETRIABLE and step.status is not StepStatus.NOT_STARTED:
                 self.passed_no_return = True
 
     @invariant()
-    def one_busy_step_and_something_due(self) -> None:
+    def one_busy_stage_and_something_due(self) -> None:
         state = self.driver.state
         assert state is not None
         busy = [step for step in state.steps if step.status in BUSY]
-        assert len(busy) <= 1
+        forward = [i for i, step in enumerate(state.steps) if step.status in FORWARD_BUSY]
+        undoing = [step for step in busy if step.status not in FORWARD_BUSY]
+        assert len({self.driver.saga.stage_of[i] for i in forward}) <= 1
+        assert len(undoing) <= 1
+        assert not (forward and undoing), "a compensation while a step still goes forward"
         if state.status.is_active:
             assert busy, "an active saga with no step in progress"
             assert state.next_due_at is not None, "an active saga with nothing due"
@@ -256,7 +320,7 @@ class SagaMachine(RuleBasedStateMachine):
         if state.status is SagaStatus.COMPLETED:
             assert all(step.status is StepStatus.COMPLETED for step in state.steps)
         if state.status is SagaStatus.FAILED:
-            for definition, step in zip(self.driver.saga.typed_steps, state.steps, strict=True):
+            for definition, step in zip(self.driver.saga.steps, state.steps, strict=True):
                 assert step.status is not StepStatus.COMPLETED, f"{step.name} left done"
                 if definition.compensation and step.in_doubt and definition.compensate_on_timeout:
                     assert step.status is StepStatus.COMPENSATED
@@ -266,6 +330,7 @@ class SagaMachine(RuleBasedStateMachine):
         """Let participants answer and time pass: the saga must come to rest."""
         if not hasattr(self, "driver"):
             return
+        self.deploy(frozenset({1, 2}))
         for _ in range(300):
             state = self.driver.state
             assert state is not None

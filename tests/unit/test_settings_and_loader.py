@@ -58,7 +58,7 @@ def test_bad_values_fail_with_a_sentence(
 
 def test_apps_and_participants_load_with_clear_errors() -> None:
     app = load_app("examples.order_fulfillment:app", {"order_fulfillment.create_shipment": 5})
-    assert app["order_fulfillment"].step("create_shipment").forward_timeout.total_seconds() == 5
+    assert app["order_fulfillment"].step("create_shipment").timeout.total_seconds() == 5
     assert load_participant("examples.order_fulfillment:payment").service == "payment"
     with pytest.raises(ConfigError, match=r"package\.module:attribute"):
         load_app("examples.order_fulfillment")
