@@ -234,6 +234,8 @@ class MemoryIdempotency:
         """First writer wins; the claim goes."""
         self._claims.pop(key, None)
         self._claimed_at.pop(key, None)
+        if outcome.stored_at is None:
+            outcome = replace(outcome, stored_at=datetime.now(UTC))
         return self._outcomes.setdefault(key, outcome)
 
     async def release(self, key: str, claimant: str) -> None:
