@@ -657,9 +657,13 @@ class RabbitTransport:
         )
 
     def _refused(self, delivery: Delivery) -> DeadLetter | None:
-        """Park a body too large to read: untrusted input is bounded before it is parsed."""
+        """Park a body too large to read: untrusted input is bounded before it is parsed.
+
+        Never from the parking queue itself: whoever reads parked messages gets them whole,
+        and parking them again would go round in a circle.
+        """
         size = len(delivery.body)
-        if size <= self.max_body:
+        if size <= self.max_body or delivery.queue == names.PARKED_QUEUE:
             return None
         log.warning(
             "oversize_message_parked",
