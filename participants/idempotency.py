@@ -311,8 +311,11 @@ def forward_key(compensation_key: str) -> str:
     return f"fwd:{rest}"
 
 
-def open_idempotency(url: str) -> IdempotencyStore:
+def open_idempotency(url: str, *, concurrency: int = 6) -> IdempotencyStore:
     """An idempotency store for ``memory://``, ``postgresql://...`` or ``mongodb://...``.
+
+    ``concurrency`` is how many commands may run at once (the prefetch): a PostgreSQL pool
+    gets a connection for each, and a few more.
 
     Raises:
         ConfigError: the URL is malformed or names another kind of server.
@@ -323,5 +326,5 @@ def open_idempotency(url: str) -> IdempotencyStore:
     from participants.idempotency_stores import MongoIdempotency, PostgresIdempotency
 
     if kind is StoreKind.POSTGRES:
-        return PostgresIdempotency(url)
+        return PostgresIdempotency(url, pool_size=concurrency + 4)
     return MongoIdempotency.from_url(url)

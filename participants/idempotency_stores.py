@@ -67,6 +67,7 @@ DEFAULT_TABLE: Final = "saga_idempotency"
 DEFAULT_COLLECTION: Final = "idempotency"
 """The MongoDB collection outcomes are kept in unless another name is given."""
 
+_CLAIM_WAIT: Final = 600.0  # seconds a claim may wait on another replica's open transaction
 _ATTEMPTS: Final = 5  # an entry can change between a refused write and the read-back
 
 _MIGRATIONS: Final = (
@@ -185,6 +186,8 @@ class PostgresIdempotency:
         url: a ``postgresql://`` URL.
         table: the table name (a plain identifier).
         retention: how old an entry must be for :meth:`purge` to delete it.
+        pool_size: connections at most; a transactional handler holds one while it runs, so
+            give at least the deliveries handled at once (the daemon uses prefetch + 4).
         clock: stamps ``stored_at`` when an outcome comes without one.
     """
 
@@ -195,12 +198,13 @@ class PostgresIdempotency:
         table: str = DEFAULT_TABLE,
         retention: timedelta = DEFAULT_IDEMPOTENCY_RETENTION,
         connect_timeout: float = 5.0,
+        pool_size: int = 10,
         clock: Clock | None = None,
     ) -> None:
         self.table = table_name(table)
         self.retention = retention
         self.clock: Clock = clock or SystemClock()
-        self.pool = PostgresPool(url, connect_timeout=connect_timeout, max_size=10)
+        self.pool = PostgresPool(url, connect_timeout=connect_timeout, max_size=pool_size)
         self._sql = {name: sql.format(table=self.table, found=_FOUND) for name, sql in _SQL.items()}
 
     async def setup(self) -> None:
@@ -223,8 +227,12 @@ class PostgresIdempotency:
     ) -> ClaimResult:
         for _ in range(_ATTEMPTS):
             # No row: the conflicting entry was committed after this statement's snapshot
-            # (it waited for that transaction); the next statement sees it.
-            row = await connection.fetchrow(self._sql["claim"], key, claimant, now, now + lease)
+            # (it waited for that transaction); the next statement sees it. The wait lasts as
+            # long as the other claimant's handler, so it is not held to the pool's statement
+            # timeout.
+            row = await connection.fetchrow(
+                self._sql["claim"], key, claimant, now, now + lease, timeout=_CLAIM_WAIT
+            )
             if row is None:
                 continue
             mine, claims, *found = row

@@ -27,8 +27,12 @@ What it promises, and how:
   the original acked; if the copy fails, the original is requeued, so nothing is lost. A
   handler that raises is a bug: it is logged with its traceback and the delivery is requeued
   (the queue's delivery limit parks it eventually). A delivery redelivered ``poison_threshold``
-  times is parked before its handler runs. After a reconnect, deliveries from the old channel
-  cannot be acked any more; that is logged and tolerated, the broker redelivers them.
+  times, or whose body is over ``max_body`` bytes, is parked before its handler runs. A parked
+  message is reported to ``on_dead_lettered`` once its copy is confirmed, so the metric counts
+  messages, not attempts. After a reconnect, deliveries from the old channel cannot be acked
+  any more; that is logged and tolerated, the broker redelivers them. aio-pika restores
+  channels one by one in no fixed order, so a handler waits (up to ``publish_timeout``) for
+  the publisher channel to be back before it runs: its reply would fail otherwise.
 * **Shutdown.** Cancelling ``consume`` cancels the consumer at the broker, lets in-flight
   handlers finish and settles them, requeues deliveries that were not started, then re-raises
   the cancellation. ``close`` stops every consumer and closes the connection.
