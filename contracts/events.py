@@ -24,6 +24,7 @@ class EventName(StrEnum):
     STEP_COMPLETED = "SagaStepCompleted"
     STEP_FAILED = "SagaStepFailed"
     STEP_TIMED_OUT = "SagaStepTimedOut"
+    STEP_NOT_PICKED_UP = "SagaStepNotPickedUp"
     STEP_RETRYING = "SagaStepRetrying"
     COMPENSATION_STARTED = "SagaCompensationStarted"
     COMPENSATION_COMPLETED = "SagaCompensationCompleted"
@@ -84,6 +85,13 @@ class SagaStepTimedOut(LifecycleEvent):
     event: Literal[EventName.STEP_TIMED_OUT] = EventName.STEP_TIMED_OUT
 
 
+class SagaStepNotPickedUp(LifecycleEvent):
+    """No participant picked a step's command up within its dispatch timeout (a service down,
+    a queue backed up)."""
+
+    event: Literal[EventName.STEP_NOT_PICKED_UP] = EventName.STEP_NOT_PICKED_UP
+
+
 class SagaStepRetrying(LifecycleEvent):
     """A step will be tried again at ``retry_at``; ``attempt`` is the attempt that will run."""
 
@@ -142,6 +150,7 @@ AnyLifecycleEvent = Annotated[
     | SagaStepCompleted
     | SagaStepFailed
     | SagaStepTimedOut
+    | SagaStepNotPickedUp
     | SagaStepRetrying
     | SagaCompensationStarted
     | SagaCompensationCompleted
@@ -160,6 +169,7 @@ LIFECYCLE_EVENTS: tuple[type[LifecycleEvent], ...] = (
     SagaStepCompleted,
     SagaStepFailed,
     SagaStepTimedOut,
+    SagaStepNotPickedUp,
     SagaStepRetrying,
     SagaCompensationStarted,
     SagaCompensationCompleted,

@@ -244,7 +244,44 @@ class CommandEnvelope(Contract):
         description="After this instant the participant must not start executing it (a "
         "command it has executed is answered from its store at any time).",
     )
+    pickup_by: WireTime | None = Field(
+        default=None,
+        description="Set when the step has a dispatch timeout: the participant acknowledges "
+        "picking the command up (PickedUp) and must not start it after this instant.",
+    )
+    heartbeat_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Set when the step expects heartbeats: seconds without one after which "
+        "the attempt times out.",
+    )
     traceparent: TraceParent | None = None
+    tracestate: str | None = Field(default=None, max_length=512)
+
+
+class PickedUp(Contract):
+    """A participant took a command off its queue (sent only when the command asks)."""
+
+    kind: Literal["picked_up"] = "picked_up"
+    message_id: MessageId
+    saga_id: SagaIdOnWire
+    step: Name
+    direction: Direction
+    attempt: int = Field(ge=1)
+    sent_at: WireTime
+
+
+class Heartbeat(Contract):
+    """A long-running handler is still working on a command attempt."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    message_id: MessageId
+    saga_id: SagaIdOnWire
+    step: Name
+    direction: Direction
+    attempt: int = Field(ge=1)
+    details: str | None = Field(default=None, max_length=1000)
+    sent_at: WireTime
 
 
 class Reply(Contract):
@@ -301,7 +338,17 @@ class StartSaga(Contract):
     version: int | None = Field(
         default=None, ge=1, description="The definition version to run; default: the newest."
     )
+    reply_to: Name | None = Field(
+        default=None,
+        description="The requester's queue: the orchestrator answers there (StartAnswer).",
+    )
+    watch: bool = Field(
+        default=False, description="Also send the saga's outcome to reply_to when it ends."
+    )
     traceparent: TraceParent | None = None
+    tracestate: str | None = Field(
+        default=None, max_length=512, description="W3C tracestate, kept with the traceparent."
+    )
 
 
 def command_message_id(saga_id: str, step: str, direction: Direction, attempt: int) -> str:

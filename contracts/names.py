@@ -22,6 +22,10 @@ START_EXCHANGE: Final = "saga.start"
 START_QUEUE: Final = "saga.start"
 START_ROUTING_KEY: Final = "saga.start"
 
+QUERIES_QUEUE: Final = "saga.queries"
+"""Clients' queries (QuerySaga), published through the default exchange; answered on their own
+queue."""
+
 TIMERS_QUEUE: Final = "saga.timers"
 """Where delayed wake-ups land once their delay has passed."""
 

@@ -17,6 +17,10 @@ from typing import Any
 from plumbing.errors import SagaError
 
 EXIT_USAGE = 2
+EXIT_SAGA_FAILED = 1
+"""``saga start --wait``: the saga failed or got stuck."""
+EXIT_TIMEOUT = 3
+"""Whatever was waited for did not happen in time (``saga start --timeout``)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,22 +43,36 @@ def _parser() -> argparse.ArgumentParser:
         daemon.add_argument("--app", help="MODULE:ATTR (default: $SAGA_APP)")
 
     start = sub.add_parser(
-        "start", help="ask the orchestrator to start a saga (idempotent on --id)"
+        "start",
+        help="start a saga and wait until the orchestrator accepts it (idempotent on --id)",
     )
     start.add_argument("saga_type")
     start.add_argument("--id", required=True, dest="saga_id")
     start.add_argument("--data", required=True, help="the saga's data as a JSON object")
     start.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
     start.add_argument(
-        "--version", type=int, help="the definition version to run (default: the newest)"
+        "--version", type=positive_int, help="the definition version to run (default: the newest)"
     )
+    waiting = start.add_mutually_exclusive_group()
+    waiting.add_argument(
+        "--wait", action="store_true", help="wait until the saga ends and print its outcome"
+    )
+    waiting.add_argument(
+        "--no-wait", action="store_true", help="only hand the request to the broker"
+    )
+    start.add_argument(
+        "--timeout", type=positive_float, default=60.0, help="seconds to wait (default 60)"
+    )
+    start.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
     ls = sub.add_parser("ls", help="list sagas from the store")
     ls.add_argument("--status")
     ls.add_argument("--type", dest="saga_type")
-    ls.add_argument("--version", type=int, help="only sagas running this definition version")
+    ls.add_argument(
+        "--version", type=positive_int, help="only sagas running this definition version"
+    )
     ls.add_argument("--held", action="store_true", help="only held sagas")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=positive_int, default=50, help="at most this many (50)")
     ls.add_argument("--json", action="store_true")
 
     show = sub.add_parser("show", help="show one saga's timeline")
@@ -77,14 +95,42 @@ def _parser() -> argparse.ArgumentParser:
         if name == "resume":
             action.add_argument(
                 "--to-version",
-                type=int,
+                type=positive_int,
                 help="move the saga to this version of its definition first (a migration)",
             )
+
+    watch = sub.add_parser("watch", help="stream lifecycle events as they are published")
+    watch.add_argument("--type", dest="saga_type", help="only sagas of this type")
+    watch.add_argument("--event", help="only this event, e.g. SagaFailed")
+    watch.add_argument("--json", action="store_true", help="one JSON object per event")
+    watch.add_argument("--count", type=positive_int, help="stop after this many events")
 
     topology = sub.add_parser("topology", help="print (or declare) the RabbitMQ topology")
     topology.add_argument("--app", help="MODULE:ATTR (default: $SAGA_APP)")
     topology.add_argument("--declare", action="store_true", help="declare it on $SAGA_AMQP_URL")
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argument that must be a whole number from 1 up."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give 1 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argument that must be a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not allowed: give more than 0")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SagaError as e:
         print(f"saga {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TimeoutError as e:
+        print(f"saga {args.command}: {e or 'timed out'}", file=sys.stderr)
+        return EXIT_TIMEOUT
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -119,6 +168,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         "resolve": commands.resolve,
         "resume": commands.resume,
         "topology": commands.topology,
+        "watch": commands.watch,
     }
     result: int = await handlers[args.command](args)
     return result

@@ -10,9 +10,10 @@ from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
 from contracts import names
+from contracts.events import LifecycleEvent, lifecycle_event_adapter
 from contracts.messages import StartSaga
 from orchestrator import demo as demos
-from orchestrator.cli import print_json
+from orchestrator.cli import EXIT_SAGA_FAILED, print_json
 from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
 from orchestrator.loader import load_app
 from orchestrator.runtime import OperatorAction, Orchestrator
@@ -27,7 +28,7 @@ from plumbing.delays import DelayLadder
 from plumbing.errors import ConfigError, PublishFailed, SagaNotFound
 from plumbing.logs import configure_logging
 from plumbing.settings import load_settings
-from plumbing.topology import Topology, orchestrator_topology
+from plumbing.topology import Topology, client_topology, orchestrator_topology
 from plumbing.transport import Outgoing
 from plumbing.urls import redact_url
 
@@ -97,7 +98,8 @@ async def participant(args: argparse.Namespace) -> int:
 
 
 async def start(args: argparse.Namespace) -> int:
-    """``saga start``: send a start request over RabbitMQ."""
+    """``saga start``: ask the orchestrator to start a saga; wait for its answer (and end)."""
+    from orchestrator.client import SagaClient
     from plumbing.daemons import rabbit_transport
 
     settings = _quiet_settings()
@@ -108,25 +110,49 @@ async def start(args: argparse.Namespace) -> int:
     if not isinstance(data, dict):
         raise ConfigError("--data must be a JSON object")
     traceparent = tracing.continue_or_start(args.traceparent)
-    request = StartSaga(
-        saga_type=args.saga_type,
-        saga_id=args.saga_id,
-        data=data,
-        version=args.version,
-        traceparent=traceparent,
-    )
     transport = rabbit_transport(settings)
-    try:
-        policy = settings.queue_policy
-        await transport.declare(orchestrator_topology((), policy))
-        await transport.publish(start_message(request, SystemClock().now()))
-    finally:
-        await transport.close()
-    print(
-        f"start request for {args.saga_type} {args.saga_id} confirmed by the broker "
-        f"(trace {tracing.trace_id(traceparent)})"
+    if args.no_wait:
+        request = StartSaga(
+            saga_type=args.saga_type,
+            saga_id=args.saga_id,
+            data=data,
+            version=args.version,
+            traceparent=traceparent,
+        )
+        try:
+            await transport.declare(client_topology(settings.queue_policy))
+            await transport.publish(start_message(request, SystemClock().now()))
+        finally:
+            await transport.close()
+        print(
+            f"start request for {args.saga_type} {args.saga_id} confirmed by the broker "
+            f"(trace {tracing.trace_id(traceparent)}); not waiting for the orchestrator"
+        )
+        return 0
+    client = SagaClient(
+        settings.amqp_url or "",
+        answer_timeout=args.timeout,
+        policy=settings.queue_policy,
+        transport=transport,
     )
-    return 0
+    async with client:
+        handle = await client.start(
+            args.saga_type, args.saga_id, data, version=args.version, traceparent=traceparent
+        )
+        said = "already started" if handle.status.value == "already_started" else "started"
+        print(f"saga {args.saga_id} {said} ({args.saga_type} v{handle.version})")
+        if not args.wait:
+            return 0
+        outcome = await handle.result(timeout=args.timeout)
+    if args.json:
+        print_json(outcome.model_dump(mode="json"))
+    else:
+        print(f"saga {args.saga_id} {outcome.status}")
+        if outcome.failure_reason:
+            print(f"  reason: {outcome.failure_reason}")
+        for step, result in outcome.results.items():
+            print(f"  {step}: {json.dumps(result, sort_keys=True)}")
+    return 0 if outcome.status == "completed" else EXIT_SAGA_FAILED
 
 
 @asynccontextmanager
@@ -314,3 +340,46 @@ async def topology(args: argparse.Namespace) -> int:
         f"{len(full.bindings)} bindings on {redact_url(settings.amqp_url or '')}"
     )
     return 0
+
+
+async def watch(args: argparse.Namespace) -> int:
+    """``saga watch``: stream lifecycle events to the terminal as they are published."""
+    from plumbing.daemons import rabbit_transport
+
+    settings = _quiet_settings()
+    transport = rabbit_transport(settings)
+    key = f"{args.saga_type or '*'}.{args.event or '*'}"
+    seen = 0
+    try:
+        connection = await transport.connect()
+        channel = connection.channel()
+        await channel.initialize()
+        exchange = await channel.declare_exchange(names.EVENTS_EXCHANGE, "topic", durable=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key=key)
+        print(f"watching {key} on {redact_url(settings.amqp_url or '')}", file=sys.stderr)
+        async with queue.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                event = lifecycle_event_adapter.validate_json(message.body)
+                if args.json:
+                    print(event.model_dump_json(exclude_none=True), flush=True)
+                else:
+                    print(_event_line(event), flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
+    finally:
+        await transport.close()
+    return 0
+
+
+def _event_line(event: LifecycleEvent) -> str:
+    subject = event.step or ""
+    if event.attempt is not None:
+        subject += f" #{event.attempt}"
+    line = (
+        f"{event.at:%H:%M:%S.%f}"[:-3]
+        + f"  {event.saga_type:<20} {event.saga_id:<24} {event.event.value:<26} {subject:<24}"
+    )
+    return (line + (f" {event.detail}" if event.detail else "")).rstrip()

@@ -189,6 +189,10 @@ class _StepFields:
     compensation_timeout: timedelta
     compensation_retry: RetryPolicy
     compensate_on_timeout: bool
+    heartbeat_timeout: timedelta | None
+    dispatch_timeout: timedelta | None
+    budget: timedelta | None
+    group: str | None
 
 
 class Step(_StepFields):
@@ -208,6 +212,14 @@ class Step(_StepFields):
         compensation_retry: the compensation retry policy.
         compensate_on_timeout: whether a step that timed out is compensated too, because the
             participant may have acted (default yes).
+        heartbeat_timeout: a long-running handler reports progress with ``ctx.heartbeat()``;
+            an attempt that goes this long without one times out early.
+        dispatch_timeout: how long a command may wait for a participant to pick it up (a
+            service down, a queue backed up); ``timeout`` then counts from the pick-up. An
+            attempt not picked up in time was not executed: the retry policy
+            (``retry_timeouts``) decides whether to send it again or fail the step.
+        budget: the total time all attempts of the step may take, retries and backoffs
+            included (Temporal's schedule-to-close), beside each attempt's ``timeout``.
     """
 
     def __init__(
@@ -224,6 +236,10 @@ class Step(_StepFields):
         compensation_timeout: Duration | None = None,
         compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY,
         compensate_on_timeout: bool = True,
+        heartbeat_timeout: Duration | None = None,
+        dispatch_timeout: Duration | None = None,
+        budget: Duration | None = None,
+        group: str | None = None,
     ) -> None:
         where = f"step {name!r}"
         if not isinstance(name, str) or not _NAME.match(name):
@@ -265,7 +281,61 @@ class Step(_StepFields):
             ),
             compensation_retry=compensation_retry,
             compensate_on_timeout=compensate_on_timeout,
+            heartbeat_timeout=_optional_timer(heartbeat_timeout, f"{where}: heartbeat_timeout"),
+            dispatch_timeout=_optional_timer(dispatch_timeout, f"{where}: dispatch_timeout"),
+            budget=_optional_timer(budget, f"{where}: budget"),
+            group=group,
         )
+        if self.budget is not None and kind is StepKind.RETRIABLE:
+            raise DefinitionError(
+                f"{where} is retriable, so it never gives up: a budget cannot apply to it"
+            )
+        if self.budget is not None and self.budget < forward:
+            raise DefinitionError(
+                f"{where}: the budget ({self.budget}) is shorter than one attempt's timeout "
+                f"({forward})"
+            )
+        if self.heartbeat_timeout is not None and self.heartbeat_timeout > forward:
+            raise DefinitionError(
+                f"{where}: the heartbeat_timeout ({self.heartbeat_timeout}) is longer than the "
+                f"timeout ({forward}); it would never fire"
+            )
+
+
+class Parallel:
+    """Steps dispatched together and joined when all of them complete.
+
+    When one fails for good or times out, the others are waited for (none is retried any
+    more), then every member that completed or may have acted is compensated with the rest
+    of the saga: groups in strict reverse order, and within a group one member at a time, in
+    reverse declaration order. Members are either all compensatable or all retriable (after
+    the point of no return); a pivot is never in a group, since a sibling failing after it
+    could not be undone. A member's command is built from the data and the results of the
+    steps before the group, never from its siblings'.
+
+    Args:
+        name: how the group is shown (default: its steps' names joined by ``+``).
+    """
+
+    def __init__(self, *steps: Step, name: str | None = None) -> None:
+        if len(steps) < 2:
+            raise DefinitionError("a Parallel group needs at least two steps")
+        for step in steps:
+            if not isinstance(step, Step):
+                raise DefinitionError(f"a Parallel group holds Steps, not {step!r}")
+        self.name = name or "+".join(step.name for step in steps)
+        kinds = {step.kind for step in steps}
+        if StepKind.PIVOT in kinds or len(kinds) > 1:
+            raise DefinitionError(
+                f"group {self.name!r}: its steps must be all compensatable or all retriable "
+                f"(they are {', '.join(sorted(kind.value for kind in kinds))}); a pivot cannot "
+                "share a group, since a sibling failing after it could not be undone"
+            )
+        self.steps = tuple(replace(step, group=self.name) for step in steps)
+
+
+def _optional_timer(value: Duration | None, what: str) -> timedelta | None:
+    return None if value is None else _timer(value, what)
 
 
 def _inferred_kind(name: str, compensation: type[Command] | None) -> StepKind:
@@ -331,7 +401,7 @@ class Saga(_SagaFields):
     def __init__(
         self,
         name: str,
-        steps: Iterable[Step],
+        steps: Iterable[Step | Parallel],
         data: type[BaseModel] | None = None,
         deadline: Duration | None = None,
         *,
@@ -343,13 +413,11 @@ class Saga(_SagaFields):
             raise DefinitionError(
                 f"saga {name!r}: version must be a whole number from 1 up, not {version!r}"
             )
-        ordered = tuple(steps)
+        ordered = _flattened(name, steps)
         if not ordered:
             raise DefinitionError(f"saga {name!r} has no steps")
         seen: set[str] = set()
-        for position, step in enumerate(ordered):
-            if not isinstance(step, Step):
-                raise DefinitionError(f"saga {name!r}: step {position} is not a Step")
+        for step in ordered:
             if step.name in seen:
                 raise DefinitionError(f"saga {name!r} has two steps named {step.name!r}")
             seen.add(step.name)
@@ -366,6 +434,24 @@ class Saga(_SagaFields):
         )
 
     @cached_property
+    def stages(self) -> tuple[tuple[int, ...], ...]:
+        """The steps' positions, stage by stage: one per sequential step, all of a group's
+        members in one."""
+        stages: list[list[int]] = []
+        for position, step in enumerate(self.steps):
+            previous = self.steps[position - 1] if position else None
+            if step.group is not None and previous is not None and previous.group == step.group:
+                stages[-1].append(position)
+            else:
+                stages.append([position])
+        return tuple(tuple(stage) for stage in stages)
+
+    @cached_property
+    def stage_of(self) -> tuple[int, ...]:
+        """The stage of each step, by position."""
+        return tuple(stage for stage, positions in enumerate(self.stages) for _ in positions)
+
+    @cached_property
     def fingerprint(self) -> str:
         """A digest of what a running saga depends on: its steps in order, their kinds,
         services, commands and compensations (not timeouts or retry policies)."""
@@ -376,6 +462,7 @@ class Saga(_SagaFields):
                 step.service,
                 step.command.name(),
                 None if step.compensation is None else step.compensation.name(),
+                step.group,
             )
             for step in self.steps
         ]
@@ -420,6 +507,33 @@ def _with_timeout(step: Step, timeouts: Mapping[str, Duration]) -> Step:
     return replace(step, timeout=timeout, compensation_timeout=timeout)
 
 
+def _flattened(name: str, items: Iterable[Step | Parallel]) -> tuple[Step, ...]:
+    steps: list[Step] = []
+    groups: set[str] = set()
+    for position, item in enumerate(items):
+        if isinstance(item, Parallel):
+            if item.name in groups:
+                raise DefinitionError(f"saga {name!r} has two groups named {item.name!r}")
+            groups.add(item.name)
+            steps.extend(item.steps)
+        elif isinstance(item, Step):
+            steps.append(item)
+        else:
+            raise DefinitionError(f"saga {name!r}: step {position} is not a Step or Parallel")
+    return tuple(steps)
+
+
+def _grouped(steps: tuple[Step, ...]) -> list[list[Step]]:
+    """The steps stage by stage (consecutive members of one group share a stage)."""
+    stages: list[list[Step]] = []
+    for step in steps:
+        if stages and step.group is not None and stages[-1][-1].group == step.group:
+            stages[-1].append(step)
+        else:
+            stages.append([step])
+    return stages
+
+
 def _check_order(name: str, steps: tuple[Step, ...]) -> None:
     point_of_no_return: Step | None = None
     for step in steps:
@@ -439,15 +553,20 @@ def _check_inputs(name: str, steps: tuple[Step, ...], data: type[BaseModel] | No
         return
     known: set[str] = set(data.model_fields) | set(data.model_computed_fields)
     complete = True  # False once a step without a declared result model is seen
-    for step in steps:
+    for stage in _grouped(steps):
+        # A group's members see the results of earlier stages, never their siblings'; a
+        # compensation cannot count on its own step's result (the step may have timed out).
         if complete:
-            _require(step.command, known, f"saga {name!r}: step {step.name!r}")
-            if step.compensation is not None:
-                _require(step.compensation, known, f"saga {name!r}: compensation of {step.name!r}")
-        if step.result is None:
-            complete = False
-        else:
-            known |= set(step.result.model_fields) | set(step.result.model_computed_fields)
+            for step in stage:
+                _require(step.command, known, f"saga {name!r}: step {step.name!r}")
+                if step.compensation is not None:
+                    where = f"saga {name!r}: compensation of {step.name!r}"
+                    _require(step.compensation, known, where)
+        for step in stage:
+            if step.result is None:
+                complete = False
+            else:
+                known |= set(step.result.model_fields) | set(step.result.model_computed_fields)
 
 
 def _require(command: type[Command], known: set[str], where: str) -> None:

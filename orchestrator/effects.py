@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from contracts import names
+from contracts.client import SagaOutcome
 from contracts.events import EVENT_CLASSES, EventName, LifecycleEvent
 from contracts.messages import (
     Command,
@@ -52,7 +53,15 @@ class PublishEvent:
     event: LifecycleEvent
 
 
-Effect = SendCommand | ScheduleTimer | PublishEvent
+@dataclass(frozen=True)
+class NotifyOutcome:
+    """Tell a client that watches the saga how it ended."""
+
+    reply_to: str
+    outcome: SagaOutcome
+
+
+Effect = SendCommand | ScheduleTimer | PublishEvent | NotifyOutcome
 """Everything the shell must do after saving a decision."""
 
 
@@ -95,6 +104,18 @@ def outgoing(effect: Effect, now: datetime) -> Outgoing:
                 now=now,
                 mandatory=False,  # observers are optional; nobody bound is not an error
             )
+        case NotifyOutcome(reply_to=reply_to, outcome=outcome):
+            return wire_message(
+                MessageKind.ANSWER,
+                message_id=f"{outcome.saga_id}:outcome:{reply_to}",
+                saga_id=outcome.saga_id,
+                traceparent=None,
+                exchange="",
+                routing_key=reply_to,
+                body=outcome.model_dump_json(),
+                now=now,
+                mandatory=False,  # the client may have gone; it can ask again
+            )
 
 
 class MessageBuilder:
@@ -108,6 +129,7 @@ class MessageBuilder:
         self.saga_id = state.saga_id
         self.saga_type = state.saga_type
         self.traceparent = state.traceparent
+        self.tracestate = state.tracestate
         self.now = now
 
     def span(self, message_id: str) -> str | None:
@@ -153,10 +175,15 @@ class MessageBuilder:
         direction: Direction,
         attempt: int,
         context: JsonObject,
-        timeout: timedelta,
+        deadline: datetime,
         generation: int = 1,
+        pickup_by: datetime | None = None,
+        heartbeat_timeout: timedelta | None = None,
     ) -> SendCommand:
         """One attempt of ``step``'s command (or compensation), built from ``context``.
+
+        ``deadline`` is when the participant must no longer start it; ``pickup_by`` asks for
+        a pick-up acknowledgement before then, and ``heartbeat_timeout`` for heartbeats.
 
         Raises:
             pydantic.ValidationError: the context does not make a valid command.
@@ -175,8 +202,13 @@ class MessageBuilder:
             payload=payload,
             reply_to=names.REPLIES_ROUTING_KEY,
             sent_at=self.now,
-            deadline=self.now + timeout,
+            deadline=deadline,
+            pickup_by=pickup_by,
+            heartbeat_timeout=(
+                None if heartbeat_timeout is None else heartbeat_timeout.total_seconds()
+            ),
             traceparent=self.span(message_id),
+            tracestate=self.tracestate,
         )
         return SendCommand(step.service, envelope)
 
@@ -196,3 +228,18 @@ class MessageBuilder:
                 traceparent=self.span(message_id),
             )
         )
+
+    def outcomes(self, state: SagaState) -> tuple[NotifyOutcome, ...]:
+        """The outcome of ``state`` for each client that watches it."""
+        # The error that ended it: the stuck compensation's, or the step that failed.
+        errors = [step.error for step in reversed(state.steps) if step.error is not None]
+        outcome = SagaOutcome(
+            saga_id=state.saga_id,
+            saga_type=state.saga_type,
+            status=state.status.value,  # only ever completed, failed or stuck here
+            results=state.results,
+            failure_reason=state.failure_reason,
+            error=errors[0] if errors else None,
+            finished_at=self.now,
+        )
+        return tuple(NotifyOutcome(reply_to, outcome) for reply_to in state.watchers)

@@ -38,7 +38,9 @@ from contracts.messages import (
     CommandEnvelope,
     Direction,
     ErrorDetail,
+    Heartbeat,
     JsonObject,
+    PickedUp,
     Reply,
     ReplyStatus,
     TimerKind,
@@ -72,6 +74,13 @@ class ReplyReceived:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """A participant picked a command up, or sent a heartbeat while working on it."""
+
+    message: PickedUp | Heartbeat
+
+
+@dataclass(frozen=True)
 class Wakeup:
     """A timer arrived (``timer`` set) or the sweep found the saga due (``timer`` is None)."""
 
@@ -97,8 +106,27 @@ class OperatorResolve:
     note: str = "resolved by an operator"
 
 
-Event = Start | ReplyReceived | Wakeup | OperatorRetry | OperatorAbort | OperatorResolve
+@dataclass(frozen=True)
+class Watch:
+    """A client wants the saga's outcome sent to its queue when the saga ends."""
+
+    reply_to: str
+
+
+Event = (
+    Start
+    | ReplyReceived
+    | Progress
+    | Wakeup
+    | OperatorRetry
+    | OperatorAbort
+    | OperatorResolve
+    | Watch
+)
 """Everything that can happen to a saga."""
+
+WATCHERS_LIMIT = 16
+"""Clients' queues kept per saga; a newer watcher pushes the oldest out."""
 
 
 class Outcome(StrEnum):
@@ -142,6 +170,8 @@ def new_saga(
     now: datetime,
     *,
     traceparent: str | None = None,
+    tracestate: str | None = None,
+    watchers: tuple[str, ...] = (),
 ) -> SagaState:
     """The state of a saga that has been accepted but not started.
 
@@ -167,8 +197,10 @@ def new_saga(
         updated_at=now,
         deadline_at=now + saga.deadline if saga.deadline is not None else None,
         traceparent=traceparent,
+        tracestate=tracestate,
         definition_version=saga.version,
         definition_fingerprint=saga.fingerprint,
+        watchers=watchers[-WATCHERS_LIMIT:],
     )
 
 
@@ -179,10 +211,11 @@ def start_saga(
     now: datetime,
     *,
     traceparent: str | None = None,
+    watchers: tuple[str, ...] = (),
     history_limit: int = HISTORY_LIMIT,
 ) -> Decision:
     """Accept a saga and dispatch its first step (``new_saga`` then ``Start``)."""
-    state = new_saga(saga, saga_id, data, now, traceparent=traceparent)
+    state = new_saga(saga, saga_id, data, now, traceparent=traceparent, watchers=watchers)
     return decide(state, Start(), now, saga, history_limit=history_limit)
 
 
@@ -206,6 +239,8 @@ def decide(
             outcome = Outcome.APPLIED
         case ReplyReceived(reply=reply):
             outcome = change.on_reply(reply)
+        case Progress(message=message):
+            outcome = change.on_progress(message)
         case Wakeup(timer=timer):
             outcome = change.on_wakeup(timer)
         case OperatorRetry():
@@ -216,6 +251,9 @@ def decide(
             outcome = Outcome.APPLIED
         case OperatorResolve(note=note):
             change.operator_resolve(note)
+            outcome = Outcome.APPLIED
+        case Watch(reply_to=reply_to):
+            change.watch(reply_to)
             outcome = Outcome.APPLIED
     return change.decision(outcome, history_limit)
 
@@ -260,6 +298,7 @@ class _Change:
         self.finished_at = state.finished_at
         self.failure_reason = state.failure_reason
         self.history = list(state.history)
+        self.watchers = state.watchers
         self.effects: list[Effect] = []
 
     # -- bookkeeping --
@@ -281,7 +320,14 @@ class _Change:
             failure_reason=self.failure_reason,
             history=tuple(history),
             history_dropped=dropped,
+            watchers=self.watchers,
         )
+        if self.status is not self.original.status and not self.status.is_active:
+            # Ended or stuck: watching clients learn how. Once it has ended for good nobody
+            # needs to be told again; a stuck saga keeps its watchers for the real end.
+            self.effects.extend(self.messages.outcomes(state))
+            if self.status.is_terminal:
+                state = replace(state, watchers=())
         # Compare the state itself, not just effects and history: some transitions only
         # clear a due time, and losing that write would make the sweep fire it forever.
         changed = bool(self.effects) or state != self.original
@@ -336,15 +382,39 @@ class _Change:
                 return definition
         return None
 
-    def forward_index(self) -> int | None:
-        """The step going forward right now (running or waiting for its retry)."""
-        for index, step in enumerate(self.steps):
-            if step.status in (StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED):
-                return index
-        return None
+    def forward_indices(self) -> list[int]:
+        """The steps going forward right now (running or waiting for a retry): one, or the
+        members of a group."""
+        return [
+            index
+            for index, step in enumerate(self.steps)
+            if step.status in (StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED)
+        ]
+
+    def forward_status(self) -> SagaStatus:
+        """``started`` while a command is out, ``pending`` while only retries are waiting."""
+        running = any(step.status is StepStatus.RUNNING for step in self.steps)
+        return SagaStatus.STARTED if running else SagaStatus.PENDING
 
     def timer(self, kind: TimerKind, step: str | None, attempt: int, due: datetime) -> None:
         self.effects.append(self.messages.timer(kind, step, attempt, due))
+
+    def watch(self, reply_to: str) -> None:
+        if not self.status.is_active or reply_to in self.watchers:
+            return  # an ended saga's outcome is in the snapshot the client gets anyway
+        self.watchers = (*self.watchers, reply_to)[-WATCHERS_LIMIT:]
+
+    def attempt_due(self, definition: Step, step: StepState) -> datetime:
+        """When the running attempt must have been picked up, sent a heartbeat or answered."""
+        assert step.attempt_at is not None
+        if definition.dispatch_timeout is not None and step.picked_up_at is None:
+            due = step.attempt_at + definition.dispatch_timeout
+        else:
+            began = step.picked_up_at or step.attempt_at
+            due = began + definition.timeout
+            if definition.heartbeat_timeout is not None:
+                due = min(due, (step.heartbeat_at or began) + definition.heartbeat_timeout)
+        return due if step.budget_at is None else min(due, step.budget_at)
 
     # -- going forward --
 
@@ -353,27 +423,45 @@ class _Change:
         if self.deadline_at is not None:
             # Its own wake-up, so the deadline fires on time even without a sweep.
             self.timer(TimerKind.SAGA_DEADLINE, None, 0, self.deadline_at)
-        self.dispatch(0, attempt=1)
+        self.dispatch_stage(0)
+
+    def dispatch_stage(self, stage: int) -> None:
+        """Send the first attempt of every step of ``stage`` (one step, or a group)."""
+        for index in self.saga.stages[stage]:
+            if self.status is SagaStatus.COMPENSATING:
+                return  # a member's command could not be built: the saga is going back
+            self.dispatch(index, attempt=1)
 
     def dispatch(self, index: int, attempt: int) -> None:
         definition = self.definition(index)
+        first = self.saga.stages[self.saga.stage_of[index]][0]
+        budget_at = self.steps[index].budget_at
+        if budget_at is None and definition.budget is not None:
+            budget_at = self.now + definition.budget
+        pickup_by = None
+        if definition.dispatch_timeout is not None:
+            pickup_by = self.now + definition.dispatch_timeout
+        deadline = (pickup_by or self.now) + definition.timeout
         try:
             send = self.messages.command(
                 definition,
                 command=definition.command,
                 direction=Direction.FORWARD,
                 attempt=attempt,
-                context=self.context(index),
-                timeout=definition.timeout,
+                context=self.context(first),  # the results before its stage, not siblings'
+                deadline=deadline if budget_at is None else min(deadline, budget_at),
+                pickup_by=pickup_by,
+                heartbeat_timeout=definition.heartbeat_timeout,
             )
         except ValidationError as e:
             self.steps[index] = self.steps[index].unsendable(attempt, self.now)
             error = ErrorDetail(type="CommandBuildError", message=validation_summary(e))
             self.fail_forward(index, error)
             return
-        due = self.now + definition.timeout
-        self.steps[index] = self.steps[index].running(attempt, due, self.now)
-        self.status = SagaStatus.STARTED
+        running = self.steps[index].running(attempt, self.now, self.now, budget_at)
+        due = self.attempt_due(definition, running)
+        self.steps[index] = replace(running, due_at=due)
+        self.status = self.forward_status()
         if definition.kind is StepKind.RETRIABLE:
             self.deadline_at = None  # past the point of no return: the deadline cannot apply
         self.effects.append(send)
@@ -392,18 +480,26 @@ class _Change:
         )
         if definition.kind is StepKind.PIVOT:
             self.deadline_at = None
-        if index == len(self.steps) - 1:
+        if self.status is SagaStatus.COMPENSATING:
+            self.next_compensation()  # a sibling failed meanwhile: this one is undone too
+            return
+        stage = self.saga.stage_of[index]
+        if any(self.steps[i].status is not StepStatus.COMPLETED for i in self.saga.stages[stage]):
+            self.status = self.forward_status()  # the group waits for its other members
+        elif stage == len(self.saga.stages) - 1:
             self.status = SagaStatus.COMPLETED
             self.finished_at = self.now
             self.deadline_at = None
             self.record(EventName.SAGA_COMPLETED)
         else:
-            self.dispatch(index + 1, attempt=1)
+            self.dispatch_stage(stage + 1)
 
     def errored_forward(self, index: int, error: ErrorDetail) -> None:
         definition = self.definition(index)
         policy = definition.retry
-        if definition.kind is StepKind.RETRIABLE or (
+        if self.status is SagaStatus.COMPENSATING:
+            self.fail_forward(index, error)  # a sibling failed: no more attempts
+        elif definition.kind is StepKind.RETRIABLE or (
             policy.retries_error(error.type) and policy.allows_another(self.steps[index].attempt)
         ):
             self.schedule_retry(index, error)
@@ -415,8 +511,17 @@ class _Change:
         step = self.steps[index]
         delay = definition.retry.backoff(step.attempt, seed=f"{self.original.saga_id}:{step.name}")
         due = self.now + delay
+        if step.budget_at is not None and due >= step.budget_at:
+            assert definition.budget is not None
+            spent = ErrorDetail(
+                type="BudgetExhausted",
+                message=f"no time left in its budget of {_seconds(definition.budget)} for "
+                f"another attempt (last: {error.summary})",
+            )
+            self.fail_forward(index, spent)
+            return
         self.steps[index] = step.retry_scheduled(due, error)
-        self.status = SagaStatus.PENDING
+        self.status = self.forward_status()
         self.timer(TimerKind.RETRY, step.name, step.attempt + 1, due)
         self.record(
             EventName.STEP_RETRYING,
@@ -440,33 +545,96 @@ class _Change:
             detail=error.summary,
             error=error,
         )
-        self.begin_compensation(f"step {step.name} failed ({error.type})")
+        if self.status is SagaStatus.COMPENSATING:
+            self.next_compensation()  # a sibling failed first; this one was the last to answer
+        else:
+            self.begin_compensation(f"step {step.name} failed ({error.type})")
 
     def forward_timed_out(self, index: int) -> None:
         definition = self.definition(index)
         step = self.steps[index] = self.steps[index].doubted()
-        timeout = _seconds(definition.timeout)
-        self.record(
-            EventName.STEP_TIMED_OUT,
-            step=step.name,
-            attempt=step.attempt,
-            detail=f"no reply within {timeout}",
-        )
-        error = ErrorDetail(type="StepTimeout", message=f"no reply within {timeout}")
+        event, error = self.why_timed_out(definition, step)
+        self.record(event, step=step.name, attempt=step.attempt, detail=error.message)
         policy = definition.retry
-        if definition.kind is StepKind.RETRIABLE or (
-            policy.retry_timeouts and policy.allows_another(step.attempt)
+        compensating = self.status is SagaStatus.COMPENSATING  # a sibling failed meanwhile
+        spent = error.type == "BudgetExhausted"
+        if (
+            not compensating
+            and not spent
+            and (
+                definition.kind is StepKind.RETRIABLE
+                or (policy.retry_timeouts and policy.allows_another(step.attempt))
+            )
         ):
             self.schedule_retry(index, error)
             return
         self.steps[index] = step.timed_out(error, self.now)
-        self.begin_compensation(f"step {step.name} timed out")
+        if compensating:
+            self.next_compensation()
+        else:
+            self.begin_compensation(f"step {step.name} timed out")
+
+    def why_timed_out(self, definition: Step, step: StepState) -> tuple[EventName, ErrorDetail]:
+        """Which limit a running attempt reached: pick-up, budget, heartbeat or reply.
+
+        Every one leaves the step in doubt: even a command reported as not picked up may
+        have been taken just now, and a participant that never ran it accepts its
+        compensation (and refuses the command afterwards).
+        """
+        if definition.dispatch_timeout is not None and step.picked_up_at is None:
+            wait = _seconds(definition.dispatch_timeout)
+            message = f"no participant picked it up within {wait}"
+            return EventName.STEP_NOT_PICKED_UP, ErrorDetail(
+                type="StepNotPickedUp", message=message
+            )
+        if step.budget_at is not None and self.now >= step.budget_at:
+            assert definition.budget is not None
+            message = f"its budget of {_seconds(definition.budget)} is spent"
+            return EventName.STEP_TIMED_OUT, ErrorDetail(type="BudgetExhausted", message=message)
+        began = step.picked_up_at or step.attempt_at
+        beat = definition.heartbeat_timeout
+        if beat is not None and began is not None and self.now < began + definition.timeout:
+            message = f"no heartbeat within {_seconds(beat)}"
+            return EventName.STEP_TIMED_OUT, ErrorDetail(type="HeartbeatTimeout", message=message)
+        message = f"no reply within {_seconds(definition.timeout)}"
+        return EventName.STEP_TIMED_OUT, ErrorDetail(type="StepTimeout", message=message)
+
+    def on_progress(self, message: PickedUp | Heartbeat) -> Outcome:
+        """A pick-up or a heartbeat moves the running attempt's due time; nothing else."""
+        index = self.index_of(message.step)
+        if index is None or message.direction is not Direction.FORWARD:
+            return Outcome.LATE_REPLY
+        step = self.steps[index]
+        if step.status is not StepStatus.RUNNING or message.attempt != step.attempt:
+            return Outcome.LATE_REPLY
+        definition = self.definition(index)
+        if isinstance(message, PickedUp):
+            if step.picked_up_at is not None:
+                return Outcome.APPLIED  # a duplicate: nothing moves, nothing is written
+            moved = step.picked_up(self.now, step.due_at or self.now)
+        else:
+            moved = step.beating(self.now, message.details, step.due_at or self.now)
+        # The timer already set fires early now; the wake-up re-arms it for the new due time.
+        self.steps[index] = replace(moved, due_at=self.attempt_due(definition, moved))
+        return Outcome.APPLIED
 
     # -- going back --
 
     def begin_compensation(self, reason: str) -> None:
         self.status = SagaStatus.COMPENSATING
         self.failure_reason = reason
+        for index, step in enumerate(self.steps):
+            if step.status is StepStatus.RETRY_SCHEDULED:
+                # A group member waiting to retry: no more attempts now the saga goes back.
+                error = ErrorDetail(type="Cancelled", message=f"not retried: {reason}")
+                self.steps[index] = step.failed(error, self.now)
+                self.record(
+                    EventName.STEP_FAILED,
+                    step=step.name,
+                    attempt=step.attempt,
+                    detail=error.summary,
+                    error=error,
+                )
         self.next_compensation()
 
     def needs_compensation(self, index: int) -> bool:
@@ -483,6 +651,8 @@ class _Change:
         )
 
     def next_compensation(self) -> None:
+        if any(step.status is StepStatus.RUNNING for step in self.steps):
+            return  # a group member's command is out: undo nothing before it has answered
         for index in range(len(self.steps) - 1, -1, -1):
             if self.needs_compensation(index):
                 self.dispatch_compensation(index, self.steps[index].compensation_attempt + 1)
@@ -502,16 +672,18 @@ class _Change:
                 direction=Direction.COMPENSATION,
                 attempt=attempt,
                 context=self.context(index + 1),  # its own result, if it completed
-                timeout=definition.compensation_timeout,
+                deadline=self.now + definition.compensation_timeout,
                 generation=self.steps[index].compensation_generation,
             )
         except ValidationError as e:
-            self.steps[index] = self.steps[index].compensating(attempt, self.steps[index].due_at)
+            self.steps[index] = self.steps[index].compensating(
+                attempt, self.steps[index].due_at, self.now
+            )
             error = ErrorDetail(type="CommandBuildError", message=validation_summary(e))
             self.compensation_failed(index, error, retryable=False)
             return
         due = self.now + definition.compensation_timeout
-        self.steps[index] = self.steps[index].compensating(attempt, due)
+        self.steps[index] = self.steps[index].compensating(attempt, due, self.now)
         self.effects.append(send)
         self.timer(TimerKind.COMPENSATION_TIMEOUT, definition.name, attempt, due)
         self.record(
@@ -553,8 +725,9 @@ class _Change:
             return self.late(reply, f"no step named {reply.step!r}")
         step = self.steps[index]
         if reply.direction is Direction.FORWARD:
+            # While compensating, a group member may still be running: its answer counts.
             if not (
-                self.status in (SagaStatus.STARTED, SagaStatus.PENDING)
+                self.status.is_active
                 and step.status is StepStatus.RUNNING
                 and reply.attempt == step.attempt
             ):
@@ -674,23 +847,7 @@ class _Change:
 
     def pending_due(self, timer: TimerMessage) -> datetime | None:
         """The due time of the target ``timer`` names, if the saga still waits for it."""
-        if timer.timer is TimerKind.SAGA_DEADLINE:
-            waiting = self.status in (SagaStatus.STARTED, SagaStatus.PENDING)
-            return self.deadline_at if waiting else None
-        index = self.index_of(timer.step or "")
-        if index is None:
-            return None
-        step = self.steps[index]
-        expected = {
-            TimerKind.STEP_TIMEOUT: (StepStatus.RUNNING, step.attempt),
-            TimerKind.RETRY: (StepStatus.RETRY_SCHEDULED, step.attempt + 1),
-            TimerKind.COMPENSATION_TIMEOUT: (StepStatus.COMPENSATING, step.compensation_attempt),
-            TimerKind.COMPENSATION_RETRY: (
-                StepStatus.COMPENSATION_RETRY_SCHEDULED,
-                step.compensation_attempt + 1,
-            ),
-        }[timer.timer]
-        return step.due_at if (step.status, timer.attempt) == expected else None
+        return _pending_due(timer, self.status, self.steps, self.deadline_at)
 
     def deadline_passed(self) -> None:
         deadline = self.saga.deadline
@@ -704,8 +861,7 @@ class _Change:
     # -- operator actions --
 
     def abort(self, reason: str) -> None:
-        index = self.forward_index()
-        if index is not None:
+        for index in self.forward_indices():
             step = self.steps[index]
             in_doubt = step.in_doubt or step.status is StepStatus.RUNNING
             error = ErrorDetail(type="Aborted", message=reason)
@@ -774,6 +930,38 @@ class _Change:
             detail=note,
         )
         self.next_compensation()
+
+
+def pending_due(state: SagaState, timer: TimerMessage) -> datetime | None:
+    """When what ``timer`` was set for is due, if ``state`` still waits for it (else None).
+
+    The shell uses it to drop a timer it has not published yet once it is stale.
+    """
+    return _pending_due(timer, state.status, state.steps, state.deadline_at)
+
+
+def _pending_due(
+    timer: TimerMessage,
+    status: SagaStatus,
+    steps: Sequence[StepState],
+    deadline_at: datetime | None,
+) -> datetime | None:
+    if timer.timer is TimerKind.SAGA_DEADLINE:
+        waiting = status in (SagaStatus.STARTED, SagaStatus.PENDING)
+        return deadline_at if waiting else None
+    step = next((step for step in steps if step.name == timer.step), None)
+    if step is None:
+        return None
+    expected = {
+        TimerKind.STEP_TIMEOUT: (StepStatus.RUNNING, step.attempt),
+        TimerKind.RETRY: (StepStatus.RETRY_SCHEDULED, step.attempt + 1),
+        TimerKind.COMPENSATION_TIMEOUT: (StepStatus.COMPENSATING, step.compensation_attempt),
+        TimerKind.COMPENSATION_RETRY: (
+            StepStatus.COMPENSATION_RETRY_SCHEDULED,
+            step.compensation_attempt + 1,
+        ),
+    }[timer.timer]
+    return step.due_at if (step.status, timer.attempt) == expected else None
 
 
 def _clean_result(model: type[BaseModel] | None, result: JsonObject | None) -> JsonObject:

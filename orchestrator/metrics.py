@@ -12,7 +12,7 @@ Families (all prefixed ``saga_``):
 ``saga_failed_total``                         sagas rolled back, by type
 ``saga_stuck_total``                          sagas parked as stuck, by type
 ``saga_step_outcomes_total``                  step attempts by outcome (completed, failed,
-                                              error, timed_out)
+                                              error, timed_out, not_picked_up)
 ``saga_step_retries_total``                   step retries scheduled
 ``saga_compensations_total``                  compensation attempts by outcome (completed,
                                               failed)
@@ -60,6 +60,7 @@ _STEP_OUTCOMES = {
     EventName.STEP_COMPLETED: "completed",
     EventName.STEP_FAILED: "failed",
     EventName.STEP_TIMED_OUT: "timed_out",
+    EventName.STEP_NOT_PICKED_UP: "not_picked_up",
 }
 _COMPENSATION_OUTCOMES = {
     EventName.COMPENSATION_COMPLETED: "completed",
@@ -103,7 +104,7 @@ class Metrics(ProcessMetrics):
         )
         self.step_outcomes = Counter(
             "saga_step_outcomes_total",
-            "Step attempts by outcome: completed, failed, error, timed_out.",
+            "Step attempts by outcome: completed, failed, error, timed_out, not_picked_up.",
             ["saga_type", "step", "outcome"],
             registry=registry,
         )
@@ -218,7 +219,7 @@ class Metrics(ProcessMetrics):
                 counter.labels(saga.name)
             for step in saga.steps:
                 self.step_retries.labels(saga.name, step.name)
-                for outcome in ("completed", "failed", "error", "timed_out"):
+                for outcome in ("completed", "failed", "error", "timed_out", "not_picked_up"):
                     self.step_outcomes.labels(saga.name, step.name, outcome)
                 if step.compensation is not None:
                     for outcome in ("completed", "failed"):

@@ -22,8 +22,10 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from contracts import names
+from contracts.client import QuerySaga, SagaSnapshot, StartAnswer, StartStatus, StepView
 from contracts.events import EventName
 from contracts.messages import Reply, StartSaga, TimerMessage
+from orchestrator import spans
 from orchestrator.definition import App, Missing, Saga, Step, definition_key
 from orchestrator.effects import PublishEvent, outgoing
 from orchestrator.engine import (
@@ -34,18 +36,22 @@ from orchestrator.engine import (
     OperatorResolve,
     OperatorRetry,
     Outcome,
+    Progress,
     ReplyReceived,
+    Start,
     Wakeup,
+    Watch,
     decide,
+    new_saga,
     replay,
-    start_saga,
 )
 from orchestrator.metrics import Metrics
+from orchestrator.outbox import OutboxPublisher
 from orchestrator.state import SagaState, StepState, StepStatus
 from orchestrator.store import Hold, SagaRecord, SagaStore
 from plumbing import tracing
 from plumbing.clock import Clock, SystemClock
-from plumbing.codec import decode
+from plumbing.codec import decode, decode_answer, wire_message
 from plumbing.errors import (
     ActionRefused,
     BrokerError,
@@ -60,7 +66,14 @@ from plumbing.errors import (
     UnknownSagaType,
 )
 from plumbing.topology import QueuePolicy, Topology, orchestrator_topology
-from plumbing.transport import DeadLetter, Delivery, Disposition, Outgoing, Transport
+from plumbing.transport import (
+    DeadLetter,
+    Delivery,
+    Disposition,
+    MessageKind,
+    Outgoing,
+    Transport,
+)
 
 log = structlog.get_logger("orchestrator")
 
@@ -79,6 +92,10 @@ class Handled(StrEnum):
     """
 
     STARTED = "started"
+    ALREADY_STARTED = "already_started"
+    REFUSED = "refused"
+    """A start request refused, and the requester told why."""
+    ANSWERED = "answered"
     SAGA_NOT_FOUND = "saga_not_found"
     REQUEUED = "requeued"
     DEAD_LETTERED = "dead_lettered"
@@ -101,6 +118,11 @@ class EngineConfig:
     published_events: frozenset[EventName] | None = None
     """Lifecycle events to publish to observers; ``None`` publishes every one."""
     queue_policy: QueuePolicy = field(default_factory=QueuePolicy)
+    timer_hold: float = 2.0
+    """Seconds a timer is held back in the process before it is published (see
+    :mod:`orchestrator.outbox`); keep it below ``outbox_grace``."""
+    mark_delay: float = 0.2
+    """Seconds published messages wait to be marked with a saga's next write."""
 
 
 class Orchestrator:
@@ -122,6 +144,13 @@ class Orchestrator:
         self.clock: Clock = clock or SystemClock()
         self.config = config or EngineConfig()
         self.metrics = metrics
+        self.outbox = OutboxPublisher(
+            store,
+            transport,
+            self.clock,
+            timer_hold=self.config.timer_hold,
+            mark_delay=self.config.mark_delay,
+        )
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -140,37 +169,82 @@ class Orchestrator:
         *,
         version: int | None = None,
         traceparent: str | None = None,
+        tracestate: str | None = None,
+        watchers: tuple[str, ...] = (),
     ) -> SagaState:
         """Start a saga on the newest definition of its type (or ``version``), or return the
-        existing one with this id (starting is idempotent).
+        existing one with this id: starting is idempotent for the same type and data.
+
+        ``watchers`` are clients' queues that get the saga's outcome when it ends.
 
         Raises:
             UnknownSagaType: the app has no saga type ``saga_type``, or not that version.
             InvalidSagaData: ``data`` does not match the saga's data model.
-            SagaConflict: the id is taken by a saga of another type.
+            SagaConflict: the id is taken by a saga of another type, or with other data.
         """
+        state, _ = await self._start(
+            saga_type,
+            saga_id,
+            data,
+            version=version,
+            traceparent=traceparent,
+            tracestate=tracestate,
+            watchers=watchers,
+        )
+        return state
+
+    async def _start(
+        self,
+        saga_type: str,
+        saga_id: str,
+        data: Mapping[str, Any],
+        *,
+        version: int | None,
+        traceparent: str | None,
+        watchers: tuple[str, ...],
+        tracestate: str | None = None,
+    ) -> tuple[SagaState, bool]:
+        """:meth:`start`, also saying whether this call created the saga."""
         saga = self._definition_to_start(saga_type, version)
-        existing = await self.store.load(saga_id)
-        if existing is not None:
-            return self._same_type(existing, saga_type)
         now = self.clock.now()
-        decision = start_saga(
+        wanted = new_saga(  # validates the data, raising if it is invalid
             saga,
             saga_id,
             data,
             now,
             traceparent=tracing.continue_or_start(traceparent),
-            history_limit=self.config.history_limit,
+            # A tracestate belongs with the caller's traceparent; a new trace starts without.
+            tracestate=tracestate if tracing.valid(traceparent) else None,
+            watchers=watchers,
         )
+        existing = await self.store.load(saga_id)
+        if existing is not None:
+            return await self._existing(existing, wanted, watchers), False
+        decision = decide(wanted, Start(), now, saga, history_limit=self.config.history_limit)
         record = SagaRecord(decision.state, 1, self._outbox(decision, now))
         if not await self.store.create(record):
             raced = await self.store.load(saga_id)
             if raced is None:  # created and purged in between: vanishingly rare, but honest
                 raise SagaNotFound(f"saga {saga_id} disappeared while being started")
-            return self._same_type(raced, saga_type)
+            return await self._existing(raced, wanted, watchers), False
         self._observe(decision, now)
-        await self._publish(record)
-        return decision.state
+        await self.outbox.publish(record)
+        return decision.state, True
+
+    async def _existing(
+        self, record: SagaRecord, wanted: SagaState, watchers: tuple[str, ...]
+    ) -> SagaState:
+        """The saga a repeated start names, if it is the same saga; its new watchers added."""
+        state = record.state
+        if state.saga_type != wanted.saga_type:
+            raise SagaConflict(
+                f"saga id {record.saga_id} is already used by a {state.saga_type} saga"
+            )
+        if state.data != wanted.data:
+            raise SagaConflict(f"saga {record.saga_id} already exists with other data")
+        for reply_to in watchers:
+            state = (await self.apply(record.saga_id, Watch(reply_to))).state
+        return state
 
     def _definition_to_start(self, saga_type: str, version: int | None) -> Saga:
         if saga_type not in self.app:
@@ -255,10 +329,11 @@ class Orchestrator:
         # The store appends these to the saga's outbox; entries of earlier decisions stay with
         # whoever is publishing them (or the relay, if they were left behind).
         saved = SagaRecord(decision.state, record.version + 1, self._outbox(decision, now))
-        if not await self.store.save(saved, record.version):
+        if not await self._save(saved, record.version):
             return None
         self._observe(decision, now)
-        await self._publish(saved)
+        spans.record(record.state, decision.state, decision.events)
+        await self.outbox.publish(saved)
         return decision
 
     async def _hold(self, record: SagaRecord, event: Event, hold: Hold) -> Decision | None:
@@ -269,7 +344,7 @@ class Orchestrator:
                 "move it to another version (saga resume --to-version N) first"
             )
         kept = self._keep(record, event, hold)
-        if kept is not record and not await self.store.save(kept, record.version):
+        if kept is not record and not await self._save(kept, record.version):
             return None
         if record.hold is None:
             self._held(record.state, hold)
@@ -283,6 +358,8 @@ class Orchestrator:
             kept.message_id != event.reply.message_id for kept in state.inbox
         ):
             state = replace(state, inbox=(*state.inbox, event.reply))
+        if isinstance(event, Watch) and event.reply_to not in state.watchers:
+            state = replace(state, watchers=(*state.watchers, event.reply_to))
         if state is record.state and hold == record.hold:
             return record
         return SagaRecord(state, record.version + 1, (), hold)
@@ -353,16 +430,19 @@ class Orchestrator:
             effects = tuple(effect for decision in decisions for effect in decision.effects)
             resumed = Decision(replace(state, updated_at=now), effects, Outcome.APPLIED)
             saved = SagaRecord(resumed.state, record.version + 1, self._outbox(resumed, now))
-            if await self.store.save(saved, record.version):
+            if await self._save(saved, record.version):
+                previous = record.state
                 for decision in decisions:
                     self._observe(decision, now)
+                    spans.record(previous, decision.state, decision.events)
+                    previous = decision.state
                 log.info(
                     "saga_resumed",
                     saga_id=saga_id,
                     version=state.definition_version,
                     replies=len(record.state.inbox),
                 )
-                await self._publish(saved)
+                await self.outbox.publish(saved)
                 return resumed.state
             self._conflict()
         raise ConcurrencyExhausted(
@@ -422,37 +502,23 @@ class Orchestrator:
             entries[message.message_id] = message
         return tuple(entries.values())
 
-    async def _publish(
-        self, record: SagaRecord, wanted: Callable[[Outgoing], bool] = lambda _: True
-    ) -> int:
-        """Publish the ``wanted`` entries of a record's outbox, in order.
-
-        Stops at the first failure: the relay publishes the rest after the grace period.
-        """
-        done: list[str] = []
-        for entry in record.outbox:
-            if not wanted(entry):
-                continue
-            try:
-                await self.transport.publish(entry)
-            except PublishFailed as e:
-                log.warning(
-                    "outbox_publish_failed",
-                    saga_id=record.saga_id,
-                    message_id=entry.message_id,
-                    error=str(e),
-                )
-                break
-            done.append(entry.message_id)
-        if done:
-            await self.store.mark_published(record.saga_id, done)
-        return len(done)
+    async def _save(self, saved: SagaRecord, expected_version: int) -> bool:
+        """One compare-and-set that also drops what the outbox publisher is done with."""
+        taken = self.outbox.drops(saved.saga_id, saved.state)
+        if await self.store.save(saved, expected_version, drop=taken.ids):
+            return True
+        self.outbox.restore(saved.saga_id, taken)
+        return False
 
     # --- Message handlers -------------------------------------------------------------------
 
     async def on_start(self, delivery: Delivery) -> Disposition | DeadLetter:
         """Handle a start request from the ``saga.start`` queue."""
         return await self._guarded(delivery, self._handle_start)
+
+    async def on_query(self, delivery: Delivery) -> Disposition | DeadLetter:
+        """Answer a client's query from the ``saga.queries`` queue."""
+        return await self._guarded(delivery, self._handle_query)
 
     async def on_reply(self, delivery: Delivery) -> Disposition | DeadLetter:
         """Handle a participant reply from the ``saga.replies`` queue."""
@@ -532,21 +598,67 @@ class Orchestrator:
     async def _handle_start(self, delivery: Delivery) -> Handled:
         request = decode(delivery, StartSaga)
         structlog.contextvars.bind_contextvars(saga_id=request.saga_id, saga_type=request.saga_type)
-        await self.start(
-            request.saga_type,
-            request.saga_id,
-            request.data,
-            version=request.version,
-            traceparent=request.traceparent,
+        watch = request.watch and request.reply_to is not None
+        try:
+            state, created = await self._start(
+                request.saga_type,
+                request.saga_id,
+                request.data,
+                version=request.version,
+                traceparent=request.traceparent,
+                tracestate=request.tracestate,
+                watchers=(request.reply_to,) if watch and request.reply_to else (),
+            )
+        except (UnknownSagaType, InvalidSagaData, SagaConflict) as e:
+            if request.reply_to is None:
+                raise  # nobody to tell: parked with the reason
+            log.info("start_refused", reason=str(e))
+            answer = StartAnswer(saga_id=request.saga_id, status=StartStatus.REFUSED, reason=str(e))
+            await self._answer(request.reply_to, answer)
+            return Handled.REFUSED
+        if request.reply_to is not None:
+            status = StartStatus.STARTED if created else StartStatus.ALREADY_STARTED
+            answer = StartAnswer(
+                saga_id=request.saga_id, status=status, version=state.definition_version
+            )
+            await self._answer(request.reply_to, answer)
+        return Handled.STARTED if created else Handled.ALREADY_STARTED
+
+    async def _handle_query(self, delivery: Delivery) -> Handled:
+        query = decode(delivery, QuerySaga)
+        structlog.contextvars.bind_contextvars(saga_id=query.saga_id)
+        record = await self.store.load(query.saga_id)
+        if record is not None and query.watch and record.state.status.is_active:
+            await self.apply(query.saga_id, Watch(query.reply_to))
+            record = await self.store.load(query.saga_id)
+        await self._answer(query.reply_to, snapshot(query.saga_id, record))
+        return Handled.ANSWERED
+
+    async def _answer(self, reply_to: str, answer: StartAnswer | SagaSnapshot) -> None:
+        """Send an answer to a client's own queue; a client that is gone can ask again."""
+        message = wire_message(
+            MessageKind.ANSWER,
+            message_id=f"{answer.saga_id}:{answer.kind}",
+            saga_id=answer.saga_id,
+            traceparent=None,
+            exchange="",
+            routing_key=reply_to,
+            body=answer.model_dump_json(),
+            now=self.clock.now(),
+            mandatory=False,
         )
-        return Handled.STARTED
+        try:
+            await self.transport.publish(message)
+        except PublishFailed as e:
+            log.warning("answer_publish_failed", reply_to=reply_to, error=str(e))
 
     async def _handle_reply(self, delivery: Delivery) -> Outcome:
-        reply = decode(delivery, Reply)
+        message = decode_answer(delivery)
         structlog.contextvars.bind_contextvars(
-            saga_id=reply.saga_id, step=reply.step, attempt=reply.attempt
+            saga_id=message.saga_id, step=message.step, attempt=message.attempt
         )
-        decision = await self.apply(reply.saga_id, ReplyReceived(reply))
+        event: Event = ReplyReceived(message) if isinstance(message, Reply) else Progress(message)
+        decision = await self.apply(message.saga_id, event)
         return decision.outcome
 
     async def _handle_timer(self, delivery: Delivery) -> Outcome:
@@ -623,7 +735,7 @@ class Orchestrator:
         if record is None:
             return 0
         # Fresh entries belong to the handler that wrote them; only stale ones are ours.
-        return await self._publish(record, lambda entry: entry.created_at <= older_than)
+        return await self.outbox.publish(record, lambda entry: entry.created_at <= older_than)
 
     async def _isolated(self, loop: str, saga_id: str, work: Awaitable[T]) -> T | None:
         """Run one saga's share of a loop; a failure holds that saga and the loop goes on.
@@ -715,10 +827,12 @@ class Orchestrator:
         await self._survive(self.log_definitions, "definitions")
         await self._survive(self.refresh_gauges, "gauges")
         async with asyncio.TaskGroup() as group:
+            publisher = group.create_task(self.outbox.run(), name="outbox")
             consumers = []
             readiness = []
             for queue, handler in (
                 (names.START_QUEUE, self.on_start),
+                (names.QUERIES_QUEUE, self.on_query),
                 (names.REPLIES_QUEUE, self.on_reply),
                 (names.TIMERS_QUEUE, self.on_timer),
             ):
@@ -757,10 +871,11 @@ class Orchestrator:
                 task.cancel()  # consumers finish their in-flight messages before they return
             await asyncio.gather(*consumers, return_exceptions=True)
             try:
+                await self.outbox.drain()  # held timers out, published ids marked
                 await self.relay_once(grace=0)
             except (StoreUnavailable, BrokerError) as e:
                 log.warning("outbox_flush_failed", error=str(e))
-            for task in loops:
+            for task in (*loops, publisher):
                 task.cancel()
         log.info("orchestrator_stopped")
 
@@ -801,3 +916,28 @@ def _shape(step: Step) -> tuple[object, ...]:
     """What a running saga depends on in a step (the fingerprint's part for one step)."""
     compensation = None if step.compensation is None else step.compensation.name()
     return (step.kind, step.service, step.command.name(), compensation)
+
+
+def snapshot(saga_id: str, record: SagaRecord | None) -> SagaSnapshot:
+    """What a client is told about a saga."""
+    if record is None:
+        return SagaSnapshot(saga_id=saga_id, found=False)
+    state = record.state
+    return SagaSnapshot(
+        saga_id=saga_id,
+        found=True,
+        saga_type=state.saga_type,
+        version=state.definition_version,
+        status=state.status.value,
+        data=state.data,
+        results=state.results,
+        steps=[
+            StepView(name=step.name, status=step.status.value, attempts=step.attempt)
+            for step in state.steps
+        ],
+        failure_reason=state.failure_reason,
+        held=None if record.hold is None else record.hold.reason,
+        created_at=state.created_at,
+        updated_at=state.updated_at,
+        finished_at=state.finished_at,
+    )

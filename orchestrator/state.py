@@ -101,15 +101,47 @@ class StepState:
     compensation_generation: int = 1
     """Raised by each operator retry: a new generation gets a new idempotency key, so a
     participant that refused the compensation runs it again instead of replaying its refusal."""
+    attempt_at: datetime | None = None
+    """When the current forward attempt was sent."""
+    picked_up_at: datetime | None = None
+    """When a participant acknowledged picking the current attempt up (dispatch timeouts)."""
+    heartbeat_at: datetime | None = None
+    heartbeat: str | None = None
+    """The details of the current attempt's last heartbeat."""
+    budget_at: datetime | None = None
+    """When the step's budget, across all its attempts, runs out."""
+    compensation_at: datetime | None = None
+    """When the current compensation attempt was sent."""
 
-    def running(self, attempt: int, due: datetime, now: datetime) -> StepState:
-        """A forward attempt was sent and is due to answer by ``due``."""
+    def running(
+        self, attempt: int, due: datetime, now: datetime, budget_at: datetime | None = None
+    ) -> StepState:
+        """A forward attempt was sent and is due to answer (or be picked up) by ``due``."""
         return replace(
             self,
             status=StepStatus.RUNNING,
             attempt=attempt,
             due_at=due,
             started_at=self.started_at or now,
+            attempt_at=now,
+            picked_up_at=None,
+            heartbeat_at=None,
+            heartbeat=None,
+            budget_at=budget_at,
+        )
+
+    def picked_up(self, now: datetime, due: datetime) -> StepState:
+        """A participant took the current attempt off its queue."""
+        return replace(self, picked_up_at=now, due_at=due)
+
+    def beating(self, now: datetime, details: str | None, due: datetime) -> StepState:
+        """The participant reported progress on the current attempt."""
+        return replace(
+            self,
+            heartbeat_at=now,
+            heartbeat=details,
+            picked_up_at=self.picked_up_at or now,
+            due_at=due,
         )
 
     def unsendable(self, attempt: int, now: datetime) -> StepState:
@@ -147,10 +179,14 @@ class StepState:
         """The step gave up waiting for good."""
         return replace(self, status=StepStatus.TIMED_OUT, due_at=None, finished_at=now, error=error)
 
-    def compensating(self, attempt: int, due: datetime | None) -> StepState:
+    def compensating(self, attempt: int, due: datetime | None, now: datetime) -> StepState:
         """A compensation attempt was sent (``due`` is None when it could not be built)."""
         return replace(
-            self, status=StepStatus.COMPENSATING, compensation_attempt=attempt, due_at=due
+            self,
+            status=StepStatus.COMPENSATING,
+            compensation_attempt=attempt,
+            due_at=due,
+            compensation_at=now,
         )
 
     def compensation_retry_scheduled(self, due: datetime, error: ErrorDetail) -> StepState:
@@ -240,11 +276,14 @@ class SagaState:
     history: tuple[HistoryEntry, ...] = ()
     history_dropped: int = 0
     traceparent: str | None = None
+    tracestate: str | None = None
     definition_version: int = 1
     definition_fingerprint: str | None = None
     """The definition the saga started with; ``None`` for sagas stored before fingerprints."""
     inbox: tuple[Reply, ...] = ()
     """Replies that arrived while the saga was held, applied in order when it resumes."""
+    watchers: tuple[str, ...] = ()
+    """Clients' queues to send the outcome to when the saga ends (or gets stuck)."""
 
     def step(self, name: str) -> StepState:
         """The state of the step called ``name``."""

@@ -19,7 +19,7 @@ a held saga waits for).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -141,20 +141,29 @@ class SagaStore(Protocol):
         """The saga's record, or ``None``."""
         ...
 
-    async def save(self, record: SagaRecord, expected_version: int) -> bool:
-        """Replace the state and hold and *append* ``record.outbox`` to the stored outbox, if
-        the stored version is ``expected_version``.
+    async def save(
+        self, record: SagaRecord, expected_version: int, *, drop: Collection[str] = ()
+    ) -> bool:
+        """Replace the state and hold, remove the ``drop`` messages from the stored outbox and
+        *append* ``record.outbox`` to it, if the stored version is ``expected_version``.
 
         ``record.outbox`` holds only the messages this transition adds. Appending (never
         rewriting the outbox from what was loaded) matters: between the load and the save
         another handler may have published and marked an older entry, and writing it back
-        would send it again. ``record.version`` must be ``expected_version + 1``. ``False``
-        means another writer got there first: reload and decide again.
+        would send it again. ``drop`` names entries this writer knows are done with: published
+        already, or timers the new state no longer waits for; folding their removal into the
+        transition's write saves a separate ``mark_published``. ``record.version`` must be
+        ``expected_version + 1``. ``False`` means another writer got there first: reload and
+        decide again.
         """
         ...
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
         """Drop these messages from the saga's outbox; does not change the version."""
+        ...
+
+    async def mark_published_many(self, published: Mapping[str, Collection[str]]) -> None:
+        """:meth:`mark_published` for several sagas at once, in as few round trips as can be."""
         ...
 
     async def due(self, now: datetime, limit: int) -> Sequence[str]:

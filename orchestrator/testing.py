@@ -13,7 +13,9 @@ A test reads as a script::
 Each participant service of the app is scripted by default to succeed, with a placeholder
 result built from the step's result model. Script any command per attempt (the last behaviour
 repeats): ``succeed(result)``, ``fail(message)``, ``error(message)``, ``hang()``,
-``late(seconds, result)``, or ``*errors_then(2, succeed())``. ``await h.advance(minutes=16)``
+``late(seconds, result)``, ``down()`` (never picked up), ``working(seconds, beat_every=...)``
+(heartbeats, then a reply, or none with ``replies=False``), or ``*errors_then(2, succeed())``.
+``await h.advance(minutes=16)``
 moves virtual time, firing timeouts and retries in order. Real participant services (a
 :class:`participants.Participant`, or anything with its ``service`` and ``run``) can be
 mounted in place of a script with ``h.mount(...)``.
@@ -39,7 +41,9 @@ from contracts.messages import (
     Command,
     CommandEnvelope,
     ErrorDetail,
+    Heartbeat,
     JsonObject,
+    PickedUp,
     Reply,
     ReplyStatus,
 )
@@ -50,7 +54,7 @@ from orchestrator.runtime import EngineConfig, Orchestrator
 from orchestrator.state import HistoryEntry, SagaState
 from orchestrator.store import SagaRecord, SagaStore
 from orchestrator.stores.memory import MemoryStore
-from plumbing.codec import answer, reply_message
+from plumbing.codec import answer, progress_message, reply_message
 from plumbing.logs import quiet_unless_configured
 from plumbing.memory import MemoryBroker, VirtualClock
 from plumbing.transport import CommandService, DeadLetter, Delivery, Disposition, Outgoing
@@ -61,12 +65,14 @@ __all__ = [
     "SagaHarness",
     "ScriptedParticipant",
     "VirtualClock",
+    "down",
     "error",
     "errors_then",
     "fail",
     "hang",
     "late",
     "succeed",
+    "working",
 ]
 
 
@@ -74,10 +80,12 @@ __all__ = [
 class Behaviour:
     """How a scripted participant answers one attempt of a command."""
 
-    kind: Literal["succeed", "fail", "error", "hang", "late"]
+    kind: Literal["succeed", "fail", "error", "hang", "late", "down", "work"]
     result: JsonObject | None = None
     error: ErrorDetail | None = None
     delay: float = 0.0
+    beat_every: float = 0.0
+    replies: bool = True
 
 
 def succeed(result: JsonObject | BaseModel | None = None) -> Behaviour:
@@ -104,6 +112,26 @@ def hang() -> Behaviour:
 def late(seconds: float, result: JsonObject | BaseModel | None = None) -> Behaviour:
     """Reply ``completed``, but only ``seconds`` later (possibly after the step timed out)."""
     return Behaviour("late", result=succeed(result).result, delay=seconds)
+
+
+def down() -> Behaviour:
+    """The service is down: the command is never picked up (nor answered)."""
+    return Behaviour("down")
+
+
+def working(
+    seconds: float,
+    *,
+    beat_every: float,
+    result: JsonObject | BaseModel | None = None,
+    replies: bool = True,
+) -> Behaviour:
+    """Work for ``seconds``, sending a heartbeat every ``beat_every``, then reply
+    ``completed``; with ``replies=False`` the handler stalls: the heartbeats stop at
+    ``seconds`` and no reply ever comes."""
+    return Behaviour(
+        "work", result=succeed(result).result, delay=seconds, beat_every=beat_every, replies=replies
+    )
 
 
 def errors_then(times: int, then: Behaviour) -> tuple[Behaviour, ...]:
@@ -155,20 +183,51 @@ class ScriptedParticipant:
         envelope = CommandEnvelope.model_validate_json(delivery.body)
         self.received.append(envelope)
         behaviour = self.behaviour_for(envelope)
+        now = broker.clock.now()
+        if behaviour.kind == "down":
+            return Disposition.ACK
+        if envelope.pickup_by is not None:
+            await broker.publish(_progress(envelope, PickedUp, now, now))
         if behaviour.kind == "hang":
             return Disposition.ACK
-        now = broker.clock.now()
+        if behaviour.kind == "work":
+            beats = int(behaviour.delay // behaviour.beat_every)
+            for beat in range(1, beats + 1):
+                at = now + timedelta(seconds=beat * behaviour.beat_every)
+                await broker.publish(_progress(envelope, Heartbeat, at, now))
+            if not behaviour.replies:
+                return Disposition.ACK
         message = reply_message(self.reply_for(envelope, behaviour, now), envelope.reply_to, now)
-        if behaviour.kind == "late":
-            message = message.model_copy(
-                update={
-                    "exchange": "",
-                    "routing_key": names.REPLIES_QUEUE,
-                    "deliver_at": now + timedelta(seconds=behaviour.delay),
-                }
-            )
+        if behaviour.kind in ("late", "work"):
+            message = _later(message, now + timedelta(seconds=behaviour.delay))
         await broker.publish(message)
         return Disposition.ACK
+
+
+def _later(message: Outgoing, at: datetime) -> Outgoing:
+    """``message`` delivered to the replies queue at ``at`` instead of now."""
+    return message.model_copy(
+        update={"exchange": "", "routing_key": names.REPLIES_QUEUE, "deliver_at": at}
+    )
+
+
+def _progress(
+    envelope: CommandEnvelope,
+    kind: type[PickedUp] | type[Heartbeat],
+    at: datetime,
+    now: datetime,
+) -> Outgoing:
+    """A pick-up or heartbeat about ``envelope``, arriving at ``at``."""
+    message = kind(
+        message_id=f"{kind.__name__.lower()}:{envelope.message_id}:{at.isoformat()}",
+        saga_id=envelope.saga_id,
+        step=envelope.step,
+        direction=envelope.direction,
+        attempt=envelope.attempt,
+        sent_at=at,
+    )
+    outgoing = progress_message(message, envelope.reply_to, now)
+    return outgoing if at <= now else _later(outgoing, at)
 
 
 class SagaHarness:
@@ -231,6 +290,7 @@ class SagaHarness:
         group = self._group = await self._stack.enter_async_context(asyncio.TaskGroup())
         handlers = {
             names.START_QUEUE: self.orchestrator.on_start,
+            names.QUERIES_QUEUE: self.orchestrator.on_query,
             names.REPLIES_QUEUE: self.orchestrator.on_reply,
             names.TIMERS_QUEUE: self.orchestrator.on_timer,
         }

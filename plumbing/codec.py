@@ -9,16 +9,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from contracts import names
 from contracts.messages import (
     WIRE_CONTEXT,
     CommandEnvelope,
     ErrorDetail,
+    Heartbeat,
     JsonObject,
+    PickedUp,
     Reply,
     ReplyStatus,
     StartSaga,
@@ -161,10 +163,47 @@ def decode(delivery: Delivery, model: type[M]) -> M:
         MessageRejected: the body is not JSON or does not match the model; the reason says
             which field is wrong, and ends up in the dead-letter header.
     """
-    body = delivery.body
-    if b"\x00" in body or _NUL_ESCAPE.search(body):
-        raise MessageRejected(f"not a valid {model.__name__}: a string holds a NUL character")
+    body = _without_nul(delivery.body, model.__name__)
     try:
         return model.model_validate_json(body, strict=True, context=WIRE_CONTEXT)
     except ValidationError as e:
         raise MessageRejected(f"not a valid {model.__name__}: {validation_summary(e)}") from e
+
+
+def _without_nul(body: bytes, name: str) -> bytes:
+    if b"\x00" in body or _NUL_ESCAPE.search(body):
+        raise MessageRejected(f"not a valid {name}: a string holds a NUL character")
+    return body
+
+
+_PARTICIPANT_MESSAGE: TypeAdapter[Reply | PickedUp | Heartbeat] = TypeAdapter(
+    Annotated[Reply | PickedUp | Heartbeat, Field(discriminator="kind")]
+)
+
+
+def decode_answer(delivery: Delivery) -> Reply | PickedUp | Heartbeat:
+    """What a participant sent to the replies queue: a reply, a pick-up or a heartbeat, decoded
+    as strictly and within the same bounds as :func:`decode`.
+
+    Raises:
+        MessageRejected: the body is none of them; the reason says what is wrong.
+    """
+    body = _without_nul(delivery.body, "Reply")
+    try:
+        return _PARTICIPANT_MESSAGE.validate_json(body, strict=True, context=WIRE_CONTEXT)
+    except ValidationError as e:
+        raise MessageRejected(f"not a valid Reply: {validation_summary(e)}") from e
+
+
+def progress_message(progress: PickedUp | Heartbeat, routing_key: str, now: datetime) -> Outgoing:
+    """The message that carries a participant's pick-up or heartbeat to the orchestrator."""
+    return wire_message(
+        MessageKind.REPLY,
+        message_id=progress.message_id,
+        saga_id=progress.saga_id,
+        traceparent=None,
+        exchange=names.REPLIES_EXCHANGE,
+        routing_key=routing_key,
+        body=progress.model_dump_json(),
+        now=now,
+    )

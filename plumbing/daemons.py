@@ -24,7 +24,8 @@ def rabbit_transport(
     """The RabbitMQ transport the settings describe, counting into ``metrics`` if given."""
     if not settings.amqp_url:
         raise ConfigError(
-            "SAGA_AMQP_URL is not set; give the RabbitMQ URL, e.g. amqp://guest:guest@localhost:5672/"
+            "SAGA_AMQP_URL is not set; give the RabbitMQ URL, e.g. "
+            "amqp://guest:guest@localhost:5672/ (or the comma-separated URLs of a cluster's nodes)"
         )
     return RabbitTransport(
         settings.amqp_url,

@@ -7,7 +7,8 @@
     ├── ConfigError (ValueError)          a setting is missing or malformed
     ├── UnknownSagaType (ValueError)      a start names a saga type the app does not have
     ├── InvalidSagaData (ValueError)      start data does not match the saga's data model
-    ├── SagaConflict                      a saga id is taken by a saga of another type
+    ├── SagaConflict                      a saga id is taken by another type or other data
+    ├── StartRefused                      the orchestrator refused a client's start request
     ├── SagaNotFound                      no saga has this id
     ├── ActionRefused                     an operator action does not apply in this state
     ├── ConcurrencyExhausted              version conflicts kept winning; the message is retried
@@ -48,6 +49,11 @@ class InvalidSagaData(SagaError, ValueError):
 
 class SagaConflict(SagaError):
     """Raised when a saga id is already used by a saga of another type."""
+
+
+class StartRefused(SagaError):
+    """Raised by the client when the orchestrator refused a start request (unknown type or
+    version, invalid data, or the id already used with other data); the message says why."""
 
 
 class SagaNotFound(SagaError):

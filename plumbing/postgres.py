@@ -84,6 +84,17 @@ async def _register_json(connection: Any) -> None:
         )
 
 
+async def _end_open_transaction(connection: Any) -> None:
+    """What a connection needs when it returns to the pool: no transaction left open.
+
+    asyncpg's default reset also runs ``RESET ALL``, ``UNLISTEN *``, ``CLOSE ALL`` and
+    releases advisory locks: a round trip per checkout for things we never leave behind (our
+    only advisory lock is transaction-scoped), measured at 8% of the daemon's time.
+    """
+    if connection.is_in_transaction():
+        await connection.execute("ROLLBACK")
+
+
 def row_count(status: str) -> int:
     """The number of rows a command touched, from asyncpg's status tag (``"DELETE 3"``)."""
     return int(status.rsplit(" ", 1)[-1])
@@ -157,6 +168,7 @@ class PostgresPool:
                     timeout=self.connect_timeout,
                     command_timeout=self.command_timeout,
                     init=_register_json,
+                    reset=_end_open_transaction,
                 )
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from e

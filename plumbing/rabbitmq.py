@@ -4,20 +4,25 @@ What it promises, and how:
 
 * **Connection.** One robust connection (aio-pika reconnects it and restores channels, QoS,
   queues and consumers) with a 10 s heartbeat, so a dead peer is noticed in about 30 s instead
-  of three minutes. Start-up fails fast with one line that names the URL (password hidden): a
-  malformed URL, refused credentials or an unknown virtual host raise :class:`ConfigError`;
-  a broker that does not answer raises :class:`BrokerUnavailable`.
+  of three minutes. The URL may list several addresses, comma-separated (the nodes of one
+  cluster): start-up connects to the first that answers, and after a failed attempt or a lost
+  connection the next attempt goes to the next address, round robin. Start-up fails fast with
+  one line that names the URL (password hidden): a malformed URL, refused credentials or an
+  unknown virtual host raise :class:`ConfigError`; no address answering raises
+  :class:`BrokerUnavailable`.
 * **Publishing.** One long-lived publisher channel with publisher confirms and
   ``on_return_raises``; a publish returns once the broker has taken responsibility for the
   message. Messages are persistent, JSON, carry the saga id as correlation id and our
   deterministic id in the ``saga-message-id`` header; the AMQP ``message_id`` is random per
   attempt, because aiormq matches returns to publishes by it and two in-flight publishes with
   one id confuse it. Every publish has a deadline. Failures raise :class:`PublishFailed` and
-  are counted by reason: ``returned`` (unroutable), ``nacked``, ``timeout`` (the channel is then
-  replaced: a confirm that never comes means a wedged channel), ``connection`` and ``channel``
-  (the broker closed the channel, e.g. a missing exchange). Headers starting with ``x-`` are
-  never sent: RabbitMQ owns that prefix, and a re-published ``x-death`` makes RabbitMQ 3.10-3.12
-  drop a message in the delay ladder as a dead-letter cycle.
+  are counted by reason: ``returned`` (unroutable), ``nacked`` and ``timeout`` (the channel is
+  then replaced: a confirm that never comes means a wedged channel, and in RabbitMQ 3.10 a
+  channel whose first publish to a quorum queue met a leader on a lost node nacks every later
+  publish to it), ``connection`` and ``channel`` (the broker closed the channel, e.g. a missing
+  exchange). Headers starting with ``x-`` are never sent: RabbitMQ owns that prefix, and a
+  re-published ``x-death`` makes RabbitMQ 3.10-3.12 drop a message in the delay ladder as a
+  dead-letter cycle.
 * **Delays.** A message with ``deliver_at`` goes through the binary delay ladder
   (:mod:`plumbing.delays`) to its destination queue; it is never early.
 * **Consuming.** Manual acks only, a channel per consumer with ``prefetch`` unacknowledged
@@ -47,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Literal, Self
@@ -84,7 +89,7 @@ from plumbing.delays import DelayLadder
 from plumbing.errors import BrokerUnavailable, ConfigError, PublishFailed, QueueNotFound
 from plumbing.topology import BindingSpec, ExchangeSpec, QueueSpec, Topology
 from plumbing.transport import DeadLetter, Delivery, Disposition, Handler, Outgoing
-from plumbing.urls import redact_url
+from plumbing.urls import amqp_addresses, amqp_vhost, redact_url, split_urls
 
 log = structlog.get_logger("rabbitmq")
 
@@ -105,6 +110,48 @@ _ARGUMENT_HINTS: Final = {
 
 _Inbox = asyncio.Queue[AbstractIncomingMessage | None]
 """Deliveries waiting for a handler slot; None says the transport was closed."""
+
+
+class _FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection that moves on to the next broker address after every failed attempt
+    and every lost connection, round robin.
+
+    aio-pika's robust connection reconnects to ``self.url``, and calls
+    ``_on_connection_close`` both when an established connection is lost and when an attempt
+    fails (``UnderlayConnection.connect`` reports the error through it): that one hook is where
+    the next address is chosen, before the next attempt starts.
+    """
+
+    def __init__(
+        self, urls: Sequence[URL], shown: Sequence[str], start: int, *, reconnect_interval: float
+    ) -> None:
+        super().__init__(urls[start], reconnect_interval=reconnect_interval)
+        self.urls = tuple(urls)
+        self.shown = tuple(shown)
+        """The addresses with their passwords hidden, for logs."""
+        self.index = start
+        """The address the connection uses, or tries next, in ``urls``."""
+
+    @property
+    def address(self) -> str:
+        """The address in use (password hidden)."""
+        return self.shown[self.index]
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        # Before the first connection, the transport tries the addresses itself (start-up
+        # fails fast), so only reconnections rotate.
+        if len(self.urls) > 1 and self.connection_attempt > 0 and not self.close_called:
+            previous = self.address
+            self.index = (self.index + 1) % len(self.urls)
+            self.url = self.urls[self.index]
+            log.info("broker_address_changed", previous=previous, next=self.address)
+        await super()._on_connection_close(closing)
+
+    async def _on_connected(self) -> None:
+        reconnected = self.connection_attempt > 0
+        await super()._on_connected()
+        if reconnected:
+            log.info("broker_reconnected", url=self.address)
 
 
 @dataclass
@@ -131,11 +178,12 @@ class RabbitTransport:
     cannot be reused after :meth:`close`.
 
     Args:
-        url: ``amqp://user:password@host:5672/vhost`` (``amqps://`` for TLS).
+        url: ``amqp://user:password@host:5672/vhost`` (``amqps://`` for TLS), or several such
+            addresses separated by commas, the nodes of one cluster with one virtual host.
         prefetch: unacknowledged deliveries per consumer, and handlers running at once.
         heartbeat: seconds; a peer silent for about three heartbeats is considered dead.
             A ``heartbeat`` in the URL's query wins.
-        connect_timeout: seconds to wait for the broker at start-up.
+        connect_timeout: seconds to wait for each address at start-up.
         publish_timeout: seconds to wait for a publisher confirm (and for declarations).
         reconnect_interval: seconds between reconnection attempts after the connection drops.
         ladder: the delay ladder for messages with ``deliver_at``.
@@ -184,8 +232,10 @@ class RabbitTransport:
                 f"the maximum message body must be at least 1024 bytes, not {max_body}"
             )
         self.url = url
+        self.urls = split_urls(url)
+        """The broker addresses, in the order they are tried."""
         self.safe_url = redact_url(url)
-        """The URL with its password hidden, for logs and errors."""
+        """The URL (every address) with its password hidden, for logs and errors."""
         self.prefetch = prefetch
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
@@ -200,7 +250,7 @@ class RabbitTransport:
         """Called with the queue and label once a labelled message is parked (a metric)."""
         self.max_body = max_body
         self.clock: Clock = clock or SystemClock()
-        self._connection: aio_pika.RobustConnection | None = None
+        self._connection: _FailoverConnection | None = None
         self._closed = False
         self._connect_lock = asyncio.Lock()
         self._publisher: _Publisher | None = None
@@ -217,39 +267,63 @@ class RabbitTransport:
 
         Raises:
             ConfigError: the URL is malformed, or the broker refused the login or vhost.
-            BrokerUnavailable: nothing answered at the URL within ``connect_timeout``, or
-                the transport was closed.
+            BrokerUnavailable: no address answered within ``connect_timeout``, or the
+                transport was closed.
         """
         async with self._connect_lock:
             if self._closed:
                 raise BrokerUnavailable(f"the transport for {self.safe_url} has been closed")
             if self._connection is None:
                 self._connection = await self._open_connection()
-                log.info("broker_connected", url=self.safe_url)
+                log.info("broker_connected", url=self._connection.address)
             return self._connection
 
-    async def _open_connection(self) -> aio_pika.RobustConnection:
-        connection = aio_pika.RobustConnection(
-            broker_url(self.url, self.heartbeat), reconnect_interval=self.reconnect_interval
+    async def _open_connection(self) -> _FailoverConnection:
+        """Connect to the first address that answers, trying them in order."""
+        addresses = amqp_addresses(self.url)
+        urls = [broker_url(address, self.heartbeat) for address in addresses]
+        shown = [redact_url(address) for address in addresses]
+        vhost = amqp_vhost(addresses[0])
+        unanswered: list[str] = []
+        last: Exception | None = None
+        for start in range(len(urls)):
+            try:
+                return await self._attempt(urls, shown, start)
+            except Exception as e:
+                error = self._connect_error(e, shown[start], vhost)
+                if isinstance(error, ConfigError) or len(urls) == 1:
+                    raise error from e
+                log.info("broker_address_unanswered", url=shown[start], error=self._reason(e))
+                unanswered.append(f"{shown[start]} ({self._reason(e)})")
+                last = e
+        raise BrokerUnavailable(
+            f"none of the {len(urls)} RabbitMQ addresses answered: {', '.join(unanswered)}"
+        ) from last
+
+    async def _attempt(
+        self, urls: Sequence[URL], shown: Sequence[str], start: int
+    ) -> _FailoverConnection:
+        """Connect to ``urls[start]``; reconnections later go round the other addresses."""
+        connection = _FailoverConnection(
+            urls, shown, start, reconnect_interval=self.reconnect_interval
         )
         try:
             # The outer deadline also covers what the connect timeout does not, such as
             # aio-pika retrying an error it does not consider fatal.
             async with asyncio.timeout(self.connect_timeout):
                 await connection.connect(timeout=self.connect_timeout)
-        except BaseException as e:
+        except BaseException:
             await connection.close()
-            if isinstance(e, Exception):
-                raise self._connect_error(e) from e
             raise
         return connection
 
-    def _connect_error(self, error: Exception) -> ConfigError | BrokerUnavailable:
-        where = f"RabbitMQ at {self.safe_url}"
+    def _connect_error(
+        self, error: Exception, address: str, vhost: str
+    ) -> ConfigError | BrokerUnavailable:
+        where = f"RabbitMQ at {address}"
         if isinstance(error, ProbableAuthenticationError | AuthenticationError):
             return ConfigError(f"{where} refused the login: check the user name and password")
         if isinstance(error, ProtocolSyntaxError):
-            vhost = URL(self.url).path.lstrip("/") or "/"
             return ConfigError(
                 f"{where} closed the connection while opening virtual host {vhost!r}: it "
                 "does not exist or the user may not access it"
@@ -257,6 +331,22 @@ class RabbitTransport:
         if isinstance(error, TimeoutError):
             return BrokerUnavailable(f"{where} did not answer within {self.connect_timeout:g} s")
         return BrokerUnavailable(f"cannot connect to {where}: {_describe(error)}")
+
+    def _reason(self, error: Exception) -> str:
+        """Why an address did not answer, in a few words."""
+        if isinstance(error, TimeoutError):
+            return f"no answer within {self.connect_timeout:g} s"
+        return _describe(error)
+
+    @property
+    def address(self) -> str | None:
+        """The broker address in use (password hidden); None before connecting."""
+        connection = self._connection
+        return None if connection is None else connection.address
+
+    def _where(self) -> str:
+        """The address to name in a message: the one in use, or every one."""
+        return self.address or self.safe_url
 
     @property
     def connected(self) -> bool:
@@ -273,7 +363,7 @@ class RabbitTransport:
         self._publisher = None
         if connection is not None:
             await connection.close()
-            log.info("broker_disconnected", url=self.safe_url)
+            log.info("broker_disconnected", url=connection.address)
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -320,12 +410,12 @@ class RabbitTransport:
                 await self._bind(amqp, binding)
         except TimeoutError as e:
             raise BrokerUnavailable(
-                f"RabbitMQ at {self.safe_url} did not answer a declaration within "
+                f"RabbitMQ at {self._where()} did not answer a declaration within "
                 f"{self.publish_timeout:g} s"
             ) from e
         except (ConnectionError, OSError, ChannelInvalidStateError) as e:
             raise BrokerUnavailable(
-                f"lost RabbitMQ at {self.safe_url} while declaring the topology: {_describe(e)}"
+                f"lost RabbitMQ at {self._where()} while declaring the topology: {_describe(e)}"
             ) from e
         finally:
             await _close_quietly(channel)
@@ -366,7 +456,7 @@ class RabbitTransport:
         found = re.search(r"inequivalent arg '([^']+)'", text)
         argument = found.group(1) if found else None
         hint = _ARGUMENT_HINTS.get(argument or "", "the settings")
-        vhost = URL(self.url).path.lstrip("/") or "/"
+        vhost = amqp_vhost(self.urls[0]) if self.urls else "/"
         wanted = ", ".join(f"{key}={value}" for key, value in sorted(spec.arguments.items()))
         return (
             f"queue {spec.name!r} already exists with different arguments: {text}. We declare "
@@ -467,11 +557,13 @@ class RabbitTransport:
         except PublishError as e:
             raise self._failed("returned", f"{target} was returned: no queue is bound") from e
         except DeliveryError as e:
+            if publisher is not None:
+                await self._replace_publisher(publisher, "nacked")
             raise self._failed("nacked", f"{target} was nacked (a queue is full?)") from e
         except TimeoutError as e:
             if publisher is None or not self.connected:
                 raise self._failed("connection", f"{target}: {self._down()}") from e
-            await self._replace_publisher(publisher)
+            await self._replace_publisher(publisher, "confirm_timeout")
             raise self._failed(
                 "timeout", f"{target} was not confirmed within {self.publish_timeout:g} s"
             ) from e
@@ -487,7 +579,7 @@ class RabbitTransport:
             raise self._failed("connection", f"{target}: the channel closed") from e
 
     def _down(self) -> str:
-        return f"the connection to {self.safe_url} is down"
+        return f"the connection to {self._where()} is down"
 
     def _failed(self, reason: PublishFailureReason, text: str) -> PublishFailed:
         self._count_failure(reason)
@@ -510,13 +602,13 @@ class RabbitTransport:
                 self._publisher = _Publisher(channel)
             return self._publisher
 
-    async def _replace_publisher(self, stale: _Publisher) -> None:
-        """Drop a channel whose confirm never came; the next publish opens a fresh one."""
+    async def _replace_publisher(self, stale: _Publisher, reason: str) -> None:
+        """Drop a channel that failed a publish; the next publish opens a fresh one."""
         async with self._publisher_lock:
             if self._publisher is not stale:
                 return
             self._publisher = None
-        log.warning("publisher_channel_replaced", reason="confirm_timeout")
+        log.warning("publisher_channel_replaced", reason=reason)
         await _close_quietly(stale.channel)
 
     # --- consuming --------------------------------------------------------------------------
@@ -562,12 +654,12 @@ class RabbitTransport:
             tag = await source.consume(inbox.put)
         except ChannelNotFoundEntity as e:
             raise QueueNotFound(
-                f"cannot consume from queue {queue!r}: it does not exist at {self.safe_url}; "
+                f"cannot consume from queue {queue!r}: it does not exist at {self._where()}; "
                 "declare the topology first"
             ) from e
         except _BROKER_ERRORS as e:
             raise BrokerUnavailable(
-                f"cannot consume from queue {queue!r} at {self.safe_url}: {_describe(e)}"
+                f"cannot consume from queue {queue!r} at {self._where()}: {_describe(e)}"
             ) from e
         return source, tag
 

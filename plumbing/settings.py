@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from plumbing.errors import ConfigError
 from plumbing.topology import QueuePolicy, QueueType
+from plumbing.urls import amqp_addresses
 
 S = TypeVar("S", bound="SagaSettings")
 
@@ -33,10 +34,17 @@ class LogFormat(StrEnum):
 class SagaSettings(BaseSettings):
     """The ``SAGA_*`` environment variables every saga process reads."""
 
-    model_config = SettingsConfigDict(env_prefix="SAGA_", extra="ignore", frozen=True)
+    # The input stays out of validation errors: SAGA_AMQP_URL and the store URLs hold passwords.
+    model_config = SettingsConfigDict(
+        env_prefix="SAGA_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     app: str | None = Field(default=None, description="MODULE:ATTR of the App or Participant.")
-    amqp_url: str | None = Field(default=None, description="RabbitMQ URL; unset = embedded broker.")
+    amqp_url: str | None = Field(
+        default=None,
+        description="RabbitMQ URL, or the comma-separated URLs of a cluster's nodes; unset = "
+        "embedded broker.",
+    )
     prefetch: int = Field(default=32, ge=1, le=2000)
     queue_type: QueueType = QueueType.QUORUM
     delivery_limit: int = Field(default=20, ge=1, le=10_000)
@@ -56,6 +64,13 @@ class SagaSettings(BaseSettings):
     http_port: int = Field(default=9400, ge=0, le=65535, description="0 disables the endpoint.")
     log_level: str = "info"
     log_format: LogFormat = LogFormat.JSON
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            amqp_addresses(value)  # a bad address stops the process now, not at connect
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -141,20 +141,31 @@ def participant_topology(service: str, policy: QueuePolicy) -> Topology:
     )
 
 
+def client_topology(policy: QueuePolicy) -> Topology:
+    """What a client needs to exist: the start and query queues it sends requests to, so
+    that requests wait there even before the orchestrator first runs."""
+    return base_topology(policy) + Topology(
+        queues=(
+            QueueSpec(names.START_QUEUE, policy.arguments()),
+            QueueSpec(names.QUERIES_QUEUE, policy.arguments()),
+        ),
+        bindings=(BindingSpec(names.START_EXCHANGE, names.START_QUEUE, names.START_ROUTING_KEY),),
+    )
+
+
 def orchestrator_topology(services: Iterable[str], policy: QueuePolicy) -> Topology:
-    """What the orchestrator needs: start, reply and timer queues plus every command queue.
+    """What the orchestrator needs: start, query, reply and timer queues plus every command
+    queue.
 
     The orchestrator declares its participants' command queues too, so that a command sent
     before a participant first starts is queued instead of returned as unroutable.
     """
-    topology = base_topology(policy) + Topology(
+    topology = client_topology(policy) + Topology(
         queues=(
-            QueueSpec(names.START_QUEUE, policy.arguments()),
             QueueSpec(names.REPLIES_QUEUE, policy.arguments()),
             QueueSpec(names.TIMERS_QUEUE, policy.arguments()),
         ),
         bindings=(
-            BindingSpec(names.START_EXCHANGE, names.START_QUEUE, names.START_ROUTING_KEY),
             BindingSpec(names.REPLIES_EXCHANGE, names.REPLIES_QUEUE, names.REPLIES_ROUTING_KEY),
         ),
     )

@@ -31,6 +31,9 @@ class MessageKind(StrEnum):
     TIMER = "timer"
     EVENT = "event"
     START = "start"
+    QUERY = "query"
+    ANSWER = "answer"
+    """Sent to a client's own queue: a start answer, a snapshot or an outcome."""
 
 
 class Outgoing(BaseModel):

@@ -19,6 +19,9 @@ import pytest
 
 from plumbing.logs import configure_logging
 
+# Private RabbitMQ nodes (and a cluster of them) for tests that kill or restart a broker.
+pytest_plugins = ("tests.support.rabbit_nodes",)
+
 AMQP_URL = os.environ.get("SAGA_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 POSTGRES_URL = os.environ.get("SAGA_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MONGO_URL = os.environ.get("SAGA_TEST_MONGO_URL")

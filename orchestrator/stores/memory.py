@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -33,14 +33,18 @@ class MemoryStore:
         await asyncio.sleep(0)
         return self._records.get(saga_id)
 
-    async def save(self, record: SagaRecord, expected_version: int) -> bool:
-        """Compare-and-set on the version; the new messages join the stored outbox."""
+    async def save(
+        self, record: SagaRecord, expected_version: int, *, drop: Collection[str] = ()
+    ) -> bool:
+        """Compare-and-set on the version; ``drop`` leaves the stored outbox and the new
+        messages join it."""
         if record.version != expected_version + 1:
             raise ValueError("record.version must be expected_version + 1")
         current = self._records.get(record.saga_id)
         if current is None or current.version != expected_version:
             return False
-        self._records[record.saga_id] = replace(record, outbox=current.outbox + record.outbox)
+        kept = tuple(entry for entry in current.outbox if entry.message_id not in drop)
+        self._records[record.saga_id] = replace(record, outbox=kept + record.outbox)
         return True
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
@@ -51,6 +55,11 @@ class MemoryStore:
         remaining = tuple(e for e in current.outbox if e.message_id not in message_ids)
         if len(remaining) != len(current.outbox):
             self._records[saga_id] = replace(current, outbox=remaining)
+
+    async def mark_published_many(self, published: Mapping[str, Collection[str]]) -> None:
+        """Drop the entries of several sagas."""
+        for saga_id, message_ids in published.items():
+            await self.mark_published(saga_id, message_ids)
 
     async def due(self, now: datetime, limit: int) -> list[str]:
         """Active sagas whose next due time has passed."""

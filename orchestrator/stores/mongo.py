@@ -37,11 +37,11 @@ after ``connect_timeout`` seconds.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Final
 
-from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -156,8 +156,11 @@ class MongoStore(MongoCollection):
             document = await self.collection.find_one({"_id": saga_id}, _RECORD)
         return None if document is None else _record(document)
 
-    async def save(self, record: SagaRecord, expected_version: int) -> bool:
-        """Replace the state and append ``record.outbox`` if the version is ``expected_version``."""
+    async def save(
+        self, record: SagaRecord, expected_version: int, *, drop: Collection[str] = ()
+    ) -> bool:
+        """Replace the state, drop ``drop`` from the outbox and append ``record.outbox``, if
+        the version is ``expected_version``; one write either way."""
         if record.version != expected_version + 1:
             raise ValueError("record.version must be expected_version + 1")
         # A pipeline update, so that outbox_since can be derived from the stored outbox: an
@@ -166,11 +169,12 @@ class MongoStore(MongoCollection):
         # value is a $literal: saga data is never read as either.
         fields = {name: {"$literal": value} for name, value in self._state_fields(record).items()}
         update: list[Document] = [{"$set": fields}]
-        if record.outbox:
+        if record.outbox or drop:
             # Appended, never rewritten from what this writer loaded: another handler may have
             # published and marked an older entry since, and writing it back would resend it.
+            kept: object = _without(drop) if drop else "$outbox"
             added = {"$literal": _entries(record.outbox)}
-            update.append({"$set": {"outbox": {"$concatArrays": ["$outbox", added]}}})
+            update.append({"$set": {"outbox": {"$concatArrays": [kept, added]}}})
             update.append(_OUTBOX_SUMMARY)
         with self._errors():
             before = await self.collection.find_one_and_update(
@@ -182,22 +186,22 @@ class MongoStore(MongoCollection):
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
         """Drop these messages from the saga's outbox; the version does not change."""
-        ids = list(message_ids)
-        if not ids:
-            return
-        keep = {"$not": {"$in": ["$$entry.message_id", ids]}}
-        with self._errors():
-            await self.collection.update_one(
-                {"_id": saga_id, "outbox.message_id": {"$in": ids}},
-                [
-                    {
-                        "$set": {
-                            "outbox": {"$filter": {"input": "$outbox", "as": "entry", "cond": keep}}
-                        }
-                    },
-                    _OUTBOX_SUMMARY,
-                ],
+        await self.mark_published_many({saga_id: message_ids})
+
+    async def mark_published_many(self, published: Mapping[str, Collection[str]]) -> None:
+        """Drop the entries of several sagas in one bulk write."""
+        updates = [
+            UpdateOne(
+                {"_id": saga_id, "outbox.message_id": {"$in": list(ids)}},
+                [{"$set": {"outbox": _without(ids)}}, _OUTBOX_SUMMARY],
             )
+            for saga_id, ids in published.items()
+            if ids
+        ]
+        if not updates:
+            return
+        with self._errors():
+            await self.collection.bulk_write(updates, ordered=False)
 
     async def due(self, now: datetime, limit: int) -> list[str]:
         """Ids of active sagas whose ``next_due_at`` is at or before ``now``, oldest first."""
@@ -408,6 +412,12 @@ class MongoStore(MongoCollection):
 
 _HOLD: Final = {"held_reason": 1, "held_since": 1, "held_for": 1}
 _RECORD: Final = {"version": 1, "state": 1, "outbox": 1, **_HOLD}
+
+
+def _without(message_ids: Collection[str]) -> Document:
+    """The stored outbox without these entries, as a pipeline expression."""
+    keep = {"$not": {"$in": ["$$entry.message_id", list(message_ids)]}}
+    return {"$filter": {"input": "$outbox", "as": "entry", "cond": keep}}
 
 
 def _entries(outbox: Sequence[Outgoing]) -> list[Document]:

@@ -27,7 +27,7 @@ start together migrate once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -123,18 +123,33 @@ def _insert_statement() -> str:
     """  # noqa: S608
 
 
-def _save_statement() -> str:
-    # $1 is the saga id and $2 the expected version; the columns follow from $3.
+# The stored outbox without the entries named by the array parameter ${drop}, in order.
+_KEPT = """COALESCE(
+    (SELECT jsonb_agg(e.entry ORDER BY e.position)
+       FROM jsonb_array_elements(outbox) WITH ORDINALITY AS e(entry, position)
+      WHERE NOT (e.entry ->> 'message_id' = ANY(${drop}::text[]))),
+    '[]'::jsonb)"""
+_KEPT_SINCE = """(SELECT min((e.entry ->> 'created_at')::timestamptz)
+       FROM jsonb_array_elements(outbox) AS e(entry)
+      WHERE NOT (e.entry ->> 'message_id' = ANY(${drop}::text[])))"""
+
+
+def _save_statement(*, dropping: bool) -> str:
+    # $1 is the saga id and $2 the expected version; the columns follow from $3, and the
+    # ids to drop come last.
+    drop = len(_COLUMNS) + 3
     assignments = []
     for position, column in enumerate(_COLUMNS, start=3):
         if column == "outbox":
             # The new entries join the stored outbox rather than replace it: a handler may
             # have published and marked an older entry since this writer loaded the row, and
             # writing that entry back would send it twice.
-            assignments.append(f"outbox = outbox || ${position}::jsonb")
+            kept = _KEPT.replace("${drop}", f"${drop}") if dropping else "outbox"
+            assignments.append(f"outbox = {kept} || ${position}::jsonb")
         elif column == "outbox_since":
             # LEAST ignores NULLs: no stored or no new entries.
-            assignments.append(f"outbox_since = LEAST(outbox_since, ${position})")
+            since = _KEPT_SINCE.replace("${drop}", f"${drop}") if dropping else "outbox_since"
+            assignments.append(f"outbox_since = LEAST({since}, ${position})")
         else:
             assignments.append(f"{column} = ${position}")
     return f"""
@@ -146,7 +161,8 @@ def _save_statement() -> str:
 
 _SQL: Final = {
     "insert": _insert_statement(),
-    "save": _save_statement(),
+    "save": _save_statement(dropping=False),
+    "save_dropping": _save_statement(dropping=True),
     "load": """
         SELECT version, state, outbox, held_reason, held_since, held_for FROM "{table}"
         WHERE saga_id = $1
@@ -273,14 +289,20 @@ class PostgresStore:
             row = await connection.fetchrow(self._sql["load"], saga_id)
         return None if row is None else _record(saga_id, row)
 
-    async def save(self, record: SagaRecord, expected_version: int) -> bool:
-        """Replace the state and append ``record.outbox`` if the version is ``expected_version``."""
+    async def save(
+        self, record: SagaRecord, expected_version: int, *, drop: Collection[str] = ()
+    ) -> bool:
+        """Replace the state, drop ``drop`` from the outbox and append ``record.outbox``, if
+        the version is ``expected_version``; one statement either way."""
         if record.version != expected_version + 1:
             raise ValueError("record.version must be expected_version + 1")
+        arguments = [record.saga_id, expected_version, *self._values(record)]
+        statement = self._sql["save"]
+        if drop:
+            statement = self._sql["save_dropping"]
+            arguments.append(list(drop))
         async with self.pool.connection() as connection:
-            saved = await connection.fetchval(
-                self._sql["save"], record.saga_id, expected_version, *self._values(record)
-            )
+            saved = await connection.fetchval(statement, *arguments)
         return saved is not None
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
@@ -289,6 +311,14 @@ class PostgresStore:
             return
         async with self.pool.connection() as connection:
             await connection.execute(self._sql["mark_published"], saga_id, list(message_ids))
+
+    async def mark_published_many(self, published: Mapping[str, Collection[str]]) -> None:
+        """Drop the entries of several sagas in one pipelined round trip."""
+        batch = [(saga_id, list(ids)) for saga_id, ids in published.items() if ids]
+        if not batch:
+            return
+        async with self.pool.connection() as connection:
+            await connection.executemany(self._sql["mark_published"], batch)
 
     async def due(self, now: datetime, limit: int) -> list[str]:
         """Ids of active sagas whose ``next_due_at`` is at or before ``now``, oldest first."""

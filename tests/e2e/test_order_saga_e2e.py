@@ -6,6 +6,9 @@ through ``SAGA_STEP_TIMEOUTS``), ``error:N`` below and above the retry budget, a
 that errors before it succeeds, and one that refuses (stuck). Meanwhile the orchestrator is
 killed with SIGKILL and restarted, RabbitMQ is restarted, and garbage is published to the reply
 queue. Every saga must reach the right terminal status with its compensations in reverse order.
+
+The broker restart happens on a private node of the test's own (``tests/support/rabbit_nodes``),
+never on the machine's shared RabbitMQ.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from plumbing.codec import start_message
 from plumbing.errors import PublishFailed
 from plumbing.rabbitmq import RabbitTransport
 from plumbing.topology import QueuePolicy, orchestrator_topology
-from tests.integration.rabbit_support import rabbitmqctl
+from tests.support.rabbit_nodes import RabbitNode
 
 pytestmark = [
     pytest.mark.slow,
@@ -153,11 +156,9 @@ def compensated_steps(state: SagaState) -> list[str]:
     ]
 
 
-async def restart_rabbitmq() -> None:
-    await asyncio.to_thread(rabbitmqctl, "stop_app")
-    await asyncio.sleep(1)
-    await asyncio.to_thread(rabbitmqctl, "start_app")
-    await asyncio.to_thread(rabbitmqctl, "await_startup")
+async def restart_rabbitmq(node: RabbitNode) -> None:
+    """Stop the test's own broker node gracefully and start it again on the same data."""
+    await asyncio.to_thread(node.restart, hard=False)
 
 
 def environment(amqp: str, database: str, timeout: float) -> dict[str, str]:
@@ -218,16 +219,17 @@ async def test_200_orders_reach_the_right_end_and_garbage_is_parked(
 
 
 async def test_200_orders_survive_a_killed_replica_and_a_broker_restart(
-    vhost_url: str, database_url: str
+    private_rabbit: RabbitNode, database_url: str
 ) -> None:
     # Timeouts well beyond the outages, so that no step times out because of them and every
     # saga must end exactly as its scenario says. Two orchestrator replicas share the broker
     # and the store; one of them is killed.
+    broker_url = private_rabbit.url  # a node of this test's own: the test restarts it
     processes = SagaProcesses(
-        APP, SERVICES, environment(vhost_url, database_url, timeout=30), replicas=2
+        APP, SERVICES, environment(broker_url, database_url, timeout=30), replicas=2
     )
     store = open_store(database_url)
-    transport = RabbitTransport(vhost_url)
+    transport = RabbitTransport(broker_url)
     work = orders(200)
     try:
         await processes.start()
@@ -241,11 +243,11 @@ async def test_200_orders_survive_a_killed_replica_and_a_broker_restart(
         await processes.orchestrator.wait_ready()
 
         await asyncio.sleep(1)
-        await restart_rabbitmq()
+        await restart_rabbitmq(private_rabbit)
         await send_starts(transport, work[130:])
 
         await check_outcomes(store, work)
-        assert await parked_reasons(vhost_url) == []  # nothing was given up on
+        assert await parked_reasons(broker_url) == []  # nothing was given up on
     finally:
         await processes.stop()
         await transport.close()

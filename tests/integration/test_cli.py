@@ -167,8 +167,15 @@ async def test_start_and_topology_declare_talk_to_rabbitmq(vhost_url: str) -> No
     assert declared.returncode == 0, declared.stderr
     assert "declared" in declared.stdout
     data = json.dumps({**ORDER, "order_id": "cli-1"})
-    started = saga(
-        "start", "order_fulfillment", "--id", "cli-1", "--data", data, SAGA_AMQP_URL=vhost_url
+    started = saga(  # fire and forget: nothing runs to answer it here
+        "start",
+        "order_fulfillment",
+        "--id",
+        "cli-1",
+        "--data",
+        data,
+        "--no-wait",
+        SAGA_AMQP_URL=vhost_url,
     )
     assert started.returncode == 0, started.stderr
     assert "confirmed by the broker" in started.stdout

@@ -1178,3 +1178,54 @@ def _active_condition() -> str:
     from orchestrator.stores.postgres import _ACTIVE
 
     return _ACTIVE
+
+
+# --- Folding and batching the marks ------------------------------------------------------------
+
+
+async def test_a_save_can_drop_published_entries_as_it_appends(store: SagaStore) -> None:
+    first = started("drop-1")
+    later = T0 + timedelta(seconds=30)
+    second = apply(first, answer(first, OK, later), later)
+    await store.create(first)
+    done, waiting = first.outbox[0], first.outbox[1:]
+
+    assert await store.save(second, 1, drop=[done.message_id, "never-there"])
+
+    stored = await store.load("drop-1")
+    assert stored == SagaRecord(second.state, 2, waiting + second.outbox)
+    assert stored.outbox_since == (T0 if waiting else later)
+    assert not await store.save(SagaRecord(second.state, 2), 1, drop=["x"])  # lost the race
+    assert await store.load("drop-1") == stored
+
+
+async def test_a_save_that_drops_everything_old_keeps_only_the_new_time(store: SagaStore) -> None:
+    first = started("drop-2")
+    later = T0 + timedelta(seconds=30)
+    second = apply(first, answer(first, OK, later), later)
+    await store.create(first)
+    assert await store.save(second, 1, drop=[entry.message_id for entry in first.outbox])
+    stored = await store.load("drop-2")
+    assert stored is not None
+    assert stored.outbox == second.outbox
+    assert stored.outbox_since == later
+    assert await unpublished_records(store, T0 + timedelta(seconds=29), 10) == []
+
+
+async def test_marks_for_many_sagas_go_at_once(store: SagaStore) -> None:
+    one, two, three = started("many-1"), started("many-2"), started("many-3")
+    await create_all(store, one, two, three)
+    await store.mark_published_many(
+        {
+            "many-1": [entry.message_id for entry in one.outbox],
+            "many-2": [two.outbox[0].message_id],
+            "many-4": ["nothing"],
+        }
+    )
+    loaded = {saga_id: await store.load(saga_id) for saga_id in ("many-1", "many-2", "many-3")}
+    assert loaded["many-1"] is not None
+    assert loaded["many-1"].outbox == ()
+    assert loaded["many-1"].outbox_since is None
+    assert loaded["many-2"] is not None
+    assert loaded["many-2"].outbox == two.outbox[1:]
+    assert loaded["many-3"] == three

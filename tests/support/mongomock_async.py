@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import mongomock
-from pymongo import IndexModel, ReturnDocument
+from pymongo import IndexModel, ReturnDocument, UpdateOne
 from pymongo.results import DeleteResult, InsertOneResult, UpdateResult
 
 Document = dict[str, Any]
@@ -111,6 +111,12 @@ class AsyncMongoMockCollection:
         """Delete the first match."""
         await asyncio.sleep(0)
         return self._collection.delete_one(filter)
+
+    async def bulk_write(self, requests: Sequence[UpdateOne], ordered: bool = True) -> None:
+        """Apply ``UpdateOne`` requests one by one (mongomock has no pipeline bulk writes)."""
+        await asyncio.sleep(0)
+        for request in requests:
+            self._collection.update_one(request._filter, request._doc)
 
     async def delete_many(self, filter: Mapping[str, Any]) -> DeleteResult:
         """Delete every match."""

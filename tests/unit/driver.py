@@ -20,7 +20,7 @@ from contracts.messages import (
     ReplyStatus,
     TimerMessage,
 )
-from orchestrator.definition import RetryPolicy, Saga, Step, StepKind
+from orchestrator.definition import Parallel, RetryPolicy, Saga, Step, StepKind
 from orchestrator.effects import ScheduleTimer, SendCommand
 from orchestrator.engine import (
     Decision,
@@ -53,9 +53,11 @@ def chain(
     compensation_retry: RetryPolicy | None = None,
     deadline: float | None = None,
     version: int = 1,
+    group: tuple[int, int] | None = None,
 ) -> Saga:
     """A saga of ``count`` steps ``s0..sN``: compensatable, then an optional pivot and
-    retriable tail. Commands are ``do_i`` and compensations ``undo_i``."""
+    retriable tail. Commands are ``do_i`` and compensations ``undo_i``. Steps
+    ``group[0] <= i < group[1]`` run as one parallel group."""
     steps = []
     for i in range(count):
         retriable = retriable_from is not None and i >= retriable_from
@@ -80,7 +82,11 @@ def chain(
                 **extra,
             )
         )
-    return Saga("chain", steps=steps, deadline=deadline, version=version)
+    items: list[Step | Parallel] = list(steps)
+    if group is not None:
+        start, end = group
+        items = [*steps[:start], Parallel(*steps[start:end]), *steps[end:]]
+    return Saga("chain", steps=items, deadline=deadline, version=version)
 
 
 @dataclass

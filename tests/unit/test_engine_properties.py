@@ -5,7 +5,9 @@ After every event:
 
 * a terminal saga never sends a command or sets a timer again; a stuck one only when an
   operator acts;
-* a step starts forward only after the previous step completed, and at most one step is busy;
+* a step starts forward only after every step of the previous stage completed; the steps
+  going forward at once are the members of one stage (a step, or a parallel group); at most
+  one compensation is in progress, and none while a step still goes forward;
 * only the reply to a step's latest attempt moves the saga;
 * compensations are sent in strictly reverse step order, only for steps that completed or may
   have acted (timed out), never past the point of no return, and each step is compensated at
@@ -52,6 +54,7 @@ from plumbing.errors import ActionRefused
 from tests.unit.driver import Driver, chain
 
 STATUSES = st.sampled_from([ReplyStatus.COMPLETED, ReplyStatus.FAILED, ReplyStatus.ERROR])
+FORWARD_BUSY = {StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED}
 BUSY = {
     StepStatus.RUNNING,
     StepStatus.RETRY_SCHEDULED,
@@ -67,7 +70,12 @@ class SagaMachine(RuleBasedStateMachine):
 
     @initialize(
         shapes=st.lists(
-            st.tuples(st.integers(1, 5), st.sampled_from(["plain", "pivot", "retriable_tail"])),
+            st.tuples(
+                st.integers(1, 5),
+                st.sampled_from(["plain", "pivot", "retriable_tail"]),
+                st.integers(0, 4),
+                st.integers(2, 3),
+            ),
             min_size=2,
             max_size=2,
         ),
@@ -80,7 +88,7 @@ class SagaMachine(RuleBasedStateMachine):
     def build(
         self,
         *,
-        shapes: list[tuple[int, str]],
+        shapes: list[tuple[int, str, int, int]],
         start_on: int,
         attempts: int,
         retry_timeouts: bool,
@@ -88,12 +96,16 @@ class SagaMachine(RuleBasedStateMachine):
         deadline: int | None,
     ) -> None:
         versions = {}
-        for version, (steps, shape) in enumerate(shapes, start=1):
+        for version, (steps, shape, group_at, group_size) in enumerate(shapes, start=1):
             pivot_at = retriable_from = None
             if shape == "pivot" and steps >= 2:
                 pivot_at, retriable_from = steps - 2, steps - 1
             elif shape == "retriable_tail":
                 retriable_from = steps - 1
+            # A parallel group inside the compensatable prefix, when there is room for one.
+            compensatable = min(i for i in (pivot_at, retriable_from, steps) if i is not None)
+            end = group_at + group_size
+            group = (group_at, end) if end <= compensatable else None
             versions[version] = chain(
                 steps,
                 pivot_at=pivot_at,
@@ -107,6 +119,7 @@ class SagaMachine(RuleBasedStateMachine):
                 ),
                 deadline=deadline,
                 version=version,
+                group=group,
             )
         self.versions = versions
         self.loaded = {1, 2}
@@ -263,8 +276,11 @@ class SagaMachine(RuleBasedStateMachine):
     def check_send(self, envelope: CommandEnvelope, decision: Decision) -> None:
         i = self.driver.saga.index[envelope.step]
         if envelope.direction is Direction.FORWARD:
-            if envelope.attempt == 1 and i > 0:
-                assert decision.state.steps[i - 1].status is StepStatus.COMPLETED
+            saga = self.driver.saga
+            stage = saga.stage_of[i]
+            if envelope.attempt == 1 and stage > 0:
+                for j in saga.stages[stage - 1]:
+                    assert decision.state.steps[j].status is StepStatus.COMPLETED
             return
         assert not self.passed_no_return, "compensation after the point of no return"
         assert self.driver.saga.steps[i].kind is StepKind.COMPENSATABLE
@@ -282,11 +298,15 @@ class SagaMachine(RuleBasedStateMachine):
                 self.passed_no_return = True
 
     @invariant()
-    def one_busy_step_and_something_due(self) -> None:
+    def one_busy_stage_and_something_due(self) -> None:
         state = self.driver.state
         assert state is not None
         busy = [step for step in state.steps if step.status in BUSY]
-        assert len(busy) <= 1
+        forward = [i for i, step in enumerate(state.steps) if step.status in FORWARD_BUSY]
+        undoing = [step for step in busy if step.status not in FORWARD_BUSY]
+        assert len({self.driver.saga.stage_of[i] for i in forward}) <= 1
+        assert len(undoing) <= 1
+        assert not (forward and undoing), "a compensation while a step still goes forward"
         if state.status.is_active:
             assert busy, "an active saga with no step in progress"
             assert state.next_due_at is not None, "an active saga with nothing due"

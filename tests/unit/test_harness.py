@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from contracts.events import EventName
@@ -9,6 +10,7 @@ from examples.order_fulfillment import app
 from orchestrator.metrics import Metrics
 from orchestrator.state import SagaStatus, StepStatus
 from orchestrator.testing import SagaHarness, error, errors_then, fail, hang, late, succeed
+from plumbing.errors import SagaConflict
 
 ORDER = {
     "order_id": "o-1",
@@ -152,10 +154,12 @@ async def test_garbage_on_the_reply_queue_is_dead_lettered_and_counted() -> None
         assert state.status is SagaStatus.COMPLETED
 
 
-async def test_starting_twice_is_idempotent() -> None:
+async def test_starting_twice_is_idempotent_and_other_data_is_refused() -> None:
     async with SagaHarness(app) as h:
         await h.start("order_fulfillment", "o-1", ORDER)
-        await h.start("order_fulfillment", "o-1", {**ORDER, "customer_id": "someone-else"})
+        await h.start("order_fulfillment", "o-1", ORDER)  # the same request again
+        with pytest.raises(SagaConflict, match="already exists with other data"):
+            await h.start("order_fulfillment", "o-1", {**ORDER, "customer_id": "someone-else"})
         assert h.command_names("o-1") == FORWARD
         assert (await h.saga("o-1")).data["customer_id"] == "c-1"
 

@@ -14,11 +14,14 @@ def test_orchestrator_exports() -> None:
         "Decision",
         "EngineConfig",
         "Orchestrator",
+        "Parallel",
         "RetryPolicy",
         "Saga",
+        "SagaClient",
         "SagaError",
         "SagaState",
         "SagaStatus",
+        "StartRefused",
         "Step",
         "StepKind",
         "StepStatus",
@@ -32,6 +35,7 @@ def test_participants_exports() -> None:
         "IdempotencyStore",
         "MemoryIdempotency",
         "NoReply",
+        "Observer",
         "Participant",
         "ParticipantError",
         "open_idempotency",
@@ -45,18 +49,20 @@ def test_testing_exports() -> None:
         "SagaHarness",
         "ScriptedParticipant",
         "VirtualClock",
+        "down",
         "error",
         "errors_then",
         "fail",
         "hang",
         "late",
         "succeed",
+        "working",
     ]
 
 
 def test_contracts_export_every_lifecycle_event() -> None:
     events = [name for name in contracts.__all__ if name.startswith("Saga")]
-    assert len(events) == 13
+    assert len(events) == 14
     for module in (contracts, orchestrator, participants):
         for name in module.__all__:
             assert getattr(module, name).__doc__, f"{module.__name__}.{name} has no docstring"

@@ -1,0 +1,232 @@
+"""The ceiling: what bare aio-pika request/reply does on this broker, with no saga around it.
+
+A requester and four responder processes. A "saga" is four sequential request/reply round
+trips, one to each responder, with what the project's transport does on the wire: persistent
+messages, publisher confirms on every publish (``mandatory`` set), quorum queues with the
+project's work-queue arguments, manual acks after the reply is published, a prefetch of 32 and
+one handler task per delivery. The requester is driven by replies like the orchestrator: a
+reply's handler publishes the next request, then acks. With ``--timer``, each request is
+followed by one confirmed publish into a TTL quorum queue (what a step timeout costs the
+project's hot path, minus the delay ladder's later hops).
+
+Run by the harness as ``python -m bench.ceiling responder|requester ...``; the requester
+prints its result as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+REQUESTS_EXCHANGE = "bench.requests"
+REPLIES_QUEUE = "bench.replies"
+TIMER_QUEUE = "bench.timers"
+EXPIRED_QUEUE = "bench.expired"
+DEAD_LETTER_EXCHANGE = "bench.dead-letter"
+STEPS = 4
+PREFETCH = 32
+TIMER_TTL_MS = 120_000
+
+WORK_QUEUE_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-delivery-limit": 20,
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+"""The arguments the project gives its work queues (quorum, delivery limit, parking)."""
+
+
+def responder_queue(index: int) -> str:
+    """The request queue of responder ``index``."""
+    return f"bench.service.{index}"
+
+
+async def declare(channel: AbstractChannel) -> None:
+    """Declare the exchanges and quorum queues of the ceiling run; idempotent."""
+    requests = await channel.declare_exchange(REQUESTS_EXCHANGE, "direct", durable=True)
+    await channel.declare_exchange(DEAD_LETTER_EXCHANGE, "fanout", durable=True)
+    for index in range(STEPS):
+        queue = await channel.declare_queue(
+            responder_queue(index), durable=True, arguments=WORK_QUEUE_ARGUMENTS
+        )
+        await queue.bind(requests, routing_key=responder_queue(index))
+    await channel.declare_queue(REPLIES_QUEUE, durable=True, arguments=WORK_QUEUE_ARGUMENTS)
+    await channel.declare_queue(EXPIRED_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    await channel.declare_queue(
+        TIMER_QUEUE,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-message-ttl": TIMER_TTL_MS,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": EXPIRED_QUEUE,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+
+
+def _message(body: bytes, correlation_id: str, reply_to: str | None = None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+    )
+
+
+async def respond(url: str, index: int) -> None:
+    """Answer every request on responder ``index``'s queue until killed."""
+    connection = await aio_pika.connect_robust(url)
+    publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    consumer = await connection.channel()
+    await consumer.set_qos(prefetch_count=PREFETCH)
+    queue = await consumer.declare_queue(responder_queue(index), passive=True)
+    default = publisher.default_exchange
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(message: AbstractIncomingMessage) -> None:
+        request = json.loads(message.body)
+        reply = json.dumps({**request, "status": "completed", "by": index}).encode()
+        await default.publish(
+            _message(reply, message.correlation_id or ""), message.reply_to or REPLIES_QUEUE
+        )
+        await message.ack()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(handle(message))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await queue.consume(on_message)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+class Requester:
+    """Runs sagas of four round trips, ``in_flight`` at a time, driven by the replies."""
+
+    def __init__(self, requests: AbstractExchange, default: AbstractExchange, timer: bool) -> None:
+        self.requests = requests
+        self.default = default
+        self.timer = timer
+        self.publishes = 0
+        self.remaining = 0
+        self.running = 0
+        self.done = asyncio.Event()
+        self.counter = 0
+
+    async def send(self, saga: str, step: int) -> None:
+        """Publish the request of ``step`` (and its timer), each with a confirm."""
+        body = json.dumps({"saga": saga, "step": step}).encode()
+        await self.requests.publish(
+            _message(body, f"{saga}:{step}", REPLIES_QUEUE), responder_queue(step)
+        )
+        self.publishes += 1
+        if self.timer:
+            await self.default.publish(_message(body, f"{saga}:{step}:timer"), TIMER_QUEUE)
+            self.publishes += 1
+
+    async def begin(self) -> None:
+        """Start the next saga if any is left."""
+        if self.remaining <= 0:
+            return
+        self.remaining -= 1
+        self.running += 1
+        self.counter += 1
+        await self.send(f"s{self.counter}", 0)
+
+    async def on_reply(self, message: AbstractIncomingMessage) -> None:
+        """Publish the next request (or start a new saga), then ack."""
+        reply = json.loads(message.body)
+        step = int(reply["step"]) + 1
+        if step < STEPS:
+            await self.send(str(reply["saga"]), step)
+        else:
+            self.running -= 1
+            await self.begin()
+            if self.running == 0:
+                self.done.set()
+        await message.ack()
+
+    async def run(self, count: int, in_flight: int) -> float:
+        """Run ``count`` sagas; return the seconds they took."""
+        self.remaining = count
+        self.done.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(self.begin() for _ in range(min(in_flight, count))))
+        await self.done.wait()
+        return time.perf_counter() - started
+
+
+async def request(url: str, count: int, in_flight: int, warmup: int, timer: bool) -> None:
+    """Run the ceiling and print ``{"sagas", "seconds", "publishes"}`` as JSON."""
+    connection = await aio_pika.connect_robust(url)
+    publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    requests = await publisher.get_exchange(REQUESTS_EXCHANGE, ensure=True)
+    requester = Requester(requests, publisher.default_exchange, timer)
+    consumer = await connection.channel()
+    await consumer.set_qos(prefetch_count=PREFETCH)
+    replies = await consumer.declare_queue(REPLIES_QUEUE, passive=True)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(requester.on_reply(message))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await replies.consume(on_message)
+    if warmup:
+        await requester.run(warmup, in_flight)
+    requester.publishes = 0
+    print("warm", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    seconds = await requester.run(count, in_flight)
+    result = {"sagas": count, "seconds": seconds, "publishes": requester.publishes}
+    print(json.dumps(result), flush=True)
+    await connection.close()
+
+
+async def setup(url: str) -> None:
+    """Declare the ceiling's topology."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        await declare(await connection.channel())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.ceiling setup|responder|requester``."""
+    parser = argparse.ArgumentParser(prog="python -m bench.ceiling")
+    sub = parser.add_subparsers(dest="role", required=True)
+    setup_parser = sub.add_parser("setup")
+    setup_parser.add_argument("--url", required=True)
+    responder = sub.add_parser("responder")
+    responder.add_argument("--url", required=True)
+    responder.add_argument("--index", type=int, required=True)
+    requester = sub.add_parser("requester")
+    requester.add_argument("--url", required=True)
+    requester.add_argument("--sagas", type=int, required=True)
+    requester.add_argument("--in-flight", type=int, required=True)
+    requester.add_argument("--warmup", type=int, default=0)
+    requester.add_argument("--timer", action="store_true")
+    args = parser.parse_args(argv)
+    if args.role == "setup":
+        asyncio.run(setup(args.url))
+    elif args.role == "responder":
+        asyncio.run(respond(args.url, args.index))
+    else:
+        asyncio.run(request(args.url, args.sagas, args.in_flight, args.warmup, args.timer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

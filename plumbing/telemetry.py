@@ -1,0 +1,81 @@
+"""OpenTelemetry spans, when ``opentelemetry-api`` is installed (``pip install
+saga-orchestrator[otel]`` and an SDK with an exporter); without it, nothing here does anything.
+
+A saga's messages already carry its W3C trace context (``traceparent`` and ``tracestate``),
+so spans recorded by the orchestrator and by participants join one trace per saga: the
+orchestrator records a span per step attempt and per compensation attempt (from the command
+being sent to its answer or timeout) and one for the saga as a whole, all children of the
+saga's trace context; a participant records a span for each handler run, a child of the
+command's context.
+
+Spans are recorded when the work they describe has ended, with its real start and end times:
+the orchestrator is a state machine that handles each message in a moment, so there is no
+long-lived span to keep open across messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+try:  # an optional dependency: spans only when the application installed OpenTelemetry
+    from opentelemetry import trace
+    from opentelemetry.trace import Status, StatusCode
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ImportError:  # pragma: no cover - exercised where opentelemetry is absent
+    trace = None  # type: ignore[assignment]
+
+_INSTRUMENTATION = "saga-orchestrator"
+
+
+def enabled() -> bool:
+    """Whether OpenTelemetry is installed, so that spans are recorded."""
+    return trace is not None
+
+
+def record_span(
+    name: str,
+    *,
+    traceparent: str | None,
+    tracestate: str | None,
+    start: datetime,
+    end: datetime,
+    attributes: Mapping[str, str | int | bool],
+    error: str | None = None,
+) -> None:
+    """Record a finished span as a child of the given W3C context (a new trace without one).
+
+    ``error`` marks the span as failed, with that description.
+    """
+    if trace is None:
+        return
+    carrier = {"traceparent": traceparent or ""}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    context = TraceContextTextMapPropagator().extract(carrier) if traceparent else None
+    tracer = trace.get_tracer(_INSTRUMENTATION)
+    span = tracer.start_span(
+        name,
+        context=context,
+        kind=trace.SpanKind.INTERNAL,
+        attributes=dict(attributes),
+        start_time=_nanoseconds(start),
+    )
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, error))
+    span.end(end_time=_nanoseconds(end))
+
+
+def current_context(traceparent: str | None, tracestate: str | None) -> Any:
+    """The OpenTelemetry context of a W3C ``traceparent``/``tracestate`` pair (or None)."""
+    if trace is None or not traceparent:
+        return None
+    carrier = {"traceparent": traceparent}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    return TraceContextTextMapPropagator().extract(carrier)
+
+
+def _nanoseconds(instant: datetime) -> int:
+    return int(instant.timestamp() * 1_000_000_000)

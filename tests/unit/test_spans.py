@@ -1,0 +1,75 @@
+"""OpenTelemetry: one trace per saga, with a span per step attempt, compensation and saga."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from examples.order_fulfillment import app
+from orchestrator.testing import SagaHarness, errors_then, fail, succeed
+from tests.unit.test_harness import ORDER
+
+EXPORTER = InMemorySpanExporter()
+_provider = TracerProvider()
+_provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
+trace.set_tracer_provider(_provider)  # once per process: OpenTelemetry refuses a second
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    EXPORTER.clear()
+    yield EXPORTER
+    EXPORTER.clear()
+
+
+async def test_each_saga_is_one_trace_of_its_attempts_and_compensations(
+    spans: InMemorySpanExporter,
+) -> None:
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with SagaHarness(app) as h:
+        h.participant("payment").on("process_payment", *errors_then(1, succeed()))
+        h.participant("shipping").on("create_shipment", fail("no address"))
+        await h.orchestrator.start(
+            "order_fulfillment",
+            "o-1",
+            {**ORDER, "order_id": "o-1"},
+            traceparent=caller,
+            tracestate="vendor=abc",
+        )
+        await h.settle()
+        await h.advance(seconds=5)
+        await h.start("order_fulfillment", "o-2", {**ORDER, "order_id": "o-2"})
+    finished = spans.get_finished_spans()
+    one = [s for s in finished if s.attributes and s.attributes["saga.id"] == "o-1"]
+    two = [s for s in finished if s.attributes and s.attributes["saga.id"] == "o-2"]
+    assert {s.context.trace_id for s in one} == {int("0af7651916cd43dd8448eb211c80319c", 16)}
+    assert len({s.context.trace_id for s in two}) == 1  # its own trace, not o-1's
+    assert {s.context.trace_id for s in two}.isdisjoint({s.context.trace_id for s in one})
+    assert [s.name for s in one] == [
+        "order_fulfillment.reserve_inventory #1",
+        "order_fulfillment.process_payment #1",
+        "order_fulfillment.process_payment #2",
+        "order_fulfillment.create_shipment #1",
+        "order_fulfillment.process_payment compensation #1",
+        "order_fulfillment.reserve_inventory compensation #1",
+        "saga order_fulfillment",
+    ]
+    errors = [s.name for s in one if s.status.status_code is StatusCode.ERROR]
+    assert errors == [
+        "order_fulfillment.process_payment #1",
+        "order_fulfillment.create_shipment #1",
+        "saga order_fulfillment",
+    ]
+    for span in one:
+        assert span.parent is not None
+        assert span.parent.span_id == int("b7ad6b7169203331", 16)  # children of the caller
+        assert span.start_time is not None
+        assert span.end_time is not None
+        assert span.end_time >= span.start_time
+    assert dict(one[0].parent.trace_state) == {"vendor": "abc"}  # type: ignore[union-attr]
