@@ -45,9 +45,7 @@ async def run_participant(participant: Participant, settings: ParticipantSetting
     participant.metrics = metrics
     if isinstance(participant.idempotency, MemoryIdempotency):
         # A service that did not choose its own store gets the configured one.
-        participant.idempotency = open_idempotency(
-            settings.idempotency_url, concurrency=settings.prefetch
-        )
+        participant.idempotency = open_idempotency(settings.idempotency_url)
     participant.lease = settings.lease
     participant.error_message_limit = settings.error_message_limit
     participant.check_store()  # transactional handlers need a store with transactions

@@ -311,11 +311,8 @@ def forward_key(compensation_key: str) -> str:
     return f"fwd:{rest}"
 
 
-def open_idempotency(url: str, *, concurrency: int = 6) -> IdempotencyStore:
+def open_idempotency(url: str) -> IdempotencyStore:
     """An idempotency store for ``memory://``, ``postgresql://...`` or ``mongodb://...``.
-
-    ``concurrency`` is how many commands may run at once (the prefetch): a PostgreSQL pool
-    gets a connection for each, and a few more.
 
     Raises:
         ConfigError: the URL is malformed or names another kind of server.
@@ -326,5 +323,5 @@ def open_idempotency(url: str, *, concurrency: int = 6) -> IdempotencyStore:
     from participants.idempotency_stores import MongoIdempotency, PostgresIdempotency
 
     if kind is StoreKind.POSTGRES:
-        return PostgresIdempotency(url, pool_size=concurrency + 4)
+        return PostgresIdempotency(url)
     return MongoIdempotency.from_url(url)

@@ -35,6 +35,7 @@ name the saga and step, so services may share one table or collection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
@@ -186,8 +187,11 @@ class PostgresIdempotency:
         url: a ``postgresql://`` URL.
         table: the table name (a plain identifier).
         retention: how old an entry must be for :meth:`purge` to delete it.
-        pool_size: connections at most; a transactional handler holds one while it runs, so
-            give at least the deliveries handled at once (the daemon uses prefetch + 4).
+        pool_size: connections at most. A transactional handler holds one while it runs;
+            at most ``pool_size - 2`` of them run at once (the others wait their turn in the
+            process), so that claims and outcomes of other commands still get a connection.
+            Every replica of every service has a pool: keep the sum under the server's
+            ``max_connections``.
         clock: stamps ``stored_at`` when an outcome comes without one.
     """
 
@@ -205,6 +209,9 @@ class PostgresIdempotency:
         self.retention = retention
         self.clock: Clock = clock or SystemClock()
         self.pool = PostgresPool(url, connect_timeout=connect_timeout, max_size=pool_size)
+        # Waiting here has no deadline, unlike waiting for a pooled connection (which fails
+        # after connect_timeout): a busy service queues its transactional commands.
+        self._open_transactions = asyncio.Semaphore(max(1, pool_size - 2))
         self._sql = {name: sql.format(table=self.table, found=_FOUND) for name, sql in _SQL.items()}
 
     async def setup(self) -> None:
@@ -288,7 +295,7 @@ class PostgresIdempotency:
         ``session`` is the ``asyncpg.Connection``; write the effect with it. Commits when the
         block exits after ``complete``; rolls back otherwise.
         """
-        async with self.pool.connection() as connection:
+        async with self._open_transactions, self.pool.connection() as connection:
             transaction = connection.transaction()
             await transaction.start()
             try:
