@@ -615,7 +615,7 @@ async def test_declared_queue_arguments_are_what_we_asked_for(
     assert declared[names.PARKED_QUEUE] == {"x-queue-type": "quorum"}
     for level in range(ladder.levels):
         assert declared[ladder.level_name(level)] == ladder.queue_arguments(level)
-    assert len(declared) == 5 + ladder.levels
+    assert len(declared) == 6 + ladder.levels  # start, queries, replies, timers, commands, parked
     assert not [name for name, arguments in declared.items() if "x-expires" in arguments]
     assert transport.full_topology(topology).queues[: len(topology.queues)] == topology.queues
 
