@@ -46,6 +46,9 @@ async def run_participant(participant: Participant, settings: ParticipantSetting
     if isinstance(participant.idempotency, MemoryIdempotency):
         # A service that did not choose its own store gets the configured one.
         participant.idempotency = open_idempotency(settings.idempotency_url)
+    participant.lease = settings.lease
+    participant.error_message_limit = settings.error_message_limit
+    participant.check_store()  # transactional handlers need a store with transactions
     transport = rabbit_transport(settings, metrics)
     ready = asyncio.Event()
     probes = ProbeServer(registry, ready.is_set, settings.http_host, settings.http_port)

@@ -1,9 +1,27 @@
 """Durable idempotency stores for participant services: PostgreSQL and MongoDB.
 
-Both keep one entry per idempotency key and let the first writer win: ``put`` inserts only if
-the key is absent and returns whatever is stored afterwards, so two deliveries of one command
-racing on two replicas agree on one outcome, and a tombstone written by an early compensation
-keeps a late forward command from acting.
+Both keep one row or document per idempotency key holding either a claim (claimant, lease
+expiry, how many claims so far) or an outcome, and implement the protocol of
+:mod:`participants.idempotency` with single-statement atomic writes:
+
+* ``claim``: PostgreSQL ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <no outcome and the lease
+  expired> RETURNING``; MongoDB ``find_one_and_update`` with ``upsert`` on the same filter (a
+  duplicate key error means somebody else's entry is there). One round trip on the fast path;
+  a second one reads the entry when the claim was refused.
+* ``put`` (complete): the same upsert guarded by "no outcome yet": first writer wins.
+* ``tombstone``: ``put`` that also respects a live claim.
+
+Both also run a handler's effect in the transaction that records its outcome
+(:class:`~participants.idempotency.TransactionalIdempotency`):
+
+* **PostgreSQL** claims *inside* the transaction. The uncommitted row is the claim: another
+  replica's claim of the same key waits on it and then reads the committed outcome, and a
+  claimant that dies has its transaction rolled back by the server, so no lease has to run
+  out. Fast path: ``BEGIN``, the claim, the handler's statements, the outcome, ``COMMIT``.
+* **MongoDB** transactions do not wait for each other (a conflicting write aborts with a
+  write conflict), so the claim is committed first with a lease, and the transaction holds
+  the handler's writes and the outcome, guarded by "the claim is still ours". A claimant that
+  dies leaves its lease to run out; its transaction never commits. Needs a replica set.
 
 Retention (default :data:`~participants.idempotency.DEFAULT_IDEMPOTENCY_RETENTION`, 7 days)
 must outlast any redelivery or manual retry. MongoDB expires entries with a TTL index on
@@ -17,23 +35,32 @@ name the saga and step, so services may share one table or collection.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from pymongo import ASCENDING, IndexModel
+from pymongo import ASCENDING, IndexModel, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from contracts.messages import ErrorDetail
 from participants.idempotency import (
     DEFAULT_IDEMPOTENCY_RETENTION,
+    Busy,
+    Claimed,
+    ClaimLost,
+    ClaimResult,
     OutcomeKind,
+    OutcomeTransaction,
+    Stored,
     StoredOutcome,
 )
 from plumbing.clock import Clock, SystemClock, utc
 from plumbing.errors import StoreUnavailable
 from plumbing.mongo import Document, MongoCollection
-from plumbing.postgres import PostgresPool, table_name
+from plumbing.postgres import PostgresPool, row_count, table_name
 
 DEFAULT_TABLE: Final = "saga_idempotency"
 """The PostgreSQL table outcomes are kept in unless another name is given."""
@@ -41,7 +68,8 @@ DEFAULT_TABLE: Final = "saga_idempotency"
 DEFAULT_COLLECTION: Final = "idempotency"
 """The MongoDB collection outcomes are kept in unless another name is given."""
 
-_PUT_ATTEMPTS: Final = 3  # an entry can expire between a refused insert and the read-back
+_CLAIM_WAIT: Final = 600.0  # seconds a claim may wait on another replica's open transaction
+_ATTEMPTS: Final = 5  # an entry can change between a refused write and the read-back
 
 _MIGRATIONS: Final = (
     """
@@ -54,16 +82,67 @@ _MIGRATIONS: Final = (
     );
     CREATE INDEX "{table}_stored_at" ON "{table}" (stored_at);
     """,
+    # Claims: a row without an outcome (kind NULL) is a claim until lease_until.
+    """
+    ALTER TABLE "{table}" ALTER COLUMN kind DROP NOT NULL;
+    ALTER TABLE "{table}"
+        ADD COLUMN claimant    text,
+        ADD COLUMN lease_until timestamptz,
+        ADD COLUMN claims      integer NOT NULL DEFAULT 0;
+    """,
 )
 
+_FOUND: Final = "kind, result, error, stored_at, lease_until"
+
 _SQL: Final = {
-    "insert": """
-        INSERT INTO "{table}" (key, kind, result, error, stored_at)
+    "claim": """
+        WITH claimed AS (
+            INSERT INTO "{table}" AS t (key, stored_at, claimant, lease_until, claims)
+            VALUES ($1, $3, $2, $4, 1)
+            ON CONFLICT (key) DO UPDATE
+                SET claimant = EXCLUDED.claimant,
+                    lease_until = EXCLUDED.lease_until,
+                    claims = t.claims + 1
+                WHERE t.kind IS NULL AND (t.lease_until IS NULL OR t.lease_until <= $3)
+            RETURNING claims
+        )
+        SELECT true, claims, NULL::text, NULL::jsonb, NULL::jsonb, NULL::timestamptz,
+               NULL::timestamptz
+        FROM claimed
+        UNION ALL
+        SELECT false, claims, {found} FROM "{table}"
+        WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)
+    """,
+    "put": """
+        INSERT INTO "{table}" AS t (key, kind, result, error, stored_at)
         VALUES ($1, $2, $3, $4, $5)
-        ON CONFLICT (key) DO NOTHING
+        ON CONFLICT (key) DO UPDATE
+            SET kind = EXCLUDED.kind, result = EXCLUDED.result, error = EXCLUDED.error,
+                stored_at = EXCLUDED.stored_at, claimant = NULL, lease_until = NULL
+            WHERE t.kind IS NULL
         RETURNING stored_at
     """,
-    "get": 'SELECT kind, result, error, stored_at FROM "{table}" WHERE key = $1',
+    "tombstone": """
+        INSERT INTO "{table}" AS t (key, kind, stored_at) VALUES ($1, 'tombstone', $2)
+        ON CONFLICT (key) DO UPDATE
+            SET kind = EXCLUDED.kind, stored_at = EXCLUDED.stored_at, claimant = NULL,
+                lease_until = NULL
+            WHERE t.kind IS NULL AND (t.lease_until IS NULL OR t.lease_until <= $2)
+        RETURNING stored_at
+    """,
+    "complete": """
+        UPDATE "{table}" SET kind = $3, result = $4, error = $5, stored_at = $6,
+            claimant = NULL, lease_until = NULL
+        WHERE key = $1 AND claimant = $2 AND kind IS NULL
+    """,
+    "renew": """
+        UPDATE "{table}" SET lease_until = $3 WHERE key = $1 AND claimant = $2 AND kind IS NULL
+    """,
+    "release": 'DELETE FROM "{table}" WHERE key = $1 AND claimant = $2 AND kind IS NULL',
+    "found": 'SELECT {found} FROM "{table}" WHERE key = $1',
+    "get": """
+        SELECT kind, result, error, stored_at FROM "{table}" WHERE key = $1 AND kind IS NOT NULL
+    """,
     "purge": """
         DELETE FROM "{table}" WHERE key IN (
             SELECT key FROM "{table}" WHERE stored_at < $1 LIMIT $2)
@@ -80,17 +159,39 @@ def _outcome(kind: str, result: Any, error: Any, stored_at: Any) -> StoredOutcom
     )
 
 
+def _found(kind: Any, result: Any, error: Any, stored_at: Any, lease_until: Any) -> Stored | Busy:
+    """An entry read back after a refused write: its outcome, or the live claim on it."""
+    if kind is not None:
+        return Stored(_outcome(kind, result, error, stored_at))
+    return Busy(utc(lease_until))
+
+
+def _settled(found: list[Any], now: datetime) -> bool:
+    """Whether a row read back has an outcome or a live claim (not one that just lapsed)."""
+    kind, lease_until = found[0], found[4]
+    return kind is not None or (lease_until is not None and utc(lease_until) > now)
+
+
 def _error_json(outcome: StoredOutcome) -> Document | None:
     return None if outcome.error is None else outcome.error.model_dump(mode="json")
 
 
+def _vanished(key: str) -> StoreUnavailable:
+    return StoreUnavailable(f"idempotency key {key!r} kept changing before it could be read")
+
+
 class PostgresIdempotency:
-    """Outcomes in a PostgreSQL table, one row per key.
+    """Claims and outcomes in a PostgreSQL table, one row per key.
 
     Args:
         url: a ``postgresql://`` URL.
         table: the table name (a plain identifier).
         retention: how old an entry must be for :meth:`purge` to delete it.
+        pool_size: connections at most. A transactional handler holds one while it runs;
+            at most ``pool_size - 2`` of them run at once (the others wait their turn in the
+            process), so that claims and outcomes of other commands still get a connection.
+            Every replica of every service has a pool: keep the sum under the server's
+            ``max_connections``.
         clock: stamps ``stored_at`` when an outcome comes without one.
     """
 
@@ -101,13 +202,17 @@ class PostgresIdempotency:
         table: str = DEFAULT_TABLE,
         retention: timedelta = DEFAULT_IDEMPOTENCY_RETENTION,
         connect_timeout: float = 5.0,
+        pool_size: int = 10,
         clock: Clock | None = None,
     ) -> None:
         self.table = table_name(table)
         self.retention = retention
         self.clock: Clock = clock or SystemClock()
-        self.pool = PostgresPool(url, connect_timeout=connect_timeout, max_size=5)
-        self._sql = {name: sql.format(table=self.table) for name, sql in _SQL.items()}
+        self.pool = PostgresPool(url, connect_timeout=connect_timeout, max_size=pool_size)
+        # Waiting here has no deadline, unlike waiting for a pooled connection (which fails
+        # after connect_timeout): a busy service queues its transactional commands.
+        self._open_transactions = asyncio.Semaphore(max(1, pool_size - 2))
+        self._sql = {name: sql.format(table=self.table, found=_FOUND) for name, sql in _SQL.items()}
 
     async def setup(self) -> None:
         """Connect, and create or migrate the table; idempotent."""
@@ -119,19 +224,92 @@ class PostgresIdempotency:
             row = await connection.fetchrow(self._sql["get"], key)
         return None if row is None else _outcome(*row)
 
+    async def claim(self, key: str, claimant: str, now: datetime, lease: timedelta) -> ClaimResult:
+        """The stored outcome, else the claim, else who holds it; one statement."""
+        async with self.pool.connection() as connection:
+            return await self._claim(connection, key, claimant, now, lease)
+
+    async def _claim(
+        self, connection: Any, key: str, claimant: str, now: datetime, lease: timedelta
+    ) -> ClaimResult:
+        for _ in range(_ATTEMPTS):
+            # No row: the conflicting entry was committed after this statement's snapshot
+            # (it waited for that transaction); the next statement sees it. The wait lasts as
+            # long as the other claimant's handler, so it is not held to the pool's statement
+            # timeout.
+            row = await connection.fetchrow(
+                self._sql["claim"], key, claimant, now, now + lease, timeout=_CLAIM_WAIT
+            )
+            if row is None:
+                continue
+            mine, claims, *found = row
+            if mine:
+                return Claimed(first=claims == 1)
+            if _settled(found, now):
+                return _found(*found)
+        raise _vanished(key)
+
+    async def renew(self, key: str, claimant: str, until: datetime) -> bool:
+        """Extend ``claimant``'s claim to ``until``."""
+        async with self.pool.connection() as connection:
+            status = await connection.execute(self._sql["renew"], key, claimant, until)
+        return row_count(status) == 1
+
     async def put(self, key: str, outcome: StoredOutcome) -> StoredOutcome:
-        """Store ``outcome`` unless something is stored already; returns what is stored now."""
+        """Store ``outcome`` unless an outcome is stored already; returns what is stored now."""
         stored_at = outcome.stored_at or self.clock.now()
         arguments = (key, outcome.kind.value, outcome.result, _error_json(outcome), stored_at)
         async with self.pool.connection() as connection:
-            for _ in range(_PUT_ATTEMPTS):
-                if await connection.fetchval(self._sql["insert"], *arguments) is not None:
+            for _ in range(_ATTEMPTS):
+                if await connection.fetchval(self._sql["put"], *arguments) is not None:
                     return StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
                 # Another writer won; a fresh statement sees its committed row.
                 row = await connection.fetchrow(self._sql["get"], key)
                 if row is not None:
                     return _outcome(*row)
-        raise StoreUnavailable(f"idempotency key {key!r} kept vanishing before it could be read")
+        raise _vanished(key)
+
+    async def release(self, key: str, claimant: str) -> None:
+        """Drop ``claimant``'s claim without an outcome."""
+        async with self.pool.connection() as connection:
+            await connection.execute(self._sql["release"], key, claimant)
+
+    async def tombstone(self, key: str, now: datetime) -> Stored | Busy:
+        """A tombstone unless an outcome is stored or a live claim holds the key."""
+        async with self.pool.connection() as connection:
+            for _ in range(_ATTEMPTS):
+                stored_at = await connection.fetchval(self._sql["tombstone"], key, now)
+                if stored_at is not None:
+                    return Stored(StoredOutcome(OutcomeKind.TOMBSTONE, stored_at=utc(stored_at)))
+                row = await connection.fetchrow(self._sql["found"], key)
+                if row is not None and _settled(list(row), now):
+                    return _found(*row)
+        raise _vanished(key)
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self, key: str, claimant: str, now: datetime, lease: timedelta
+    ) -> AsyncIterator[OutcomeTransaction]:
+        """A transaction that holds the claim on ``key`` as an uncommitted row.
+
+        ``session`` is the ``asyncpg.Connection``; write the effect with it. Commits when the
+        block exits after ``complete``; rolls back otherwise.
+        """
+        async with self._open_transactions, self.pool.connection() as connection:
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
+                handle = _PostgresTransaction(self, connection, key, claimant)
+                handle.claim = await self._claim(connection, key, claimant, now, lease)
+                yield handle
+            except BaseException:
+                with contextlib.suppress(Exception):  # the connection may be what failed
+                    await transaction.rollback()
+                raise
+            if handle.completed and not handle.abandoned:
+                await transaction.commit()
+            else:
+                await transaction.rollback()
 
     async def purge(self, now: datetime | None = None) -> int:
         """Delete entries stored more than the retention before ``now``; returns how many."""
@@ -147,8 +325,43 @@ class PostgresIdempotency:
         await self.pool.close()
 
 
+class _PostgresTransaction:
+    """The handle a transactional handler's run gets from :class:`PostgresIdempotency`."""
+
+    def __init__(
+        self, store: PostgresIdempotency, connection: Any, key: str, claimant: str
+    ) -> None:
+        self.store = store
+        self.session: Any = connection
+        self.key = key
+        self.claimant = claimant
+        self.claim: ClaimResult = Claimed(first=False)
+        self.completed = False
+        self.abandoned = False
+
+    async def complete(self, outcome: StoredOutcome) -> StoredOutcome:
+        stored_at = outcome.stored_at or self.store.clock.now()
+        status = await self.session.execute(
+            self.store._sql["complete"],
+            self.key,
+            self.claimant,
+            outcome.kind.value,
+            outcome.result,
+            _error_json(outcome),
+            stored_at,
+        )
+        if row_count(status) != 1:
+            raise ClaimLost(f"the claim on {self.key!r} is no longer ours")
+        self.completed = True
+        return StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
 class MongoIdempotency(MongoCollection):
-    """Outcomes in a MongoDB collection, ``_id`` = key, expired by a TTL index on ``stored_at``.
+    """Claims and outcomes in a MongoDB collection, ``_id`` = key, expired by a TTL index on
+    ``stored_at``.
 
     Build it with :meth:`from_url`, or over a database you already have.
 
@@ -201,30 +414,101 @@ class MongoIdempotency(MongoCollection):
     async def get(self, key: str) -> StoredOutcome | None:
         """The stored outcome for ``key``, if any."""
         with self._errors():
-            document = await self.collection.find_one({"_id": key})
+            document = await self.collection.find_one({"_id": key, "kind": {"$ne": None}})
         return None if document is None else _from_document(document)
 
-    async def put(self, key: str, outcome: StoredOutcome) -> StoredOutcome:
-        """Store ``outcome`` unless something is stored already; returns what is stored now."""
-        stored_at = outcome.stored_at or self.clock.now()
-        document: Document = {
-            "_id": key,
-            "kind": outcome.kind.value,
-            "result": outcome.result,
-            "error": _error_json(outcome),
-            "stored_at": stored_at,
+    async def claim(self, key: str, claimant: str, now: datetime, lease: timedelta) -> ClaimResult:
+        """The stored outcome, else the claim, else who holds it."""
+        update = {
+            "$set": {"claimant": claimant, "lease_until": now + lease},
+            "$inc": {"claims": 1},
+            "$setOnInsert": {"stored_at": now},
         }
         with self._errors():
-            for _ in range(_PUT_ATTEMPTS):
-                try:
-                    await self.collection.insert_one(dict(document))
-                except DuplicateKeyError:
-                    found = await self.collection.find_one({"_id": key})
-                    if found is not None:
-                        return _from_document(found)
-                else:
+            for _ in range(_ATTEMPTS):
+                won = await self._upsert(_claimable(key, now), update)
+                if won is not None:
+                    return Claimed(first=won.get("claims") == 1)
+                found = await self._found(key, now)
+                if found is not None:
+                    return found
+        raise _vanished(key)
+
+    async def renew(self, key: str, claimant: str, until: datetime) -> bool:
+        """Extend ``claimant``'s claim to ``until``."""
+        with self._errors():
+            result = await self.collection.update_one(
+                {"_id": key, "claimant": claimant, "kind": None},
+                {"$set": {"lease_until": until}},
+            )
+        return int(result.matched_count) == 1
+
+    async def put(self, key: str, outcome: StoredOutcome) -> StoredOutcome:
+        """Store ``outcome`` unless an outcome is stored already; returns what is stored now."""
+        stored_at = outcome.stored_at or self.clock.now()
+        with self._errors():
+            for _ in range(_ATTEMPTS):
+                won = await self._upsert({"_id": key, "kind": None}, _decided(outcome, stored_at))
+                if won is not None:
                     return StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
-        raise StoreUnavailable(f"idempotency key {key!r} kept vanishing before it could be read")
+                found = await self.collection.find_one({"_id": key, "kind": {"$ne": None}})
+                if found is not None:
+                    return _from_document(found)
+        raise _vanished(key)
+
+    async def release(self, key: str, claimant: str) -> None:
+        """Drop ``claimant``'s claim without an outcome."""
+        with self._errors():
+            await self.collection.delete_one({"_id": key, "claimant": claimant, "kind": None})
+
+    async def tombstone(self, key: str, now: datetime) -> Stored | Busy:
+        """A tombstone unless an outcome is stored or a live claim holds the key."""
+        tombstone = StoredOutcome(OutcomeKind.TOMBSTONE, stored_at=now)
+        with self._errors():
+            for _ in range(_ATTEMPTS):
+                if await self._upsert(_claimable(key, now), _decided(tombstone, now)) is not None:
+                    return Stored(tombstone)
+                found = await self._found(key, now)
+                if found is not None:
+                    return found
+        raise _vanished(key)
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self, key: str, claimant: str, now: datetime, lease: timedelta
+    ) -> AsyncIterator[OutcomeTransaction]:
+        """A committed claim with a lease, and a transaction for the effect and the outcome.
+
+        ``session`` is the ``AsyncClientSession`` (pass ``session=ctx.transaction`` to every
+        write of the effect). Commits when the block exits after ``complete``; aborts
+        otherwise, and the claim is released.
+        """
+        handle = _MongoTransaction(self, key, claimant, await self.claim(key, claimant, now, lease))
+        if not isinstance(handle.claim, Claimed):
+            yield handle
+            return
+        try:
+            with self._errors():
+                session = self.database.client.start_session()
+            async with session:
+                with self._errors():
+                    await session.start_transaction()
+                handle.session = session
+                try:
+                    yield handle
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await session.abort_transaction()
+                    raise
+                with self._errors():
+                    if handle.completed and not handle.abandoned:
+                        await session.commit_transaction()
+                    else:
+                        await session.abort_transaction()
+        finally:
+            if not (handle.completed and not handle.abandoned):
+                with contextlib.suppress(Exception):  # the lease runs out if this fails
+                    await self.release(key, claimant)
 
     async def purge(self, now: datetime | None = None) -> int:
         """Delete entries older than the retention now, ahead of the TTL monitor."""
@@ -232,6 +516,79 @@ class MongoIdempotency(MongoCollection):
         with self._errors():
             result = await self.collection.delete_many({"stored_at": {"$lt": cutoff}})
         return int(result.deleted_count)
+
+    async def _upsert(self, query: Document, update: Document) -> Document | None:
+        """The document after ``update`` if ``query`` matched or nothing had the key; None
+        when an entry with the key is there but does not match."""
+        try:
+            return await self.collection.find_one_and_update(
+                query, update, upsert=True, return_document=ReturnDocument.AFTER
+            )
+        except DuplicateKeyError:
+            return None
+
+    async def _found(self, key: str, now: datetime) -> Stored | Busy | None:
+        """The entry read back after a refused write; None if it changed meanwhile."""
+        document = await self.collection.find_one({"_id": key})
+        if document is None:
+            return None
+        if document.get("kind") is not None:
+            return Stored(_from_document(document))
+        lease_until = document.get("lease_until")
+        if lease_until is None or utc(lease_until) <= now:
+            return None  # expired meanwhile: try again
+        return Busy(utc(lease_until))
+
+
+class _MongoTransaction:
+    """The handle a transactional handler's run gets from :class:`MongoIdempotency`."""
+
+    def __init__(self, store: MongoIdempotency, key: str, claimant: str, claim: ClaimResult):
+        self.store = store
+        self.key = key
+        self.claimant = claimant
+        self.claim = claim
+        self.session: Any = None
+        self.completed = False
+        self.abandoned = False
+
+    async def complete(self, outcome: StoredOutcome) -> StoredOutcome:
+        stored_at = outcome.stored_at or self.store.clock.now()
+        with self.store._errors():
+            result = await self.store.collection.update_one(
+                {"_id": self.key, "claimant": self.claimant, "kind": None},
+                _decided(outcome, stored_at),
+                session=self.session,
+            )
+        if int(result.matched_count) != 1:
+            raise ClaimLost(f"the claim on {self.key!r} is no longer ours")
+        self.completed = True
+        return StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
+
+    def abandon(self) -> None:
+        self.abandoned = True
+
+
+def _claimable(key: str, now: datetime) -> Document:
+    """The entry for ``key`` if it has no outcome and no live claim."""
+    return {
+        "_id": key,
+        "kind": None,
+        "$or": [{"lease_until": None}, {"lease_until": {"$lte": now}}],
+    }
+
+
+def _decided(outcome: StoredOutcome, stored_at: datetime) -> Document:
+    """The update that turns an entry into ``outcome``."""
+    return {
+        "$set": {
+            "kind": outcome.kind.value,
+            "result": outcome.result,
+            "error": _error_json(outcome),
+            "stored_at": stored_at,
+        },
+        "$unset": {"claimant": "", "lease_until": ""},
+    }
 
 
 def _from_document(document: Document) -> StoredOutcome:

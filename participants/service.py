@@ -16,11 +16,29 @@ The command contract in the signature says which command the handler takes; the 
 model is the step's result. The transport envelope (ids, saga, attempt, reply routing) is
 added and stripped here, never by the handler. Raising :class:`ParticipantError` answers
 ``failed`` (or ``error`` with ``non_retryable=False``); any other exception answers ``error``
+(its type and a bounded first line of its message; the traceback stays in this service's log)
 and the saga's retry policy decides. :class:`NoReply` acknowledges the command without
 answering (for demos of a service that never answers).
 
-Every command goes through the idempotency store first, so a duplicate or a retried attempt
-gets the stored answer, and a command past its deadline is not executed.
+How a command is handled, in order:
+
+1. Commands of one saga run one at a time in this process (a compensation never overlaps the
+   forward command it undoes), however many arrive at once.
+2. A compensation first leaves a tombstone under its forward key, unless the forward command
+   has an outcome; if the forward command is running on another replica right now, it waits.
+3. The command is **claimed** in the idempotency store. A stored outcome always answers first
+   (a duplicate, a retried attempt, a redelivery long after the deadline: all get the stored
+   answer). A live claim of another replica is waited out. Only a command that nobody ever
+   claimed is refused once past its ``deadline`` (``DeadlineExceeded`` means "not executed").
+4. The handler runs while its claim is renewed; its outcome is stored (first writer wins)
+   and answered. Errors are not stored: the claim is released and the next attempt runs again.
+
+A handler registered with ``@service.handler(transactional=True)`` runs inside a database
+transaction of the idempotency store (PostgreSQL or MongoDB) that also records its outcome:
+``ctx.transaction`` is the ``asyncpg.Connection`` (or MongoDB ``AsyncClientSession``) to write
+the effect with. The effect and the outcome commit together, so a crash anywhere leaves either
+both or neither: exactly once. Anything else a handler does (an HTTP call to a payment gateway)
+is at least once; pass ``ctx.idempotency_key`` on to such an API so that it can drop repeats.
 """
 
 from __future__ import annotations
@@ -28,16 +46,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, get_type_hints
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final, TypeVar, get_type_hints, overload
 
 import structlog
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 
 from contracts.messages import (
+    ERROR_MESSAGE_LIMIT,
+    RESULT_LIMIT,
     Command,
     CommandEnvelope,
     Direction,
@@ -45,24 +69,45 @@ from contracts.messages import (
     JsonObject,
     Reply,
     ReplyStatus,
+    check_json,
 )
 from contracts.names import command_queue
 from participants.idempotency import (
+    DEFAULT_LEASE,
+    Busy,
+    Claimed,
+    ClaimLost,
+    ClaimResult,
     IdempotencyStore,
     MemoryIdempotency,
     OutcomeKind,
+    Stored,
     StoredOutcome,
+    TransactionalIdempotency,
     forward_key,
 )
 from participants.metrics import CommandOutcome, ParticipantMetrics
 from plumbing import tracing
 from plumbing.clock import Clock, SystemClock
 from plumbing.codec import answer, decode, reply_message
-from plumbing.errors import DefinitionError, MessageRejected, ParticipantError, PublishFailed
+from plumbing.errors import (
+    ConfigError,
+    DefinitionError,
+    MessageRejected,
+    ParticipantError,
+    PublishFailed,
+    StoreUnavailable,
+)
 from plumbing.topology import QueuePolicy, participant_topology
 from plumbing.transport import DeadLetter, Delivery, Disposition, Transport
 
 log = structlog.get_logger("participant")
+
+DEFAULT_ERROR_MESSAGE_LIMIT: Final = 200
+"""Characters of an unexpected exception's message sent to the orchestrator."""
+
+_POLL_FIRST: Final = 0.05  # seconds before asking again about another replica's claim
+_POLL_MAX: Final = 1.0
 
 
 class NoReply(Exception):
@@ -71,7 +116,14 @@ class NoReply(Exception):
 
 @dataclass(frozen=True)
 class CommandContext:
-    """What a handler may want to know besides the command itself."""
+    """What a handler may want to know besides the command itself.
+
+    ``idempotency_key`` is the same on every attempt of this step's direction: pass it on to
+    an external API that deduplicates (a payment gateway), so a repeat is recognised there.
+    ``transaction`` is set for a handler registered with ``transactional=True``: the database
+    transaction (PostgreSQL: ``asyncpg.Connection``; MongoDB: ``AsyncClientSession``) that
+    will also record the outcome. It is None otherwise, and with the in-memory store.
+    """
 
     saga_id: str
     saga_type: str
@@ -82,6 +134,7 @@ class CommandContext:
     deadline: datetime | None
     traceparent: str | None
     clock: Clock
+    transaction: Any = None
 
     async def sleep(self, seconds: float) -> None:
         """Wait on the service's clock (virtual in tests and the demo)."""
@@ -89,6 +142,7 @@ class CommandContext:
 
 
 HandlerFn = Callable[..., Awaitable[BaseModel | JsonObject | None]]
+F = TypeVar("F", bound=HandlerFn)
 
 
 @dataclass(frozen=True)
@@ -96,16 +150,65 @@ class _Registration:
     command: type[Command]
     fn: HandlerFn
     wants_context: bool
+    transactional: bool
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What a handler's run came to, before anything is stored."""
+
+    status: ReplyStatus | None  # None: acknowledge without answering (NoReply)
+    result: JsonObject | None = None
+    error: ErrorDetail | None = None
+
+    @property
+    def outcome(self) -> OutcomeKind | None:
+        """What to store: completed and failed are kept, errors and silence are not."""
+        if self.status is ReplyStatus.COMPLETED:
+            return OutcomeKind.COMPLETED
+        if self.status is ReplyStatus.FAILED:
+            return OutcomeKind.FAILED
+        return None
+
+
+@dataclass
+class _SagaLock:
+    """A per-saga lock and how many commands hold or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 class Participant:
-    """A participant service: a name (its queue) and one handler per command."""
+    """A participant service: a name (its queue) and one handler per command.
 
-    def __init__(self, service: str, *, idempotency: IdempotencyStore | None = None) -> None:
+    Args:
+        service: the service's name; its command queue is ``saga.<service>.commands``.
+        idempotency: where claims and outcomes are kept (default: in memory; the daemon
+            replaces the default with ``SAGA_IDEMPOTENCY_URL``).
+        lease: how long a claim holds without renewal; a crashed replica's command runs
+            again this long after its last renewal.
+        error_message_limit: characters of an unexpected exception's message that are sent
+            to the orchestrator (0: the type only).
+    """
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        idempotency: IdempotencyStore | None = None,
+        lease: timedelta = DEFAULT_LEASE,
+        error_message_limit: int = DEFAULT_ERROR_MESSAGE_LIMIT,
+    ) -> None:
+        if lease <= timedelta(0):
+            raise ConfigError(f"the claim lease must be positive, not {lease}")
         self.service = service
         self.idempotency: IdempotencyStore = idempotency or MemoryIdempotency()
+        self.lease = lease
+        self.error_message_limit = error_message_limit
         self._handlers: dict[str, _Registration] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _SagaLock] = {}
+        self._replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.metrics: ParticipantMetrics | None = None
         """Set by the participant daemon; handlers run the same without it."""
 
@@ -114,8 +217,32 @@ class Participant:
         """The names of the commands this service handles."""
         return tuple(self._handlers)
 
-    def handler(self, fn: HandlerFn) -> HandlerFn:
-        """Register ``fn`` for the command named by its first parameter's annotation."""
+    @property
+    def transactional(self) -> bool:
+        """Whether any handler runs in the idempotency store's transaction."""
+        return any(r.transactional for r in self._handlers.values())
+
+    @overload
+    def handler(self, fn: F, /) -> F: ...
+
+    @overload
+    def handler(self, fn: None = None, /, *, transactional: bool = False) -> Callable[[F], F]: ...
+
+    def handler(self, fn: Any = None, /, *, transactional: bool = False) -> Any:
+        """Register ``fn`` for the command named by its first parameter's annotation.
+
+        Use it bare (``@service.handler``) or with options
+        (``@service.handler(transactional=True)``: the handler writes its effect through
+        ``ctx.transaction``, which records the outcome in the same transaction).
+        """
+
+        def register(fn: F) -> F:
+            self._register(fn, transactional=transactional)
+            return fn
+
+        return register if fn is None else register(fn)
+
+    def _register(self, fn: HandlerFn, *, transactional: bool) -> None:
         hints = get_type_hints(fn)
         params = list(inspect.signature(fn).parameters)
         if not params or not (
@@ -129,70 +256,210 @@ class Participant:
             raise DefinitionError(
                 f"service {self.service!r} has two handlers for {command.name()!r}"
             )
-        self._handlers[command.name()] = _Registration(command, fn, wants_context=len(params) > 1)
-        return fn
+        if transactional and len(params) < 2:
+            raise DefinitionError(
+                f"transactional handler {fn.__name__} must take a second parameter, "
+                "ctx: CommandContext, to write its effect through ctx.transaction"
+            )
+        self._handlers[command.name()] = _Registration(
+            command, fn, wants_context=len(params) > 1, transactional=transactional
+        )
 
     # --- handling, transport-free ---
 
     async def handle(self, envelope: CommandEnvelope, clock: Clock) -> Reply | None:
-        """Run one command through idempotency, deadline and handler; the reply to send."""
+        """Run one command through serialisation, claim, deadline and handler; the reply to
+        send (None: acknowledge without answering)."""
         registration = self._handlers.get(envelope.command)
         if registration is None:
             raise MessageRejected(
                 f"service {self.service!r} has no handler for command {envelope.command!r}; "
                 f"it handles {', '.join(self._handlers) or 'nothing'}"
             )
-        now = clock.now()
-        if envelope.deadline is not None and now > envelope.deadline:
-            log.info("command_expired", deadline=envelope.deadline.isoformat())
-            return answer(
-                envelope,
-                ReplyStatus.ERROR,
-                now,
-                error=ErrorDetail(
-                    type="DeadlineExceeded",
-                    message="the command arrived after its deadline; not executed",
-                ),
-            )
-        async with self._serialised(envelope.saga_id):
-            key = envelope.idempotency_key
-            stored = await self.idempotency.get(key)
-            if stored is not None:
-                log.info("command_duplicate", stored=stored.kind.value)
-                if self.metrics:
-                    self.metrics.commands.labels(
-                        self.service, envelope.command, CommandOutcome.DUPLICATE
-                    ).inc()
-                return _from_stored(envelope, stored, now)
-            if envelope.direction is Direction.COMPENSATION:
-                # If the forward command has not run here, this tombstone makes it refuse to
-                # run later; if it has, the stored outcome wins and nothing changes.
-                await self.idempotency.put(
-                    forward_key(key), StoredOutcome(OutcomeKind.TOMBSTONE, stored_at=now)
-                )
-            return await self._execute(registration, envelope, clock)
-
-    @contextlib.asynccontextmanager
-    async def _serialised(self, saga_id: str) -> AsyncIterator[None]:
-        """One command per saga at a time in this process, so a compensation never overlaps
-        the forward command it undoes."""
-        lock = self._locks.setdefault(saga_id, asyncio.Lock())
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and self._locks.get(saga_id) is lock:
-                del self._locks[saga_id]
-
-    async def _execute(
-        self, registration: _Registration, envelope: CommandEnvelope, clock: Clock
-    ) -> Reply | None:
         try:
             command = registration.command.model_validate(envelope.payload)
         except ValidationError as e:
             raise MessageRejected(
                 f"payload is not a valid {registration.command.__name__}: {e}"
             ) from e
+        async with self._serialised(envelope.saga_id):
+            if envelope.direction is Direction.COMPENSATION:
+                await self._tombstone_forward(envelope, clock)
+            if registration.transactional:
+                return await self._run_in_transaction(registration, command, envelope, clock)
+            return await self._run_claimed(registration, command, envelope, clock)
+
+    @contextlib.asynccontextmanager
+    async def _serialised(self, saga_id: str) -> AsyncIterator[None]:
+        """One command per saga at a time in this process, so a compensation never overlaps
+        the forward command it undoes.
+
+        The lock is forgotten only when nobody holds it or waits for it: a waiter that has
+        been woken but has not run yet still counts, so a third command can never find no
+        lock and run at once.
+        """
+        entry = self._locks.get(saga_id)
+        if entry is None:
+            entry = self._locks[saga_id] = _SagaLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[saga_id]
+
+    async def _tombstone_forward(self, envelope: CommandEnvelope, clock: Clock) -> None:
+        """Keep the forward command from running after its compensation.
+
+        If the forward command has not run here, the tombstone makes it refuse to run later;
+        if it has, its stored outcome wins and nothing changes; if it runs on another replica
+        right now, wait for it to finish (or for its claim to lapse).
+        """
+        key = forward_key(envelope.idempotency_key)
+        waited = 0
+        while isinstance(found := await self.idempotency.tombstone(key, clock.now()), Busy):
+            waited += 1
+            await self._wait_out(found, waited, clock, what="forward command")
+
+    async def _claim(self, key: str, claimant: str, clock: Clock) -> Stored | Claimed:
+        """Claim ``key``, waiting while another replica holds a live claim."""
+        waited = 0
+        while True:
+            found = await self.idempotency.claim(key, claimant, clock.now(), self.lease)
+            if not isinstance(found, Busy):
+                return found
+            waited += 1
+            await self._wait_out(found, waited, clock, what="command")
+
+    async def _wait_out(self, busy: Busy, waited: int, clock: Clock, *, what: str) -> None:
+        if waited == 1:
+            log.info("command_claimed_elsewhere", waiting_for=what, until=busy.until.isoformat())
+        delay = min(_POLL_FIRST * 2 ** (waited - 1), _POLL_MAX)
+        remaining = (busy.until - clock.now()).total_seconds()
+        await clock.sleep(max(min(delay, remaining), _POLL_FIRST))
+
+    async def _run_claimed(
+        self,
+        registration: _Registration,
+        command: Command,
+        envelope: CommandEnvelope,
+        clock: Clock,
+    ) -> Reply | None:
+        key = envelope.idempotency_key
+        claimant = self._claimant()
+        claim = await self._claim(key, claimant, clock)
+        if isinstance(claim, Stored):
+            return self._duplicate(envelope, claim.outcome, clock)
+        if self._expired(envelope, claim, clock):
+            await self.idempotency.release(key, claimant)
+            return self._expired_reply(envelope, clock)
+        result = await self._with_lease(
+            key, claimant, clock, self._invoke(registration, command, envelope, clock)
+        )
+        outcome = result.outcome
+        if outcome is None:
+            await self.idempotency.release(key, claimant)
+            return self._unstored(envelope, result, clock)
+        stored = await self.idempotency.put(
+            key, StoredOutcome(outcome, result.result, result.error, stored_at=clock.now())
+        )
+        return _from_stored(envelope, stored, clock.now())
+
+    async def _run_in_transaction(
+        self,
+        registration: _Registration,
+        command: Command,
+        envelope: CommandEnvelope,
+        clock: Clock,
+    ) -> Reply | None:
+        """Run the handler inside the store's transaction that records its outcome."""
+        store = self.idempotency
+        if not isinstance(store, TransactionalIdempotency):
+            raise ConfigError(  # checked at start-up by run(); this is for direct callers
+                f"handler for {envelope.command!r} is transactional, but the idempotency "
+                f"store {type(store).__name__} has no transactions"
+            )
+        key = envelope.idempotency_key
+        claimant = self._claimant()
+        waited = 0
+        while True:
+            async with store.transaction(key, claimant, clock.now(), self.lease) as tx:
+                claim: ClaimResult = tx.claim
+                if isinstance(claim, Stored):
+                    return self._duplicate(envelope, claim.outcome, clock)
+                if isinstance(claim, Claimed):
+                    if self._expired(envelope, claim, clock):
+                        tx.abandon()
+                        return self._expired_reply(envelope, clock)
+                    result = await self._with_lease(
+                        key,
+                        claimant,
+                        clock,
+                        self._invoke(registration, command, envelope, clock, tx.session),
+                    )
+                    if result.status is ReplyStatus.COMPLETED:
+                        try:
+                            stored = await tx.complete(
+                                StoredOutcome(
+                                    OutcomeKind.COMPLETED, result.result, stored_at=clock.now()
+                                )
+                            )
+                        except ClaimLost:
+                            log.warning("command_claim_lost", key=key)
+                            tx.abandon()
+                            continue  # ask again: the other claimant's outcome answers
+                        return _from_stored(envelope, stored, clock.now())
+                    tx.abandon()  # a refusal or an error keeps none of the handler's writes
+            if isinstance(claim, Busy):
+                waited += 1
+                await self._wait_out(claim, waited, clock, what="command")
+                continue
+            break
+        if result.outcome is OutcomeKind.FAILED:
+            stored = await store.put(
+                key, StoredOutcome(OutcomeKind.FAILED, error=result.error, stored_at=clock.now())
+            )
+            return _from_stored(envelope, stored, clock.now())
+        await store.release(key, claimant)
+        return self._unstored(envelope, result, clock)
+
+    async def _with_lease(
+        self, key: str, claimant: str, clock: Clock, work: Awaitable[_Answer]
+    ) -> _Answer:
+        """Await ``work`` while renewing the claim every third of the lease."""
+        async with asyncio.TaskGroup() as group:
+            keeper = group.create_task(self._keep_claim(key, claimant, clock))
+            try:
+                return await work
+            finally:
+                keeper.cancel()
+
+    async def _keep_claim(self, key: str, claimant: str, clock: Clock) -> None:
+        period = self.lease.total_seconds() / 3
+        while True:
+            await clock.sleep(period)
+            try:
+                kept = await self.idempotency.renew(key, claimant, clock.now() + self.lease)
+            except StoreUnavailable as e:
+                log.warning("claim_renewal_failed", key=key, error=str(e))
+                continue
+            if not kept:
+                # The lease ran out (a stalled process) and another claimant took over: the
+                # first outcome stored wins, and this one's effect may happen twice.
+                log.warning("claim_lost_while_running", key=key)
+                return
+
+    async def _invoke(
+        self,
+        registration: _Registration,
+        command: Command,
+        envelope: CommandEnvelope,
+        clock: Clock,
+        transaction: Any = None,
+    ) -> _Answer:
+        """Run the handler; what it came to, never an exception (but cancellation)."""
         context = CommandContext(
             saga_id=envelope.saga_id,
             saga_type=envelope.saga_type,
@@ -203,38 +470,62 @@ class Participant:
             deadline=envelope.deadline,
             traceparent=envelope.traceparent,
             clock=clock,
+            transaction=transaction,
         )
         args: tuple[Any, ...] = (command, context) if registration.wants_context else (command,)
         try:
             value = await registration.fn(*args)
+            result = _as_result(value)
         except NoReply:
             log.info("command_not_answered")
-            return None
+            return _Answer(None)
         except ParticipantError as e:
-            error = ErrorDetail(type=e.type, message=e.message, code=e.code)
-            if not e.non_retryable:
-                return answer(envelope, ReplyStatus.ERROR, clock.now(), error=error)
-            stored = await self.idempotency.put(
-                envelope.idempotency_key,
-                StoredOutcome(OutcomeKind.FAILED, error=error, stored_at=clock.now()),
+            error = ErrorDetail(
+                type=e.type[:200],
+                message=_bounded(e.message, ERROR_MESSAGE_LIMIT),
+                code=None if e.code is None else e.code[:200],
             )
-            return _from_stored(envelope, stored, clock.now())
-        except Exception as e:  # noqa: BLE001 - any handler exception is an `error` reply by contract
-            log.warning("command_errored", error=repr(e))
-            return answer(
-                envelope,
-                ReplyStatus.ERROR,
-                clock.now(),
-                error=ErrorDetail(type=type(e).__name__, message=str(e)),
-            )
-        result = (
-            value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value or {})
-        )
-        stored = await self.idempotency.put(
-            envelope.idempotency_key,
-            StoredOutcome(OutcomeKind.COMPLETED, result=result, stored_at=clock.now()),
-        )
+            status = ReplyStatus.FAILED if e.non_retryable else ReplyStatus.ERROR
+            return _Answer(status, error=error)
+        except Exception as e:
+            # The traceback stays here; the bus gets the type and a bounded first line, never
+            # a whole str(e) (a driver's error can carry SQL, values, credentials).
+            log.exception("command_errored", error_type=type(e).__name__)
+            return _Answer(ReplyStatus.ERROR, error=self._unexpected(e))
+        return _Answer(ReplyStatus.COMPLETED, result=result)
+
+    def _unexpected(self, error: Exception) -> ErrorDetail:
+        limit = min(self.error_message_limit, ERROR_MESSAGE_LIMIT)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        message = _bounded(first_line, limit) if limit > 0 else ""
+        return ErrorDetail(type=type(error).__name__[:200], message=message)
+
+    def _claimant(self) -> str:
+        return f"{self._replica}:{uuid.uuid4().hex[:12]}"
+
+    @staticmethod
+    def _expired(envelope: CommandEnvelope, claim: Claimed, clock: Clock) -> bool:
+        """Past its deadline and never claimed before: refuse it (not executed)."""
+        return claim.first and envelope.deadline is not None and clock.now() > envelope.deadline
+
+    def _expired_reply(self, envelope: CommandEnvelope, clock: Clock) -> Reply:
+        assert envelope.deadline is not None
+        log.info("command_expired", deadline=envelope.deadline.isoformat())
+        return answer(envelope, ReplyStatus.ERROR, clock.now(), error=_EXPIRED)
+
+    def _duplicate(self, envelope: CommandEnvelope, stored: StoredOutcome, clock: Clock) -> Reply:
+        log.info("command_duplicate", stored=stored.kind.value)
+        if self.metrics:
+            self.metrics.commands.labels(
+                self.service, envelope.command, CommandOutcome.DUPLICATE
+            ).inc()
         return _from_stored(envelope, stored, clock.now())
+
+    @staticmethod
+    def _unstored(envelope: CommandEnvelope, result: _Answer, clock: Clock) -> Reply | None:
+        if result.status is None:
+            return None
+        return answer(envelope, result.status, clock.now(), error=result.error)
 
     # --- running over a transport ---
 
@@ -260,10 +551,10 @@ class Participant:
             started = time.perf_counter()
             reply = await self.handle(envelope, clock)
         except MessageRejected as e:
+            # Counted by the transport once the message is parked, not here: a parking that
+            # fails is retried, and would be counted twice.
             log.warning("command_dead_lettered", reason=str(e))
-            if self.metrics:
-                self.metrics.dead_lettered.labels(delivery.queue, "malformed").inc()
-            return DeadLetter(str(e))
+            return DeadLetter(str(e), label="malformed")
         self._observe(envelope.command, reply, time.perf_counter() - started)
         if reply is None:
             return Disposition.ACK
@@ -288,6 +579,20 @@ class Participant:
         self.metrics.commands.labels(self.service, command, outcome).inc()
         self.metrics.handler_duration.labels(self.service, command).observe(seconds)
 
+    def check_store(self) -> None:
+        """Refuse to start with transactional handlers over a store without transactions.
+
+        Raises:
+            ConfigError: which handlers, and what to configure.
+        """
+        if self.transactional and not isinstance(self.idempotency, TransactionalIdempotency):
+            names = ", ".join(n for n, r in self._handlers.items() if r.transactional)
+            raise ConfigError(
+                f"service {self.service!r} has transactional handlers ({names}) but its "
+                f"idempotency store ({type(self.idempotency).__name__}) has no transactions; "
+                "set SAGA_IDEMPOTENCY_URL to a postgresql:// or mongodb:// URL"
+            )
+
     async def run(
         self,
         transport: Transport,
@@ -297,6 +602,7 @@ class Participant:
         ready: asyncio.Event | None = None,
     ) -> None:
         """Declare this service's queue and consume commands until cancelled."""
+        self.check_store()
         chosen_clock = clock or SystemClock()
         await self.idempotency.setup()
         await transport.declare(participant_topology(self.service, policy or QueuePolicy()))
@@ -305,6 +611,29 @@ class Participant:
             return await self.on_command(delivery, transport, chosen_clock)
 
         await transport.consume(command_queue(self.service), handler, ready=ready)
+
+
+def _as_result(value: BaseModel | JsonObject | None) -> JsonObject:
+    """The handler's return value as a JSON object within the wire bounds.
+
+    Raises:
+        TypeError: it is not a model, a mapping or None, or holds what JSON cannot.
+        ValueError: it is larger than a reply may carry.
+    """
+    if isinstance(value, BaseModel):
+        result = value.model_dump(mode="json")
+    elif value is None:
+        result = {}
+    elif isinstance(value, dict):
+        result = dict(to_jsonable_python(value))
+    else:
+        raise TypeError(f"a handler returns a pydantic model, a dict or None, not {value!r:.80}")
+    check_json(result, RESULT_LIMIT)
+    return result
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
 
 
 def _from_stored(envelope: CommandEnvelope, stored: StoredOutcome, now: datetime) -> Reply:
@@ -322,4 +651,8 @@ _SPECIAL_OUTCOMES = {
 
 _CANCELLED = ErrorDetail(
     type="Cancelled", message="the step was compensated before this command arrived; not executed"
+)
+_EXPIRED = ErrorDetail(
+    type="DeadlineExceeded",
+    message="the command arrived after its deadline and was never executed here; not executed",
 )

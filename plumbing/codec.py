@@ -6,6 +6,7 @@ participants and clients send, and how any process validates what it receives, l
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, TypeVar
@@ -14,6 +15,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from contracts import names
 from contracts.messages import (
+    WIRE_CONTEXT,
     CommandEnvelope,
     ErrorDetail,
     Heartbeat,
@@ -127,24 +129,53 @@ def start_message(start: StartSaga, now: datetime) -> Outgoing:
 
 
 def validation_summary(error: ValidationError, limit: int = 5) -> str:
-    """The first ``limit`` problems of a validation error on one line: ``field: what``."""
+    """The first ``limit`` problems of a validation error on one line: ``field: what``.
+
+    A field name can come from the input (an unknown key), so control characters are shown
+    escaped and each name is cut short: the summary ends up in logs and message headers.
+    """
     return "; ".join(
-        f"{'.'.join(str(part) for part in problem['loc']) or 'body'}: {problem['msg']}"
-        for problem in error.errors()[:limit]
+        f"{_printable('.'.join(str(part) for part in problem['loc'])[:200]) or 'body'}: "
+        f"{_printable(problem['msg'])}"
+        for problem in error.errors(include_url=False)[:limit]
     )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+"""A ``\\u0000`` escape in JSON text (an escaped backslash before ``u0000`` is not one)."""
+
+
 def decode(delivery: Delivery, model: type[M]) -> M:
-    """Validate a delivery's body as ``model``.
+    """Validate a delivery's body as ``model``, strictly and within the wire bounds.
+
+    Strict: a number must be a JSON number (``"attempt": "2"`` is refused), an instant an ISO
+    8601 string with its offset, an enum one of its values. Bounded: the limits in
+    :mod:`contracts.messages` (lengths of ids and names, sizes of payloads and results). And no
+    string may hold a NUL character anywhere: PostgreSQL cannot store one, so it would fail at
+    the store, be requeued and parked only after many attempts; here it is parked at once.
 
     Raises:
         MessageRejected: the body is not JSON or does not match the model; the reason says
             which field is wrong, and ends up in the dead-letter header.
     """
+    body = _without_nul(delivery.body, model.__name__)
     try:
-        return model.model_validate_json(delivery.body)
+        return model.model_validate_json(body, strict=True, context=WIRE_CONTEXT)
     except ValidationError as e:
         raise MessageRejected(f"not a valid {model.__name__}: {validation_summary(e)}") from e
+
+
+def _without_nul(body: bytes, name: str) -> bytes:
+    if b"\x00" in body or _NUL_ESCAPE.search(body):
+        raise MessageRejected(f"not a valid {name}: a string holds a NUL character")
+    return body
 
 
 _PARTICIPANT_MESSAGE: TypeAdapter[Reply | PickedUp | Heartbeat] = TypeAdapter(
@@ -153,13 +184,15 @@ _PARTICIPANT_MESSAGE: TypeAdapter[Reply | PickedUp | Heartbeat] = TypeAdapter(
 
 
 def decode_answer(delivery: Delivery) -> Reply | PickedUp | Heartbeat:
-    """What a participant sent to the replies queue: a reply, a pick-up or a heartbeat.
+    """What a participant sent to the replies queue: a reply, a pick-up or a heartbeat, decoded
+    as strictly and within the same bounds as :func:`decode`.
 
     Raises:
         MessageRejected: the body is none of them; the reason says what is wrong.
     """
+    body = _without_nul(delivery.body, "Reply")
     try:
-        return _PARTICIPANT_MESSAGE.validate_json(delivery.body)
+        return _PARTICIPANT_MESSAGE.validate_json(body, strict=True, context=WIRE_CONTEXT)
     except ValidationError as e:
         raise MessageRejected(f"not a valid Reply: {validation_summary(e)}") from e
 

@@ -40,11 +40,13 @@ def rabbit_transport(
             if metrics is None
             else lambda reason: metrics.publish_failures.labels(reason).inc()
         ),
-        on_poison=(
+        # Counted once parked (a parking that fails is retried): messages, not attempts.
+        on_dead_lettered=(
             None
             if metrics is None
-            else lambda queue: metrics.dead_lettered.labels(queue, "poison").inc()
+            else lambda queue, label: metrics.dead_lettered.labels(queue, label).inc()
         ),
+        max_body=settings.max_message_bytes,
     )
 
 

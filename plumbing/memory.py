@@ -18,6 +18,7 @@ import functools
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -62,16 +63,20 @@ class VirtualClock:
     # --- busy accounting (shared with MemoryBroker) ---
 
     def hold(self, task: asyncio.Task[Any] | None) -> None:
-        """Count ``task`` as busy."""
+        """Count ``task`` as busy (until it sleeps again or ends)."""
         if task is not None and task not in self._counted:
             self._counted.add(task)
             self.busy += 1
+            # A task woken from a sleep may be cancelled before it sleeps again (a claim's
+            # renewal when its handler returns): ending must stop counting it too.
+            task.add_done_callback(self.release)
 
     def release(self, task: asyncio.Task[Any] | None) -> None:
         """Stop counting ``task`` as busy."""
         if task is not None and task in self._counted:
             self._counted.discard(task)
             self.busy -= 1
+            task.remove_done_callback(self.release)
 
     def next_wake(self) -> datetime | None:
         """When the earliest live sleeper wakes."""
@@ -111,9 +116,17 @@ class MemoryBroker:
         prefetch: how many deliveries one consumer handles at once.
     """
 
-    def __init__(self, clock: VirtualClock, *, prefetch: int = 16) -> None:
+    def __init__(
+        self,
+        clock: VirtualClock,
+        *,
+        prefetch: int = 16,
+        on_dead_lettered: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.clock = clock
         self.prefetch = prefetch
+        self.on_dead_lettered = on_dead_lettered
+        """Called with the queue and label of every labelled message parked (a metric)."""
         self._exchanges: dict[str, str] = {"": "direct"}
         self._queues: dict[str, _Queue] = {}
         self._bindings: list[BindingSpec] = []
@@ -217,6 +230,8 @@ class MemoryBroker:
                 source.waiter.set()
             elif isinstance(verdict, DeadLetter):
                 self.parked.append((delivery, verdict.reason))
+                if verdict.label is not None and self.on_dead_lettered is not None:
+                    self.on_dead_lettered(delivery.queue, verdict.label)
         finally:
             slots.release()
             self.clock.release(asyncio.current_task())

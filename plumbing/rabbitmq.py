@@ -32,8 +32,12 @@ What it promises, and how:
   the original acked; if the copy fails, the original is requeued, so nothing is lost. A
   handler that raises is a bug: it is logged with its traceback and the delivery is requeued
   (the queue's delivery limit parks it eventually). A delivery redelivered ``poison_threshold``
-  times is parked before its handler runs. After a reconnect, deliveries from the old channel
-  cannot be acked any more; that is logged and tolerated, the broker redelivers them.
+  times, or whose body is over ``max_body`` bytes, is parked before its handler runs. A parked
+  message is reported to ``on_dead_lettered`` once its copy is confirmed, so the metric counts
+  messages, not attempts. After a reconnect, deliveries from the old channel cannot be acked
+  any more; that is logged and tolerated, the broker redelivers them. aio-pika restores
+  channels one by one in no fixed order, so a handler waits (up to ``publish_timeout``) for
+  the publisher channel to be back before it runs: its reply would fail otherwise.
 * **Shutdown.** Cancelling ``consume`` cancels the consumer at the broker, lets in-flight
   handlers finish and settles them, requeues deliveries that were not started, then re-raises
   the cancellation. ``close`` stops every consumer and closes the connection.
@@ -96,6 +100,8 @@ _BROKER_ERRORS: Final = (AMQPError, ConnectionError, OSError, ChannelInvalidStat
 """What a broker call raises when the connection or channel is gone."""
 
 _CLOSE_TIMEOUT: Final = 5.0
+DEFAULT_MAX_BODY: Final = 1024 * 1024
+"""The largest message body handed to a handler, in bytes; larger ones are parked unread."""
 _REASON_LIMIT: Final = 2000  # headers travel in one frame; a reason is a sentence, not a dump
 _ARGUMENT_HINTS: Final = {
     "x-queue-type": "the queue type (SAGA_QUEUE_TYPE)",
@@ -183,12 +189,17 @@ class RabbitTransport:
         ladder: the delay ladder for messages with ``deliver_at``.
         delayed_queues: queues that receive delayed messages; ``declare`` adds the ladder for
             those in its topology.
+        max_body: park a delivery whose body is larger than this many bytes before anything
+            reads it (the daemons' ``SAGA_MAX_MESSAGE_BYTES``).
         poison_threshold: park a delivery before its handler runs once RabbitMQ reports it
             redelivered this many times (``x-delivery-count``, quorum queues); keep it below
             the queues' delivery limit so the reason is ours. Every requeue counts, including
             a handler's own ``REQUEUE`` after a transient error. None turns it off.
         on_publish_failure: called with the reason of every failed publish (for a metric); it
             must not raise.
+        on_dead_lettered: called with the queue and the label of every labelled
+            :class:`DeadLetter` (and ``poison``, ``oversize``) once its parked copy is
+            confirmed: each message parked is counted once.
         clock: tells the time ``deliver_at`` is measured against.
 
     Raises:
@@ -208,13 +219,18 @@ class RabbitTransport:
         delayed_queues: Iterable[str] = (names.TIMERS_QUEUE,),
         poison_threshold: int | None = 15,
         on_publish_failure: Callable[[str], None] | None = None,
-        on_poison: Callable[[str], None] | None = None,
+        on_dead_lettered: Callable[[str, str], None] | None = None,
+        max_body: int = DEFAULT_MAX_BODY,
         clock: Clock | None = None,
     ) -> None:
         if prefetch < 1:
             raise ConfigError(f"prefetch must be at least 1, not {prefetch}")
         if poison_threshold is not None and poison_threshold < 1:
             raise ConfigError(f"the poison threshold must be at least 1, not {poison_threshold}")
+        if max_body < 1024:
+            raise ConfigError(
+                f"the maximum message body must be at least 1024 bytes, not {max_body}"
+            )
         self.url = url
         self.urls = split_urls(url)
         """The broker addresses, in the order they are tried."""
@@ -230,8 +246,9 @@ class RabbitTransport:
         self.ladder.topology(self.delayed_queues)  # a name the ladder cannot route fails here
         self.poison_threshold = poison_threshold
         self.on_publish_failure = on_publish_failure
-        self.on_poison = on_poison
-        """Called with the queue name when a poison message is parked (for the metrics)."""
+        self.on_dead_lettered = on_dead_lettered
+        """Called with the queue and label once a labelled message is parked (a metric)."""
+        self.max_body = max_body
         self.clock: Clock = clock or SystemClock()
         self._connection: _FailoverConnection | None = None
         self._closed = False
@@ -707,7 +724,12 @@ class RabbitTransport:
                 log.info("stale_delivery_skipped", queue=queue, delivery_tag=message.delivery_tag)
                 return
             delivery = self._delivery(queue, message)
-            verdict = self._poisoned(delivery) or await self._run(handler, delivery)
+            verdict: Disposition | DeadLetter | None = self._refused(delivery) or self._poisoned(
+                delivery
+            )
+            if verdict is None:
+                await self._publisher_ready(queue)
+                verdict = await self._run(handler, delivery)
             await self._settle(message, delivery, verdict)
         finally:
             slots.release()
@@ -730,6 +752,43 @@ class RabbitTransport:
             redelivered=bool(message.redelivered),
         )
 
+    def _refused(self, delivery: Delivery) -> DeadLetter | None:
+        """Park a body too large to read: untrusted input is bounded before it is parsed.
+
+        Never from the parking queue itself: whoever reads parked messages gets them whole,
+        and parking them again would go round in a circle.
+        """
+        size = len(delivery.body)
+        if size <= self.max_body or delivery.queue == names.PARKED_QUEUE:
+            return None
+        log.warning(
+            "oversize_message_parked",
+            queue=delivery.queue,
+            message_id=delivery.message_id,
+            size=size,
+        )
+        return DeadLetter(
+            f"the body is {size} bytes; the limit is {self.max_body} (SAGA_MAX_MESSAGE_BYTES)",
+            label="oversize",
+        )
+
+    async def _publisher_ready(self, queue: str) -> None:
+        """Wait until the publisher channel is open before a handler runs.
+
+        After a reconnect aio-pika restores channels one by one, in no fixed order: a
+        consumer channel restored first would hand over deliveries whose replies cannot be
+        published yet, and each would be requeued at once, with no backoff.
+        """
+        publisher = self._publisher
+        if publisher is None or not publisher.channel.is_closed:
+            return
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await publisher.channel.ready()
+        except TimeoutError:
+            # Go on: the publish fails in its own way and the handler decides what to do.
+            log.warning("publisher_not_ready", queue=queue, waited=self.publish_timeout)
+
     def _poisoned(self, delivery: Delivery) -> DeadLetter | None:
         count = delivery.headers.get("x-delivery-count")
         threshold = self.poison_threshold
@@ -741,11 +800,10 @@ class RabbitTransport:
             message_id=delivery.message_id,
             delivery_count=count,
         )
-        if self.on_poison is not None:
-            self.on_poison(delivery.queue)
         return DeadLetter(
             f"poison message: redelivered {count} times without being acknowledged "
-            f"(threshold {threshold})"
+            f"(threshold {threshold})",
+            label="poison",
         )
 
     async def _run(self, handler: Handler, delivery: Delivery) -> Disposition | DeadLetter:
@@ -767,16 +825,28 @@ class RabbitTransport:
         verdict: Disposition | DeadLetter,
     ) -> None:
         if isinstance(verdict, DeadLetter):
-            await self._dead_letter(message, delivery, verdict.reason)
+            if await self._dead_letter(message, delivery, verdict.reason):
+                self._count_parked(delivery.queue, verdict.label)
         elif verdict is Disposition.ACK:
             await _acknowledge(message, delivery.queue, requeue=None)
         else:
             await _acknowledge(message, delivery.queue, requeue=True)
 
+    def _count_parked(self, queue: str, label: str | None) -> None:
+        if label is None or self.on_dead_lettered is None:
+            return
+        try:
+            self.on_dead_lettered(queue, label)
+        except Exception:  # counting must never change how a message is settled
+            log.exception("dead_letter_callback_failed", queue=queue, label=label)
+
     async def _dead_letter(
         self, message: AbstractIncomingMessage, delivery: Delivery, reason: str
-    ) -> None:
-        """Park a copy in the dead-letter exchange, then ack; requeue if the copy failed."""
+    ) -> bool:
+        """Park a copy in the dead-letter exchange, then ack; requeue if the copy failed.
+
+        Returns whether the copy was parked.
+        """
         headers = {
             key: value for key, value in (message.headers or {}).items() if not key.startswith("x-")
         }
@@ -809,9 +879,10 @@ class RabbitTransport:
                 error=str(e),
             )
             await _acknowledge(message, delivery.queue, requeue=True)
-            return
+            return False
         log.debug("delivery_dead_lettered", queue=delivery.queue, message_id=delivery.message_id)
         await _acknowledge(message, delivery.queue, requeue=None)
+        return True
 
 
 # --- helpers ----------------------------------------------------------------------------------

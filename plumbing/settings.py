@@ -51,7 +51,16 @@ class SagaSettings(BaseSettings):
     publish_timeout: float = Field(default=10.0, gt=0, le=300)
     heartbeat: int = Field(default=10, ge=0, le=600)
     delay_levels: int = Field(default=22, ge=1, le=28)
-    http_host: str = "0.0.0.0"  # noqa: S104 - a daemon in a container serves its probes to the pod
+    max_message_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        le=128 * 1024 * 1024,
+        description="Larger message bodies are parked unread.",
+    )
+    http_host: str = Field(
+        default="127.0.0.1",
+        description="Where the probes listen; containers set 0.0.0.0 to serve them to the pod.",
+    )
     http_port: int = Field(default=9400, ge=0, le=65535, description="0 disables the endpoint.")
     log_level: str = "info"
     log_format: LogFormat = LogFormat.JSON

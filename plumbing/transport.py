@@ -79,9 +79,16 @@ class Disposition(StrEnum):
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """Park the delivery in the dead-letter queue with ``reason`` in its headers."""
+    """Park the delivery in the dead-letter queue with ``reason`` in its headers.
+
+    ``label`` names the kind of problem (``malformed``, ``poison``, ...): a transport with an
+    ``on_dead_lettered`` callback reports the message under it once the parked copy is
+    confirmed, so a message is counted once however often parking it had to be retried. A
+    DeadLetter without a label is counted by whoever returned it.
+    """
 
     reason: str
+    label: str | None = None
 
 
 Handler = Callable[[Delivery], Awaitable[Disposition | DeadLetter]]

@@ -5,18 +5,25 @@ reference."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from contracts.messages import ErrorDetail
 from participants.idempotency import (
     DEFAULT_IDEMPOTENCY_RETENTION,
+    Busy,
+    Claimed,
+    ClaimResult,
     IdempotencyStore,
     MemoryIdempotency,
     OutcomeKind,
+    Stored,
     StoredOutcome,
+    TransactionalIdempotency,
     open_idempotency,
 )
 from participants.idempotency_stores import (
@@ -42,6 +49,7 @@ TOMBSTONE = StoredOutcome(OutcomeKind.TOMBSTONE, stored_at=NOW)
 
 @pytest.fixture(
     params=[
+        "memory",
         pytest.param("postgres", marks=pytest.mark.postgres),
         "mongomock",
         "mongo",
@@ -49,9 +57,11 @@ TOMBSTONE = StoredOutcome(OutcomeKind.TOMBSTONE, stored_at=NOW)
 )
 async def store(
     request: pytest.FixtureRequest, unique: str
-) -> AsyncIterator[PostgresIdempotency | MongoIdempotency]:
-    """Each durable backend, empty, torn down after the test."""
-    if request.param == "postgres":
+) -> AsyncIterator[PostgresIdempotency | MongoIdempotency | MemoryIdempotency]:
+    """Each backend, empty, torn down after the test."""
+    if request.param == "memory":
+        yield MemoryIdempotency()
+    elif request.param == "postgres":
         postgres = PostgresIdempotency(
             request.getfixturevalue("postgres_url"), table=f"idem_test_{unique}"
         )
@@ -125,9 +135,7 @@ async def test_a_missing_stored_at_is_stamped(store: IdempotencyStore) -> None:
     assert abs(got.stored_at - stored.stored_at) < timedelta(milliseconds=1)
 
 
-async def test_purge_deletes_entries_older_than_the_retention(
-    store: PostgresIdempotency | MongoIdempotency,
-) -> None:
+async def test_purge_deletes_entries_older_than_the_retention(store: IdempotencyStore) -> None:
     # An hour short of the retention by the wall clock, so that no TTL monitor gets there first.
     stored_at = NOW - DEFAULT_IDEMPOTENCY_RETENTION + timedelta(hours=1)
     await store.put("fwd:old:pay", StoredOutcome(OutcomeKind.COMPLETED, stored_at=stored_at))
@@ -175,3 +183,209 @@ def test_an_unknown_scheme_is_a_config_error_without_the_password() -> None:
 def test_schemes_are_case_insensitive_as_for_the_saga_store() -> None:
     assert isinstance(open_idempotency("MEMORY://"), MemoryIdempotency)
     assert isinstance(open_idempotency("PostgreSQL://db.example/payments"), PostgresIdempotency)
+
+
+# --- claims ------------------------------------------------------------------------------------
+
+LEASE = timedelta(seconds=30)
+KEY = "fwd:s-1:pay"
+
+
+async def test_the_first_claim_is_taken_and_a_live_one_refuses_the_next(
+    store: IdempotencyStore,
+) -> None:
+    assert await store.claim(KEY, "a", NOW, LEASE) == Claimed(first=True)
+
+    busy = await store.claim(KEY, "b", NOW + timedelta(seconds=1), LEASE)
+
+    assert isinstance(busy, Busy)
+    assert abs(busy.until - (NOW + LEASE)) < timedelta(milliseconds=1)
+    assert await store.get(KEY) is None  # a claim is not an outcome
+
+
+async def test_a_stored_outcome_answers_every_claim(store: IdempotencyStore) -> None:
+    await store.claim(KEY, "a", NOW, LEASE)
+    assert await store.put(KEY, COMPLETED) == COMPLETED  # completes the claim
+
+    assert await store.claim(KEY, "b", NOW, LEASE) == Stored(COMPLETED)
+    assert await store.claim(KEY, "a", NOW + 2 * LEASE, LEASE) == Stored(COMPLETED)
+    assert await store.get(KEY) == COMPLETED
+
+
+async def test_an_expired_claim_is_taken_over_and_says_it_was_claimed_before(
+    store: IdempotencyStore,
+) -> None:
+    await store.claim(KEY, "crashed", NOW, LEASE)
+
+    assert await store.claim(KEY, "b", NOW + LEASE, LEASE) == Claimed(first=False)
+
+    assert not await store.renew(KEY, "crashed", NOW + 3 * LEASE)
+    assert await store.renew(KEY, "b", NOW + 3 * LEASE)
+    assert isinstance(await store.claim(KEY, "c", NOW + 2 * LEASE, LEASE), Busy)
+
+
+async def test_a_released_claim_frees_the_key(store: IdempotencyStore) -> None:
+    await store.claim(KEY, "a", NOW, LEASE)
+    await store.release(KEY, "someone-else")  # not theirs: nothing happens
+    assert isinstance(await store.claim(KEY, "b", NOW, LEASE), Busy)
+
+    await store.release(KEY, "a")
+
+    assert await store.claim(KEY, "b", NOW, LEASE) == Claimed(first=True)
+
+
+async def test_a_tombstone_respects_outcomes_and_live_claims(store: IdempotencyStore) -> None:
+    assert await store.tombstone("fwd:absent:pay", NOW) == Stored(TOMBSTONE)
+    assert await store.claim("fwd:absent:pay", "late", NOW, LEASE) == Stored(TOMBSTONE)
+
+    await store.put("fwd:done:pay", COMPLETED)
+    assert await store.tombstone("fwd:done:pay", NOW) == Stored(COMPLETED)
+
+    await store.claim("fwd:running:pay", "a", NOW, LEASE)
+    assert isinstance(await store.tombstone("fwd:running:pay", NOW), Busy)
+    # Its claimant died: the tombstone wins once the lease has run out, and the claimant's
+    # own outcome, should it come after all, loses to it.
+    assert await store.tombstone("fwd:running:pay", NOW + LEASE) == Stored(
+        StoredOutcome(OutcomeKind.TOMBSTONE, stored_at=NOW + LEASE)
+    )
+    assert (await store.put("fwd:running:pay", COMPLETED)).kind is OutcomeKind.TOMBSTONE
+
+
+async def test_concurrent_claimants_get_one_claim(store: IdempotencyStore) -> None:
+    found = await asyncio.gather(
+        *(store.claim("fwd:race:pay", f"replica-{n}", NOW, LEASE) for n in range(20))
+    )
+
+    assert found.count(Claimed(first=True)) == 1
+    assert all(isinstance(f, Busy) for f in found if not isinstance(f, Claimed))
+
+
+async def test_a_claim_round_trips_through_purge(store: IdempotencyStore) -> None:
+    # An hour short of the retention by the wall clock, so that no TTL monitor gets there first.
+    await store.claim(KEY, "a", NOW - DEFAULT_IDEMPOTENCY_RETENTION + timedelta(hours=1), LEASE)
+
+    assert await store.purge(NOW + timedelta(hours=1, seconds=1)) == 1
+    assert await store.claim(KEY, "b", NOW, LEASE) == Claimed(first=True)
+
+
+# --- the outcome in the effect's transaction ----------------------------------------------------
+
+
+class Effects:
+    """A side table the handler writes its effect to, in the store's transaction."""
+
+    def __init__(self, store: PostgresIdempotency | MongoIdempotency, unique: str) -> None:
+        self.store = store
+        self.table = f"effects_{unique}"
+
+    async def setup(self) -> None:
+        if isinstance(self.store, PostgresIdempotency):
+            async with self.store.pool.connection() as connection:
+                await connection.execute(f'CREATE TABLE "{self.table}" (key text NOT NULL)')
+
+    async def write(self, session: Any, key: str) -> None:
+        if isinstance(self.store, PostgresIdempotency):
+            await session.execute(f'INSERT INTO "{self.table}" (key) VALUES ($1)', key)
+        else:
+            await self.store.database[self.table].insert_one({"key": key}, session=session)
+
+    async def count(self, key: str) -> int:
+        if isinstance(self.store, PostgresIdempotency):
+            async with self.store.pool.connection() as connection:
+                found: int = await connection.fetchval(
+                    f'SELECT count(*) FROM "{self.table}" WHERE key = $1', key
+                )
+                return found
+        return await self.store.database[self.table].count_documents({"key": key})
+
+    async def drop(self) -> None:
+        if isinstance(self.store, PostgresIdempotency):
+            async with self.store.pool.connection() as connection:
+                await connection.execute(f'DROP TABLE IF EXISTS "{self.table}"')
+
+
+@pytest.fixture
+async def effects(
+    store: IdempotencyStore, unique: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Effects]:
+    """Effects beside each store that has transactions on a real server."""
+    if request.node.callspec.params["store"] in ("memory", "mongomock"):
+        pytest.skip("no database transactions to roll an effect back with")
+    assert isinstance(store, PostgresIdempotency | MongoIdempotency)
+    made = Effects(store, unique)
+    await made.setup()
+    try:
+        yield made
+    finally:
+        await made.drop()
+
+
+async def test_the_effect_and_its_outcome_commit_together(
+    store: IdempotencyStore, effects: Effects
+) -> None:
+    assert isinstance(store, TransactionalIdempotency)
+    async with store.transaction(KEY, "a", NOW, LEASE) as tx:
+        assert tx.claim == Claimed(first=True)
+        await effects.write(tx.session, KEY)
+        assert await tx.complete(COMPLETED) == COMPLETED
+
+    assert await effects.count(KEY) == 1
+    assert await store.get(KEY) == COMPLETED
+    async with store.transaction(KEY, "b", NOW, LEASE) as again:
+        assert again.claim == Stored(COMPLETED)
+    assert await effects.count(KEY) == 1
+
+
+@pytest.mark.parametrize("how", ["abandon", "raise"])
+async def test_an_abandoned_transaction_keeps_neither_effect_nor_claim(
+    store: IdempotencyStore, effects: Effects, how: str
+) -> None:
+    assert isinstance(store, TransactionalIdempotency)
+    with contextlib.suppress(RuntimeError):
+        async with store.transaction(KEY, "a", NOW, LEASE) as tx:
+            await effects.write(tx.session, KEY)
+            if how == "raise":
+                raise RuntimeError("the handler failed")
+            tx.abandon()
+
+    assert await effects.count(KEY) == 0
+    assert await store.get(KEY) is None
+    assert await store.claim(KEY, "b", NOW, LEASE) == Claimed(first=True)
+
+
+async def test_two_transactions_on_one_key_make_one_effect(
+    store: IdempotencyStore, effects: Effects
+) -> None:
+    assert isinstance(store, TransactionalIdempotency)
+    first_in = asyncio.Event()
+    let_go = asyncio.Event()
+
+    async def holder() -> None:
+        async with store.transaction(KEY, "a", NOW, LEASE) as tx:
+            assert tx.claim == Claimed(first=True)
+            await effects.write(tx.session, KEY)
+            first_in.set()
+            await let_go.wait()
+            await tx.complete(COMPLETED)
+
+    async def second() -> ClaimResult:
+        await first_in.wait()
+        async with store.transaction(KEY, "b", NOW, LEASE) as tx:
+            # PostgreSQL waits on the uncommitted claim and then reads the outcome; MongoDB
+            # sees the committed claim and says who holds it.
+            if isinstance(tx.claim, Claimed):
+                await effects.write(tx.session, KEY)
+            return tx.claim
+
+    async with asyncio.timeout(60):
+        holding = asyncio.create_task(holder())
+        asking = asyncio.create_task(second())
+        await first_in.wait()
+        await asyncio.sleep(0.2)  # let the second transaction reach the claim (either way is fine)
+        let_go.set()
+        await holding
+        seen = await asking
+
+    assert seen == Stored(COMPLETED) or isinstance(seen, Busy)
+    assert await effects.count(KEY) == 1
+    assert await store.get(KEY) == COMPLETED

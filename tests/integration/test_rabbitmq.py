@@ -615,7 +615,7 @@ async def test_declared_queue_arguments_are_what_we_asked_for(
     assert declared[names.PARKED_QUEUE] == {"x-queue-type": "quorum"}
     for level in range(ladder.levels):
         assert declared[ladder.level_name(level)] == ladder.queue_arguments(level)
-    assert len(declared) == 5 + ladder.levels
+    assert len(declared) == 6 + ladder.levels  # start, queries, replies, timers, commands, parked
     assert not [name for name, arguments in declared.items() if "x-expires" in arguments]
     assert transport.full_topology(topology).queues[: len(topology.queues)] == topology.queues
 
@@ -693,3 +693,135 @@ async def test_start_up_errors_are_one_line_without_the_password(
 def test_the_password_is_hidden_in_the_url_shown() -> None:
     transport = RabbitTransport("amqp://app:hunter2@rabbit:5672/prod")
     assert transport.safe_url == "amqp://app:***@rabbit:5672/prod"
+
+
+# --- untrusted sizes, counting parked messages, publishing after a reconnect -----------------
+
+
+async def test_an_oversize_body_is_parked_unread_and_counted_once(
+    broker_url: str, unique: str
+) -> None:
+    queue = f"work-{unique}"
+    counted: list[tuple[str, str]] = []
+    handled = Recorder()
+    parked = Recorder()
+    async with RabbitTransport(
+        broker_url, max_body=4096, on_dead_lettered=lambda q, label: counted.append((q, label))
+    ) as transport:
+        await transport.declare(work_queue(queue))
+        async with (
+            consuming(transport, queue, handled),
+            consuming(transport, names.PARKED_QUEUE, parked),
+        ):
+            await transport.publish(message(queue, json.dumps({"x": "y" * 5000}), message_id="big"))
+            await transport.publish(message(queue, message_id="small"))
+            (copy,) = await parked.wait_for(1)
+            await handled.wait_for(1)
+    assert [d.message_id for d in handled.deliveries] == ["small"]
+    assert copy.message_id == "big"
+    reason = copy.headers[names.HEADER_DEAD_LETTER_REASON]
+    assert reason.startswith("the body is 5")
+    assert "the limit is 4096" in reason
+    assert counted == [(queue, "oversize")]
+
+
+async def test_a_parked_message_is_counted_once_even_when_parking_had_to_be_retried(
+    broker_url: str, unique: str
+) -> None:
+    queue = f"work-{unique}"
+    counted: list[tuple[str, str]] = []
+    attempts: list[int] = []
+
+    async def refuse(delivery: Delivery) -> Verdict:
+        attempts.append(len(attempts))
+        return DeadLetter("not a valid CommandEnvelope: body: invalid JSON", label="malformed")
+
+    parked = Recorder()
+    async with RabbitTransport(
+        broker_url,
+        publish_timeout=5.0,
+        on_dead_lettered=lambda q, label: counted.append((q, label)),
+    ) as transport:
+        # The work queue without the dead-letter exchange: parking fails until it exists.
+        await transport.declare(Topology(queues=(QueueSpec(queue, POLICY.arguments()),)))
+        async with consuming(transport, queue, refuse):
+            await transport.publish(message(queue, "<<garbage>>", message_id="bad"))
+            await until(lambda: len(attempts) >= 2, within=15)
+            assert counted == []  # refused twice, parked never: counted never
+            await transport.declare(base_topology(POLICY))
+            async with consuming(transport, names.PARKED_QUEUE, parked):
+                (copy,) = await parked.wait_for(1, within=15)
+    assert copy.message_id == "bad"
+    assert counted == [(queue, "malformed")]
+
+
+async def test_after_a_reconnect_handlers_run_only_once_the_publisher_is_back(
+    broker_url: str, vhost: str, unique: str
+) -> None:
+    # A publish may wait a minute: rabbitmqctl, which the test polls, is slow under load.
+    async with RabbitTransport(broker_url, publish_timeout=60, reconnect_interval=0.5) as transport:
+        await _resumes_once_the_publisher_is_back(transport, broker_url, vhost, unique)
+
+
+async def _resumes_once_the_publisher_is_back(
+    transport: RabbitTransport, broker_url: str, vhost: str, unique: str
+) -> None:
+    queue, out = f"work-{unique}", f"out-{unique}"
+    await transport.declare(
+        work_queue(queue) + Topology(queues=(QueueSpec(out, POLICY.arguments()),))
+    )
+    failures: list[str] = []
+    forwarded = Recorder()
+
+    async def forward(delivery: Delivery) -> Verdict:
+        try:
+            await transport.publish(message(out, message_id=f"fwd-{delivery.message_id}"))
+        except PublishFailed as e:
+            failures.append(str(e))
+            return Disposition.REQUEUE
+        return Disposition.ACK
+
+    async with consuming(transport, queue, forward), consuming(transport, out, forwarded):
+        await transport.publish(message(queue, message_id="before"))
+        await forwarded.wait_for(1)
+        # aio-pika restores channels one by one, in no fixed order; hold the publisher
+        # channel's restoration back, so that the consumer channel surely comes back first.
+        publisher = transport._publisher
+        assert publisher is not None
+        channel: Any = publisher.channel
+        real_restore = channel.restore
+
+        async def held(*_: object) -> None:
+            return None
+
+        channel.restore = held
+        reconnected = asyncio.Event()
+        connection = await transport.connect()
+        connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+        rabbitmqctl("close_all_connections", "-p", vhost, "integration test")
+        async with asyncio.timeout(30):
+            await reconnected.wait()
+        assert channel.is_closed
+        async with await aio_pika.connect(broker_url) as other:
+            side = await other.channel()
+            await side.default_exchange.publish(
+                aio_pika.Message(b'{"ok": true}', headers={names.HEADER_MESSAGE_ID: "after"}),
+                routing_key=queue,
+            )
+        await until(lambda: unacknowledged(vhost, queue) == 1, within=30)
+        channel.restore = real_restore
+        await real_restore()
+        await until(lambda: "fwd-after" in {d.message_id for d in forwarded.deliveries}, 30)
+    assert failures == []
+    # "fwd-before" may come twice: its ack could have been lost with the connection.
+    assert {d.message_id for d in forwarded.deliveries} == {"fwd-before", "fwd-after"}
+
+
+def unacknowledged(vhost: str, queue: str) -> int:
+    """Messages of ``queue`` delivered to a consumer and not settled yet."""
+    out = rabbitmqctl("list_queues", "-p", vhost, "name", "messages_unacknowledged")
+    for line in out.splitlines():
+        name, _, count = line.rpartition("\t")
+        if name == queue:
+            return int(count)
+    return -1

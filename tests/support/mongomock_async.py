@@ -99,10 +99,18 @@ class AsyncMongoMockCollection:
         filter: Mapping[str, Any],
         update: Mapping[str, Any] | Sequence[Mapping[str, Any]],
         upsert: bool = False,
+        *,
+        session: Any = None,
     ) -> UpdateResult:
-        """Update the first match (an update document or a pipeline)."""
+        """Update the first match (an update document or a pipeline); mongomock has no
+        transactions, so a ``session`` is accepted and has no effect."""
         await asyncio.sleep(0)
         return self._collection.update_one(filter, update, upsert=upsert)
+
+    async def delete_one(self, filter: Mapping[str, Any]) -> DeleteResult:
+        """Delete the first match."""
+        await asyncio.sleep(0)
+        return self._collection.delete_one(filter)
 
     async def bulk_write(self, requests: Sequence[UpdateOne], ordered: bool = True) -> None:
         """Apply ``UpdateOne`` requests one by one (mongomock has no pipeline bulk writes)."""

@@ -359,6 +359,8 @@ def test_compose_wires_every_saga_process() -> None:
         env = service["environment"]
         assert_known_settings(set(env))
         assert env["SAGA_AMQP_URL"].startswith("amqp://")
+        # The probes listen on 127.0.0.1 by default: a container must serve them to its peers.
+        assert env["SAGA_HTTP_HOST"] == "0.0.0.0"
         assert {
             "SAGA_HTTP_PORT",
             "SAGA_LOG_FORMAT",
@@ -466,6 +468,8 @@ def test_k8s_deployments_are_probed_limited_and_non_root() -> None:
     }
     config = load_yaml(K8S / "kustomization.yaml")["configMapGenerator"][0]
     assert_known_settings({literal.split("=")[0] for literal in config["literals"]})
+    # The probes listen on 127.0.0.1 by default; the kubelet probes the pod's address.
+    assert "SAGA_HTTP_HOST=0.0.0.0" in config["literals"]
 
     for name, deployment in deployments.items():
         template = deployment["spec"]["template"]

@@ -257,3 +257,84 @@ async def test_outcomes_are_forgotten_after_their_retention() -> None:
     assert await store.purge(now) == 1
     assert await store.get("old") is None
     assert await store.get("new") is not None
+
+
+async def test_an_unexpected_exception_crosses_the_bus_as_its_type_and_a_bounded_line(
+    clock: VirtualClock,
+) -> None:
+    from structlog.testing import capture_logs
+
+    service = Participant("payment", error_message_limit=40)
+
+    @service.handler
+    async def charge(cmd: Charge) -> Charged:
+        raise ConnectionError(
+            "could not reach db://admin:hunter2@10.0.0.5 after three tries; the pool is "
+            "exhausted and every one of its connections is busy\nTraceback (most recent...)"
+        )
+
+    with capture_logs() as logs:
+        reply = await service.handle(
+            envelope(Charge, {"order_id": "o", "amount": 5}, clock=clock), clock
+        )
+
+    assert reply is not None
+    assert reply.error is not None
+    assert reply.status is ReplyStatus.ERROR
+    assert reply.error.type == "ConnectionError"
+    assert len(reply.error.message) <= 40
+    assert "Traceback" not in reply.error.message
+    (logged,) = [entry for entry in logs if entry["event"] == "command_errored"]
+    assert logged["exc_info"] is True
+    assert logged["error_type"] == "ConnectionError"
+
+    service.error_message_limit = 0
+    reply = await service.handle(
+        envelope(Charge, {"order_id": "o", "amount": 5}, clock=clock, attempt=2), clock
+    )
+    assert reply is not None
+    assert reply.error is not None
+    assert (reply.error.type, reply.error.message) == ("ConnectionError", "")
+
+
+async def test_a_result_too_large_for_a_reply_is_an_error_not_a_poison_message(
+    clock: VirtualClock,
+) -> None:
+    service = Participant("payment")
+
+    @service.handler
+    async def charge(cmd: Charge) -> dict[str, object]:
+        return {"blob": "x" * 300_000}
+
+    reply = await service.handle(
+        envelope(Charge, {"order_id": "o", "amount": 5}, clock=clock), clock
+    )
+
+    assert reply is not None
+    assert reply.error is not None
+    assert (reply.status, reply.error.type) == (ReplyStatus.ERROR, "ValueError")
+    assert "larger than" in reply.error.message
+
+
+async def test_transactional_handlers_need_ctx_and_a_store_with_transactions() -> None:
+    from participants.idempotency import MemoryIdempotency
+    from plumbing.errors import ConfigError
+
+    service = Participant("payment")
+    with pytest.raises(DefinitionError, match="must take a second parameter"):
+
+        @service.handler(transactional=True)
+        async def charge(cmd: Charge) -> None:
+            return None
+
+    class NoTransactions(MemoryIdempotency):
+        transaction = None  # type: ignore[assignment]
+
+    service = Participant("payment", idempotency=NoTransactions())
+
+    @service.handler(transactional=True)
+    async def refund(cmd: Refund, ctx: CommandContext) -> None:
+        return None
+
+    with pytest.raises(ConfigError, match=r"transactional handlers \(refund\)"):
+        service.check_store()
