@@ -586,10 +586,10 @@ class Orchestrator:
 
     def _dead_letter(self, queue: str, label: str, reason: str) -> DeadLetter:
         log.warning("message_dead_lettered", reason=reason)
-        if self.metrics:
-            self.metrics.dead_lettered.labels(queue, label).inc()
         self._count(queue, Handled.DEAD_LETTERED)
-        return DeadLetter(reason)
+        # The transport counts it in saga_dead_lettered_total once the parked copy is
+        # confirmed: once, however often parking it has to be tried.
+        return DeadLetter(reason, label=label)
 
     def _count(self, queue: str, outcome: Outcome | Handled) -> None:
         if self.metrics:

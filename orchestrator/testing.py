@@ -250,7 +250,14 @@ class SagaHarness:
     ) -> None:
         self.app = app
         self.clock = VirtualClock(start)
-        self.broker = MemoryBroker(self.clock)
+        self.broker = MemoryBroker(
+            self.clock,
+            on_dead_lettered=(
+                None
+                if metrics is None
+                else lambda queue, label: metrics.dead_lettered.labels(queue, label).inc()
+            ),
+        )
         self.store: SagaStore = store or MemoryStore()
         self.orchestrator = Orchestrator(
             app, self.store, self.broker, clock=self.clock, config=config, metrics=metrics

@@ -29,15 +29,16 @@ What it promises, and how:
   deliveries, each handled in its own task. The handler's verdict is applied after it returns:
   ack, requeue, or dead-letter: a copy of the raw body goes to ``saga.dead-letter`` with the
   reason and source queue in headers (and no ``x-`` headers), with confirms, and only then is
-  the original acked; if the copy fails, the original is requeued, so nothing is lost. A
-  handler that raises is a bug: it is logged with its traceback and the delivery is requeued
-  (the queue's delivery limit parks it eventually). A delivery redelivered ``poison_threshold``
-  times, or whose body is over ``max_body`` bytes, is parked before its handler runs. A parked
-  message is reported to ``on_dead_lettered`` once its copy is confirmed, so the metric counts
-  messages, not attempts. After a reconnect, deliveries from the old channel cannot be acked
-  any more; that is logged and tolerated, the broker redelivers them. aio-pika restores
-  channels one by one in no fixed order, so a handler waits (up to ``publish_timeout``) for
-  the publisher channel to be back before it runs: its reply would fail otherwise.
+  the original acked; if the copy fails, the original is requeued after a backoff (0.1 s,
+  doubling to 2 s), so nothing is lost and nothing spins. A handler that raises is a bug: it is
+  logged with its traceback and the delivery is requeued (the queue's delivery limit parks it
+  eventually). A delivery redelivered ``poison_threshold`` times, or whose body is over
+  ``max_body`` bytes, is parked before its handler runs. A parked message is reported to
+  ``on_dead_lettered`` once its copy is confirmed, so the metric counts messages, not attempts.
+  After a reconnect, deliveries from the old channel cannot be acked any more; that is logged
+  and tolerated, the broker redelivers them. aio-pika restores channels one by one in no fixed
+  order, so a handler waits (up to ``publish_timeout``) for the publisher channel to be back
+  before it runs: its reply would fail otherwise.
 * **Shutdown.** Cancelling ``consume`` cancels the consumer at the broker, lets in-flight
   handlers finish and settles them, requeues deliveries that were not started, then re-raises
   the cancellation. ``close`` stops every consumer and closes the connection.
@@ -103,6 +104,7 @@ _CLOSE_TIMEOUT: Final = 5.0
 DEFAULT_MAX_BODY: Final = 1024 * 1024
 """The largest message body handed to a handler, in bytes; larger ones are parked unread."""
 _REASON_LIMIT: Final = 2000  # headers travel in one frame; a reason is a sentence, not a dump
+_PARKING_BACKOFF_CAP: Final = 2.0  # held this long at most: shutdown waits for held deliveries
 _ARGUMENT_HINTS: Final = {
     "x-queue-type": "the queue type (SAGA_QUEUE_TYPE)",
     "x-delivery-limit": "the delivery limit (SAGA_DELIVERY_LIMIT)",
@@ -878,6 +880,9 @@ class RabbitTransport:
                 message_id=delivery.message_id,
                 error=str(e),
             )
+            # Requeued at once, the delivery would come straight back and fail again, many
+            # times a second, until the poison threshold parks it under the wrong reason.
+            await asyncio.sleep(_parking_backoff(delivery))
             await _acknowledge(message, delivery.queue, requeue=True)
             return False
         log.debug("delivery_dead_lettered", queue=delivery.queue, message_id=delivery.message_id)
@@ -886,6 +891,17 @@ class RabbitTransport:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _parking_backoff(delivery: Delivery) -> float:
+    """How long to hold a delivery whose parking failed before requeueing it.
+
+    Doubles with each redelivery RabbitMQ reports (quorum queues count them), from 0.1 s up to
+    ``_PARKING_BACKOFF_CAP``: long enough that a missing dead-letter exchange does not spin.
+    """
+    count = delivery.headers.get("x-delivery-count")
+    attempts = count if isinstance(count, int) and count >= 0 else int(delivery.redelivered)
+    return float(min(_PARKING_BACKOFF_CAP, 0.1 * 2 ** min(attempts, 10)))
 
 
 def broker_url(url: str, heartbeat: int) -> URL:
