@@ -299,6 +299,9 @@ class Reply(Contract):
     error: ErrorDetail | None = None
     sent_at: WireTime
     traceparent: TraceParent | None = None
+    tracestate: str | None = Field(
+        default=None, max_length=512, description="W3C tracestate, kept with the traceparent."
+    )
 
 
 class TimerKind(StrEnum):

@@ -21,18 +21,35 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from contracts import names, orders
+from contracts.client import QuerySaga, SagaOutcome, SagaSnapshot, StartAnswer
 from contracts.events import LIFECYCLE_EVENTS, EventName
-from contracts.messages import SCHEMA_VERSION, CommandEnvelope, Reply, StartSaga, TimerMessage
+from contracts.messages import (
+    SCHEMA_VERSION,
+    CommandEnvelope,
+    Heartbeat,
+    PickedUp,
+    Reply,
+    StartSaga,
+    TimerMessage,
+)
 
 ASYNCAPI_VERSION: Final = "3.0.0"
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 CONTENT_TYPE: Final = "application/json"
 
+PARTICIPANT_MESSAGES: Final[tuple[type[BaseModel], ...]] = (Reply, PickedUp, Heartbeat)
+"""What participants send to the replies queue: answers, pick-ups and heartbeats."""
+
+CLIENT_ANSWERS: Final[tuple[type[BaseModel], ...]] = (StartAnswer, SagaSnapshot, SagaOutcome)
+"""What the orchestrator sends to a client's own queue."""
+
 MESSAGE_MODELS: Final[tuple[type[BaseModel], ...]] = (
     StartSaga,
+    QuerySaga,
     CommandEnvelope,
-    Reply,
+    *PARTICIPANT_MESSAGES,
     TimerMessage,
+    *CLIENT_ANSWERS,
     *LIFECYCLE_EVENTS,
 )
 """Every model that travels on the wire as a whole message body."""
@@ -176,6 +193,8 @@ def _servers() -> dict[str, Any]:
 def _channels() -> dict[str, Any]:
     return {
         "start": _start_channel(),
+        "queries": _queries_channel(),
+        "answers": _answers_channel(),
         "commands": _commands_channel(),
         "replies": _replies_channel(),
         "timers": _timers_channel(),
@@ -221,10 +240,38 @@ def _start_channel() -> dict[str, Any]:
         "description": (
             f"Clients publish to the `{names.START_EXCHANGE}` direct exchange with routing key "
             f"`{names.START_ROUTING_KEY}`; the orchestrator consumes this queue. Starting is "
-            "idempotent on `saga_id`."
+            "idempotent on `saga_id`. A request with `reply_to` is answered on the client's "
+            "queue (the `answers` channel)."
         ),
         "messages": _channel_messages([StartSaga]),
         "bindings": _queue_binding(names.START_QUEUE),
+    }
+
+
+def _queries_channel() -> dict[str, Any]:
+    return {
+        "address": names.QUERIES_QUEUE,
+        "title": "Saga queries",
+        "description": (
+            "Clients publish here (default exchange, the queue's name as routing key) to ask "
+            "for a saga's state, answered on their `reply_to` queue."
+        ),
+        "messages": _channel_messages([QuerySaga]),
+        "bindings": _queue_binding(names.QUERIES_QUEUE),
+    }
+
+
+def _answers_channel() -> dict[str, Any]:
+    return {
+        "address": "{reply_to}",
+        "title": "Answers to a client",
+        "description": (
+            "A client's own queue, named in `reply_to`; the orchestrator publishes through the "
+            "default exchange with the queue's name as routing key, not mandatory (a client "
+            "that went away misses its answers and can ask again)."
+        ),
+        "parameters": {"reply_to": {"description": "The client's queue."}},
+        "messages": _channel_messages(CLIENT_ANSWERS),
     }
 
 
@@ -257,9 +304,11 @@ def _replies_channel() -> dict[str, Any]:
         "description": (
             f"Participants publish to the `{names.REPLIES_EXCHANGE}` direct exchange with the "
             f"command's `reply_to` as routing key (`{names.REPLIES_ROUTING_KEY}`); the "
-            "orchestrator consumes this queue."
+            "orchestrator consumes this queue. Besides the reply to each attempt, a "
+            "participant acknowledges picking a command up when the command has `pickup_by`, "
+            "and a long handler sends heartbeats when it has `heartbeat_timeout`."
         ),
-        "messages": _channel_messages([Reply]),
+        "messages": _channel_messages(PARTICIPANT_MESSAGES),
         "bindings": _queue_binding(names.REPLIES_QUEUE),
     }
 
@@ -337,7 +386,30 @@ def _operation(
 def _operations() -> dict[str, Any]:
     return {
         "receiveStart": _operation(
-            "receive", "start", [StartSaga.__name__], "Start a saga on request."
+            "receive",
+            "start",
+            [StartSaga.__name__],
+            "Start a saga on request.",
+            reply={
+                "channel": _ref("#/channels/answers"),
+                "messages": [_ref(f"#/channels/answers/messages/{StartAnswer.__name__}")],
+            },
+        ),
+        "receiveQuery": _operation(
+            "receive",
+            "queries",
+            [QuerySaga.__name__],
+            "Answer with a saga's state (and, when watched, its outcome once it ends).",
+            reply={
+                "channel": _ref("#/channels/answers"),
+                "messages": [_ref(f"#/channels/answers/messages/{SagaSnapshot.__name__}")],
+            },
+        ),
+        "sendOutcome": _operation(
+            "send",
+            "answers",
+            [SagaOutcome.__name__],
+            "Tell a client that watches a saga how it ended.",
         ),
         "sendCommand": _operation(
             "send",
@@ -350,7 +422,11 @@ def _operations() -> dict[str, Any]:
             },
         ),
         "receiveReply": _operation(
-            "receive", "replies", [Reply.__name__], "Advance a saga on a participant's reply."
+            "receive",
+            "replies",
+            [model.__name__ for model in PARTICIPANT_MESSAGES],
+            "Advance a saga on a participant's reply; a pick-up or heartbeat moves the "
+            "running attempt's due time.",
         ),
         "scheduleTimer": _operation(
             "send", "timers", [TimerMessage.__name__], "Schedule a step timeout or retry."
@@ -417,8 +493,13 @@ def _parked_message() -> dict[str, Any]:
 
 
 def _kind(model: type[BaseModel]) -> str:
-    # The ``kind`` field's default is the value of the saga-kind header the codec writes;
-    # lifecycle events have no such field and travel as kind "event".
+    # The ``kind`` field's default is the value of the saga-kind header the codec writes,
+    # except for messages that share a queue with another kind; lifecycle events have no such
+    # field and travel as kind "event".
+    if model in PARTICIPANT_MESSAGES:
+        return "reply"
+    if model in CLIENT_ANSWERS:
+        return "answer"
     field = model.model_fields.get("kind")
     return str(field.default) if field is not None else "event"
 
@@ -464,7 +545,7 @@ def _headers_schema(kind: str) -> dict[str, Any]:
 
 def _parked_headers_schema() -> dict[str, Any]:
     # Only work queues dead-letter here; lifecycle events go to observers' queues.
-    properties = _header_properties({"enum": ["start", "command", "reply", "timer"]})
+    properties = _header_properties({"enum": ["start", "query", "command", "reply", "timer"]})
     properties[names.HEADER_DEAD_LETTER_REASON] = {
         "type": "string",
         "description": "Why the message was parked, e.g. which field failed validation.",

@@ -31,18 +31,17 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from contracts import names
 from contracts.client import QuerySaga, SagaOutcome, SagaSnapshot, StartAnswer, StartStatus
 from contracts.messages import JsonObject, StartSaga
 from orchestrator.definition import App
 from orchestrator.engine import new_saga
 from plumbing import tracing
 from plumbing.clock import SystemClock
-from plumbing.codec import start_message, wire_message
+from plumbing.codec import query_message, start_message
 from plumbing.errors import SagaNotFound, StartRefused, UnknownSagaType
 from plumbing.rabbitmq import RabbitTransport
 from plumbing.topology import QueuePolicy, client_topology
-from plumbing.transport import MessageKind, Outgoing
+from plumbing.transport import Outgoing
 
 log = structlog.get_logger("client")
 
@@ -241,16 +240,7 @@ class SagaClient:
     async def _query(self, saga_id: str, *, watch: bool) -> SagaSnapshot:
         reply_to = await self._reply_to()
         query = QuerySaga(saga_id=saga_id, reply_to=reply_to, watch=watch)
-        message = wire_message(
-            MessageKind.QUERY,
-            message_id=f"{saga_id}:query:{uuid.uuid4().hex}",
-            saga_id=saga_id,
-            traceparent=None,
-            exchange="",
-            routing_key=names.QUERIES_QUEUE,
-            body=query.model_dump_json(),
-            now=SystemClock().now(),
-        )
+        message = query_message(query, f"{saga_id}:query:{uuid.uuid4().hex}", SystemClock().now())
         return await self._ask("snapshot", saga_id, message, SagaSnapshot)
 
     async def _ask(self, kind: str, saga_id: str, message: Outgoing, model: type[A]) -> A:

@@ -27,7 +27,7 @@ from contracts.messages import (
 from orchestrator.definition import Step
 from orchestrator.state import SagaState
 from plumbing import tracing
-from plumbing.codec import wire_message
+from plumbing.codec import answer_message, wire_message
 from plumbing.transport import MessageKind, Outgoing
 
 
@@ -105,17 +105,7 @@ def outgoing(effect: Effect, now: datetime) -> Outgoing:
                 mandatory=False,  # observers are optional; nobody bound is not an error
             )
         case NotifyOutcome(reply_to=reply_to, outcome=outcome):
-            return wire_message(
-                MessageKind.ANSWER,
-                message_id=f"{outcome.saga_id}:outcome:{reply_to}",
-                saga_id=outcome.saga_id,
-                traceparent=None,
-                exchange="",
-                routing_key=reply_to,
-                body=outcome.model_dump_json(),
-                now=now,
-                mandatory=False,  # the client may have gone; it can ask again
-            )
+            return answer_message(outcome, reply_to, now)
 
 
 class MessageBuilder:

@@ -51,7 +51,7 @@ from orchestrator.state import SagaState, StepState, StepStatus
 from orchestrator.store import Hold, SagaRecord, SagaStore
 from plumbing import tracing
 from plumbing.clock import Clock, SystemClock
-from plumbing.codec import decode, decode_answer, wire_message
+from plumbing.codec import answer_message, decode, decode_answer
 from plumbing.errors import (
     ActionRefused,
     BrokerError,
@@ -70,7 +70,6 @@ from plumbing.transport import (
     DeadLetter,
     Delivery,
     Disposition,
-    MessageKind,
     Outgoing,
     Transport,
 )
@@ -636,17 +635,7 @@ class Orchestrator:
 
     async def _answer(self, reply_to: str, answer: StartAnswer | SagaSnapshot) -> None:
         """Send an answer to a client's own queue; a client that is gone can ask again."""
-        message = wire_message(
-            MessageKind.ANSWER,
-            message_id=f"{answer.saga_id}:{answer.kind}",
-            saga_id=answer.saga_id,
-            traceparent=None,
-            exchange="",
-            routing_key=reply_to,
-            body=answer.model_dump_json(),
-            now=self.clock.now(),
-            mandatory=False,
-        )
+        message = answer_message(answer, reply_to, self.clock.now())
         try:
             await self.transport.publish(message)
         except PublishFailed as e:

@@ -22,16 +22,25 @@ answering (for demos of a service that never answers).
 
 How a command is handled, in order:
 
-1. Commands of one saga run one at a time in this process (a compensation never overlaps the
+1. A command whose step has a dispatch timeout is acknowledged at once with a pick-up
+   message (see :mod:`participants.progress`), unless it arrived after its ``pickup_by``.
+2. Commands of one saga run one at a time in this process (a compensation never overlaps the
    forward command it undoes), however many arrive at once.
-2. A compensation first leaves a tombstone under its forward key, unless the forward command
+3. A compensation first leaves a tombstone under its forward key, unless the forward command
    has an outcome; if the forward command is running on another replica right now, it waits.
-3. The command is **claimed** in the idempotency store. A stored outcome always answers first
+4. The command is **claimed** in the idempotency store. A stored outcome always answers first
    (a duplicate, a retried attempt, a redelivery long after the deadline: all get the stored
    answer). A live claim of another replica is waited out. Only a command that nobody ever
-   claimed is refused once past its ``deadline`` (``DeadlineExceeded`` means "not executed").
-4. The handler runs while its claim is renewed; its outcome is stored (first writer wins)
+   claimed is refused once past its ``deadline`` (``DeadlineExceeded`` means "not executed"),
+   or when it was not picked up by its ``pickup_by`` (``PickupExpired``, "not executed").
+5. The handler runs while its claim is renewed; its outcome is stored (first writer wins)
    and answered. Errors are not stored: the claim is released and the next attempt runs again.
+   A long handler calls ``await ctx.heartbeat("details")`` when its step has a heartbeat
+   timeout; the calls are coalesced to what the step needs.
+
+With ``opentelemetry-api`` installed, each handler run is a span, a child of the command's
+trace context (``traceparent`` and ``tracestate``) and current while the handler runs, so the
+handler's own spans join the saga's trace.
 
 A handler registered with ``@service.handler(transactional=True)`` runs inside a database
 transaction of the idempotency store (PostgreSQL or MongoDB) that also records its outcome:
@@ -66,7 +75,9 @@ from contracts.messages import (
     CommandEnvelope,
     Direction,
     ErrorDetail,
+    Heartbeat,
     JsonObject,
+    PickedUp,
     Reply,
     ReplyStatus,
     check_json,
@@ -87,9 +98,10 @@ from participants.idempotency import (
     forward_key,
 )
 from participants.metrics import CommandOutcome, ParticipantMetrics
-from plumbing import tracing
+from participants.progress import Beats, ProgressSink, missed_pickup, picked_up
+from plumbing import telemetry, tracing
 from plumbing.clock import Clock, SystemClock
-from plumbing.codec import answer, decode, reply_message
+from plumbing.codec import answer, decode, progress_message, reply_message
 from plumbing.errors import (
     ConfigError,
     DefinitionError,
@@ -123,6 +135,7 @@ class CommandContext:
     ``transaction`` is set for a handler registered with ``transactional=True``: the database
     transaction (PostgreSQL: ``asyncpg.Connection``; MongoDB: ``AsyncClientSession``) that
     will also record the outcome. It is None otherwise, and with the in-memory store.
+    ``traceparent`` and ``tracestate`` are the command's W3C trace context.
     """
 
     saga_id: str
@@ -135,10 +148,22 @@ class CommandContext:
     traceparent: str | None
     clock: Clock
     transaction: Any = None
+    tracestate: str | None = None
+    beats: Beats | None = field(default=None, repr=False, compare=False)
 
     async def sleep(self, seconds: float) -> None:
         """Wait on the service's clock (virtual in tests and the demo)."""
         await self.clock.sleep(seconds)
+
+    async def heartbeat(self, details: str | None = None) -> None:
+        """Tell the orchestrator this attempt is still being worked on.
+
+        Only for a step with a heartbeat timeout (otherwise it does nothing); call it as
+        often as convenient: at most one heartbeat per third of the timeout is sent.
+        ``details`` (say, "copied 40 of 90 files") show in ``saga show``.
+        """
+        if self.beats is not None:
+            await self.beats.beat(details)
 
 
 HandlerFn = Callable[..., Awaitable[BaseModel | JsonObject | None]]
@@ -267,9 +292,12 @@ class Participant:
 
     # --- handling, transport-free ---
 
-    async def handle(self, envelope: CommandEnvelope, clock: Clock) -> Reply | None:
-        """Run one command through serialisation, claim, deadline and handler; the reply to
-        send (None: acknowledge without answering)."""
+    async def handle(
+        self, envelope: CommandEnvelope, clock: Clock, progress: ProgressSink | None = None
+    ) -> Reply | None:
+        """Run one command through pick-up, serialisation, claim, deadline and handler; the
+        reply to send (None: acknowledge without answering). ``progress`` sends pick-ups and
+        heartbeats (none are sent without it)."""
         registration = self._handlers.get(envelope.command)
         if registration is None:
             raise MessageRejected(
@@ -282,12 +310,16 @@ class Participant:
             raise MessageRejected(
                 f"payload is not a valid {registration.command.__name__}: {e}"
             ) from e
+        late = missed_pickup(envelope, clock.now())
+        if envelope.pickup_by is not None and not late and progress is not None:
+            await _send_progress(progress, picked_up(envelope, clock.now()))
+        call = _Call(envelope, clock, late, Beats(envelope, clock, progress))
         async with self._serialised(envelope.saga_id):
             if envelope.direction is Direction.COMPENSATION:
                 await self._tombstone_forward(envelope, clock)
             if registration.transactional:
-                return await self._run_in_transaction(registration, command, envelope, clock)
-            return await self._run_claimed(registration, command, envelope, clock)
+                return await self._run_in_transaction(registration, command, call)
+            return await self._run_claimed(registration, command, call)
 
     @contextlib.asynccontextmanager
     async def _serialised(self, saga_id: str) -> AsyncIterator[None]:
@@ -341,22 +373,19 @@ class Participant:
         await clock.sleep(max(min(delay, remaining), _POLL_FIRST))
 
     async def _run_claimed(
-        self,
-        registration: _Registration,
-        command: Command,
-        envelope: CommandEnvelope,
-        clock: Clock,
+        self, registration: _Registration, command: Command, call: _Call
     ) -> Reply | None:
+        envelope, clock = call.envelope, call.clock
         key = envelope.idempotency_key
         claimant = self._claimant()
         claim = await self._claim(key, claimant, clock)
         if isinstance(claim, Stored):
             return self._duplicate(envelope, claim.outcome, clock)
-        if self._expired(envelope, claim, clock):
+        if (refusal := self._refusal(call, claim)) is not None:
             await self.idempotency.release(key, claimant)
-            return self._expired_reply(envelope, clock)
+            return refusal
         result = await self._with_lease(
-            key, claimant, clock, self._invoke(registration, command, envelope, clock)
+            key, claimant, clock, self._invoke(registration, command, call)
         )
         outcome = result.outcome
         if outcome is None:
@@ -368,13 +397,10 @@ class Participant:
         return _from_stored(envelope, stored, clock.now())
 
     async def _run_in_transaction(
-        self,
-        registration: _Registration,
-        command: Command,
-        envelope: CommandEnvelope,
-        clock: Clock,
+        self, registration: _Registration, command: Command, call: _Call
     ) -> Reply | None:
         """Run the handler inside the store's transaction that records its outcome."""
+        envelope, clock = call.envelope, call.clock
         store = self.idempotency
         if not isinstance(store, TransactionalIdempotency):
             raise ConfigError(  # checked at start-up by run(); this is for direct callers
@@ -390,14 +416,11 @@ class Participant:
                 if isinstance(claim, Stored):
                     return self._duplicate(envelope, claim.outcome, clock)
                 if isinstance(claim, Claimed):
-                    if self._expired(envelope, claim, clock):
+                    if (refusal := self._refusal(call, claim)) is not None:
                         tx.abandon()
-                        return self._expired_reply(envelope, clock)
+                        return refusal
                     result = await self._with_lease(
-                        key,
-                        claimant,
-                        clock,
-                        self._invoke(registration, command, envelope, clock, tx.session),
+                        key, claimant, clock, self._invoke(registration, command, call, tx.session)
                     )
                     if result.status is ReplyStatus.COMPLETED:
                         try:
@@ -455,11 +478,38 @@ class Participant:
         self,
         registration: _Registration,
         command: Command,
-        envelope: CommandEnvelope,
-        clock: Clock,
+        call: _Call,
         transaction: Any = None,
     ) -> _Answer:
-        """Run the handler; what it came to, never an exception (but cancellation)."""
+        """Run the handler in its span; what it came to, never an exception (but
+        cancellation)."""
+        envelope = call.envelope
+        with telemetry.live_span(
+            f"{self.service}.{envelope.command}",
+            traceparent=envelope.traceparent,
+            tracestate=envelope.tracestate,
+            attributes={
+                "saga.id": envelope.saga_id,
+                "saga.type": envelope.saga_type,
+                "saga.step": envelope.step,
+                "saga.attempt": envelope.attempt,
+                "saga.direction": envelope.direction.value,
+                "saga.service": self.service,
+            },
+        ) as span:
+            result = await self._answer(registration, command, call, transaction)
+            if result.error is not None:
+                span.fail(result.error.summary)
+            return result
+
+    async def _answer(
+        self,
+        registration: _Registration,
+        command: Command,
+        call: _Call,
+        transaction: Any,
+    ) -> _Answer:
+        envelope, clock = call.envelope, call.clock
         context = CommandContext(
             saga_id=envelope.saga_id,
             saga_type=envelope.saga_type,
@@ -471,6 +521,8 @@ class Participant:
             traceparent=envelope.traceparent,
             clock=clock,
             transaction=transaction,
+            tracestate=envelope.tracestate,
+            beats=call.beats,
         )
         args: tuple[Any, ...] = (command, context) if registration.wants_context else (command,)
         try:
@@ -504,14 +556,20 @@ class Participant:
         return f"{self._replica}:{uuid.uuid4().hex[:12]}"
 
     @staticmethod
-    def _expired(envelope: CommandEnvelope, claim: Claimed, clock: Clock) -> bool:
-        """Past its deadline and never claimed before: refuse it (not executed)."""
-        return claim.first and envelope.deadline is not None and clock.now() > envelope.deadline
-
-    def _expired_reply(self, envelope: CommandEnvelope, clock: Clock) -> Reply:
-        assert envelope.deadline is not None
-        log.info("command_expired", deadline=envelope.deadline.isoformat())
-        return answer(envelope, ReplyStatus.ERROR, clock.now(), error=_EXPIRED)
+    def _refusal(call: _Call, claim: Claimed) -> Reply | None:
+        """The answer to a command that must not start: never claimed before, and past its
+        deadline or picked up after its pick-up deadline (None: run it)."""
+        if not claim.first:
+            return None
+        envelope, now = call.envelope, call.clock.now()
+        if call.late:
+            assert envelope.pickup_by is not None
+            log.info("command_picked_up_late", pickup_by=envelope.pickup_by.isoformat())
+            return answer(envelope, ReplyStatus.ERROR, now, error=_PICKED_UP_LATE)
+        if envelope.deadline is not None and now > envelope.deadline:
+            log.info("command_expired", deadline=envelope.deadline.isoformat())
+            return answer(envelope, ReplyStatus.ERROR, now, error=_EXPIRED)
+        return None
 
     def _duplicate(self, envelope: CommandEnvelope, stored: StoredOutcome, clock: Clock) -> Reply:
         log.info("command_duplicate", stored=stored.kind.value)
@@ -539,6 +597,10 @@ class Participant:
             message_id=delivery.message_id,
             correlation_id=delivery.correlation_id,
         )
+
+        async def progress(message: PickedUp | Heartbeat) -> None:
+            await transport.publish(progress_message(message, envelope.reply_to, clock.now()))
+
         try:
             envelope = decode(delivery, CommandEnvelope)
             structlog.contextvars.bind_contextvars(
@@ -549,7 +611,7 @@ class Participant:
                 trace_id=tracing.trace_id(envelope.traceparent),
             )
             started = time.perf_counter()
-            reply = await self.handle(envelope, clock)
+            reply = await self.handle(envelope, clock, progress)
         except MessageRejected as e:
             # Counted by the transport once the message is parked, not here: a parking that
             # fails is retried, and would be counted twice.
@@ -647,10 +709,36 @@ def _from_stored(envelope: CommandEnvelope, stored: StoredOutcome, now: datetime
 _SPECIAL_OUTCOMES = {
     "Cancelled": CommandOutcome.CANCELLED,
     "DeadlineExceeded": CommandOutcome.EXPIRED,
+    "PickupExpired": CommandOutcome.EXPIRED,
 }
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One delivery of a command being handled, and what its handling carries along."""
+
+    envelope: CommandEnvelope
+    clock: Clock
+    late: bool  # picked up after its pick-up deadline: must not start
+    beats: Beats
+
+
+async def _send_progress(sink: ProgressSink, message: PickedUp | Heartbeat) -> None:
+    try:
+        await sink(message)
+    except PublishFailed as e:
+        # Not fatal: the orchestrator then reports the step not picked up and its policy
+        # decides, as if this service had been slow; the command still runs here.
+        log.warning("pickup_publish_failed", error=str(e))
+
 
 _CANCELLED = ErrorDetail(
     type="Cancelled", message="the step was compensated before this command arrived; not executed"
+)
+_PICKED_UP_LATE = ErrorDetail(
+    type="PickupExpired",
+    message="the command was picked up after its pick-up deadline and was never executed "
+    "here; not executed",
 )
 _EXPIRED = ErrorDetail(
     type="DeadlineExceeded",

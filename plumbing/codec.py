@@ -14,6 +14,7 @@ from typing import Annotated, TypeVar
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from contracts import names
+from contracts.client import QuerySaga, SagaOutcome, SagaSnapshot, StartAnswer
 from contracts.messages import (
     WIRE_CONTEXT,
     CommandEnvelope,
@@ -97,6 +98,7 @@ def answer(
         traceparent=tracing.child(envelope.traceparent, message_id)
         if envelope.traceparent
         else None,
+        tracestate=envelope.tracestate if envelope.traceparent else None,
     )
 
 
@@ -110,6 +112,41 @@ def reply_message(reply: Reply, routing_key: str, now: datetime) -> Outgoing:
         exchange=names.REPLIES_EXCHANGE,
         routing_key=routing_key,
         body=reply.model_dump_json(),
+        now=now,
+    )
+
+
+def answer_message(
+    answer: StartAnswer | SagaSnapshot | SagaOutcome, reply_to: str, now: datetime
+) -> Outgoing:
+    """The message that carries the orchestrator's answer to a client's own queue.
+
+    Through the default exchange and not mandatory: a client that went away misses it, and
+    can ask again.
+    """
+    return wire_message(
+        MessageKind.ANSWER,
+        message_id=f"{answer.saga_id}:{answer.kind}:{reply_to}",
+        saga_id=answer.saga_id,
+        traceparent=None,
+        exchange="",
+        routing_key=reply_to,
+        body=answer.model_dump_json(),
+        now=now,
+        mandatory=False,
+    )
+
+
+def query_message(query: QuerySaga, message_id: str, now: datetime) -> Outgoing:
+    """The message that asks the orchestrator for a saga's state."""
+    return wire_message(
+        MessageKind.QUERY,
+        message_id=message_id,
+        saga_id=query.saga_id,
+        traceparent=None,
+        exchange="",
+        routing_key=names.QUERIES_QUEUE,
+        body=query.model_dump_json(),
         now=now,
     )
 

@@ -15,7 +15,8 @@ long-lived span to keep open across messages.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -75,6 +76,41 @@ def current_context(traceparent: str | None, tracestate: str | None) -> Any:
     if tracestate:
         carrier["tracestate"] = tracestate
     return TraceContextTextMapPropagator().extract(carrier)
+
+
+class SpanOutcome:
+    """How the work in a live span ended, as far as the span is told."""
+
+    def __init__(self, span: Any) -> None:
+        self._span = span
+
+    def fail(self, description: str) -> None:
+        """Mark the span as failed, with ``description``."""
+        if self._span is not None:
+            self._span.set_status(Status(StatusCode.ERROR, description))
+
+
+@contextlib.contextmanager
+def live_span(
+    name: str,
+    *,
+    traceparent: str | None,
+    tracestate: str | None,
+    attributes: Mapping[str, str | int | bool],
+) -> Iterator[SpanOutcome]:
+    """A span around work done now (a participant's handler), current while it runs, so the
+    work's own spans are its children; a child of the given W3C context."""
+    if trace is None:
+        yield SpanOutcome(None)
+        return
+    tracer = trace.get_tracer(_INSTRUMENTATION)
+    with tracer.start_as_current_span(
+        name,
+        context=current_context(traceparent, tracestate),
+        kind=trace.SpanKind.CONSUMER,
+        attributes=dict(attributes),
+    ) as span:
+        yield SpanOutcome(span)
 
 
 def _nanoseconds(instant: datetime) -> int:

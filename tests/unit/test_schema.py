@@ -18,6 +18,14 @@ import pytest
 from pydantic import BaseModel
 
 from contracts import names, orders
+from contracts.client import (
+    QuerySaga,
+    SagaOutcome,
+    SagaSnapshot,
+    StartAnswer,
+    StartStatus,
+    StepView,
+)
 from contracts.events import (
     LIFECYCLE_EVENTS,
     EventName,
@@ -32,6 +40,8 @@ from contracts.messages import (
     CommandEnvelope,
     Direction,
     ErrorDetail,
+    Heartbeat,
+    PickedUp,
     Reply,
     ReplyStatus,
     StartSaga,
@@ -50,7 +60,13 @@ from contracts.schema import (
     json_schema_bundle,
 )
 from orchestrator.effects import PublishEvent, ScheduleTimer, SendCommand, outgoing
-from plumbing.codec import reply_message, start_message
+from plumbing.codec import (
+    answer_message,
+    progress_message,
+    query_message,
+    reply_message,
+    start_message,
+)
 from plumbing.transport import Outgoing
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -180,17 +196,65 @@ def _order_samples() -> list[BaseModel]:
     ]
 
 
+CLIENT_QUEUE = "amq.gen-client-1"
+
+
+def _progress() -> list[BaseModel]:
+    fields: dict[str, Any] = {
+        "saga_id": SAGA,
+        "step": "process_payment",
+        "direction": Direction.FORWARD,
+        "attempt": 1,
+        "sent_at": NOW,
+    }
+    return [
+        PickedUp(message_id=f"picked_up:{SAGA}:1", **fields),
+        Heartbeat(message_id=f"heartbeat:{SAGA}:1", details="3 of 9 checks", **fields),
+    ]
+
+
+def _client_messages() -> list[BaseModel]:
+    results = {"reserve_inventory": {"reservation_id": "r-1"}}
+    return [
+        QuerySaga(saga_id=SAGA, reply_to=CLIENT_QUEUE, watch=True),
+        StartAnswer(saga_id=SAGA, status=StartStatus.REFUSED, reason="unknown saga type"),
+        SagaSnapshot(
+            saga_id=SAGA,
+            found=True,
+            saga_type=SAGA_TYPE,
+            version=1,
+            status="started",
+            data={"order_id": SAGA},
+            results=results,
+            steps=[StepView(name="reserve_inventory", status="completed", attempts=1)],
+            created_at=NOW,
+            updated_at=NOW,
+        ),
+        SagaOutcome(
+            saga_id=SAGA,
+            saga_type=SAGA_TYPE,
+            status="failed",
+            results=results,
+            failure_reason="card declined",
+            error=ERROR,
+            finished_at=NOW,
+        ),
+    ]
+
+
 MESSAGES: list[BaseModel] = [
     _start(),
     _envelope(),
     _reply(),
+    *_progress(),
     _timer(),
+    *_client_messages(),
     *(_event(cls, index) for index, cls in enumerate(LIFECYCLE_EVENTS)),
 ]
 ORDER_SAMPLES = _order_samples()
 
 
-def _wire(message: BaseModel) -> Outgoing:
+def _wire(message: BaseModel) -> Outgoing:  # noqa: PLR0911 - one case per message kind
     """The message exactly as the codec puts it on the wire."""
     match message:
         case CommandEnvelope():
@@ -201,6 +265,12 @@ def _wire(message: BaseModel) -> Outgoing:
             return outgoing(PublishEvent(event=message), NOW)
         case Reply():
             return reply_message(message, names.REPLIES_ROUTING_KEY, NOW)
+        case PickedUp() | Heartbeat():
+            return progress_message(message, names.REPLIES_ROUTING_KEY, NOW)
+        case StartAnswer() | SagaSnapshot() | SagaOutcome():
+            return answer_message(message, CLIENT_QUEUE, NOW)
+        case QuerySaga():
+            return query_message(message, f"{SAGA}:query:1", NOW)
         case StartSaga():
             return start_message(message, NOW)
     raise AssertionError(f"no codec for {type(message).__name__}")
@@ -252,6 +322,12 @@ CHANNEL_OF: dict[type[BaseModel], str] = {
     StartSaga: "start",
     CommandEnvelope: "commands",
     Reply: "replies",
+    PickedUp: "replies",
+    Heartbeat: "replies",
+    QuerySaga: "queries",
+    StartAnswer: "answers",
+    SagaSnapshot: "answers",
+    SagaOutcome: "answers",
     TimerMessage: "timers",
     **dict.fromkeys(LIFECYCLE_EVENTS, "events"),
 }
@@ -281,7 +357,7 @@ def test_the_server_is_a_variable_free_amqp_broker() -> None:
 def test_samples_cover_every_message_and_example_model() -> None:
     assert {type(m) for m in MESSAGES} == set(MESSAGE_MODELS)
     assert {type(m) for m in ORDER_SAMPLES} == set(ORDER_MODELS)
-    assert len(MESSAGE_MODELS) == 4 + len(EventName)
+    assert len(MESSAGE_MODELS) == 10 + len(EventName)
 
 
 @pytest.mark.parametrize("model", MESSAGE_MODELS, ids=lambda m: m.__name__)
@@ -401,6 +477,8 @@ def test_operations_are_the_orchestrators_sends_and_receives() -> None:
 
     assert actions == {
         "start": {"receive"},
+        "queries": {"receive"},
+        "answers": {"send"},
         "commands": {"send"},
         "replies": {"receive"},
         "timers": {"send", "receive"},
@@ -422,8 +500,11 @@ def test_documented_routing_and_headers_are_what_the_codec_writes(message: BaseM
     kind = wire.headers[names.HEADER_MESSAGE_KIND]
     assert documented["properties"][names.HEADER_MESSAGE_KIND]["const"] == kind
     assert wire.correlation_id == wire.headers[names.HEADER_SAGA_ID]
-    amqp = channel["bindings"]["amqp"]
-    if amqp["is"] == "routingKey":
+    amqp = channel.get("bindings", {}).get("amqp", {"is": "a client's own queue"})
+    if amqp["is"] == "a client's own queue":  # through the default exchange
+        assert wire.exchange == ""
+        assert wire.routing_key == _address(channel, json.loads(wire.body))
+    elif amqp["is"] == "routingKey":
         assert wire.exchange == amqp["exchange"]["name"]
         assert wire.routing_key == _address(channel, json.loads(wire.body))
     elif wire.exchange:  # a queue fed by an exchange, which the description names
@@ -439,7 +520,9 @@ def _address(channel: dict[str, Any], body: dict[str, Any]) -> str:
     for name, parameter in channel["parameters"].items():
         location = parameter.get("location", "")
         field = location.removeprefix("$message.payload#/")
-        values[name] = body[field] if location else {"service": SERVICE}[name]
+        values[name] = (
+            body[field] if location else {"service": SERVICE, "reply_to": CLIENT_QUEUE}[name]
+        )
     address: str = channel["address"].format(**values)
     return address
 

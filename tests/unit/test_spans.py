@@ -9,9 +9,10 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 
-from examples.order_fulfillment import app
+from contracts.messages import Reply
+from examples.order_fulfillment import app, inventory, notification, payment, shipping
 from orchestrator.testing import SagaHarness, errors_then, fail, succeed
 from tests.unit.test_harness import ORDER
 
@@ -73,3 +74,43 @@ async def test_each_saga_is_one_trace_of_its_attempts_and_compensations(
         assert span.end_time is not None
         assert span.end_time >= span.start_time
     assert dict(one[0].parent.trace_state) == {"vendor": "abc"}  # type: ignore[union-attr]
+
+
+async def test_participant_handlers_are_spans_of_the_sagas_trace(
+    spans: InMemorySpanExporter,
+) -> None:
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    inside: list[int] = []
+
+    async with SagaHarness(app).mount(inventory, payment, shipping, notification) as h:
+        await h.orchestrator.start(
+            "order_fulfillment",
+            "spans-1",  # the example services are shared: an id no other test ran
+            {**ORDER, "order_id": "spans-1"},
+            traceparent=caller,
+            tracestate="vendor=abc",
+        )
+        await h.settle()
+        inside.append(trace.get_current_span().get_span_context().trace_id)
+    handled = [s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER]
+    assert [s.name for s in handled] == [
+        "inventory.reserve_inventory",
+        "payment.process_payment",
+        "shipping.create_shipment",
+        "notification.send_confirmation",
+    ]
+    commands = {c.command: c for c in h.commands("spans-1")}
+    for span in handled:
+        assert span.attributes is not None
+        command = commands[span.name.split(".")[1]]
+        assert command.traceparent is not None
+        assert span.context.trace_id == int("0af7651916cd43dd8448eb211c80319c", 16)
+        assert span.parent is not None
+        # A child of the command's own context: the orchestrator sent it, the service ran it.
+        assert span.parent.span_id == int(command.traceparent.split("-")[2], 16)
+        assert dict(span.parent.trace_state) == {"vendor": "abc"}
+        assert span.attributes["saga.attempt"] == command.attempt
+    assert inside == [0]  # no span leaks into the caller's context
+    replies = [m for m in h.published("reply") if m.message_id.startswith("reply:")]
+    assert replies
+    assert {Reply.model_validate_json(m.body).tracestate for m in replies} == {"vendor=abc"}
