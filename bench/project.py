@@ -148,6 +148,9 @@ async def world(ctx: Context, spec: RowSpec, label: str) -> AsyncIterator[World]
             "SAGA_AMQP_URL": amqp,
             "SAGA_STORE_URL": url,
             "SAGA_IDEMPOTENCY_URL": url,
+            # The memory row measures the engine without a database: one process per service,
+            # never restarted, so nothing needs to be shared.
+            "SAGA_ALLOW_MEMORY_STORE": "1" if url.startswith("memory://") else "",
             **spec.env,
         }
         cluster = SagaCluster(env, ctx.workdir / label, replicas=spec.replicas)

@@ -1,7 +1,9 @@
 """The ``saga`` command line: demo, daemons, operator commands, schema and topology.
 
 Every failure an operator can cause (a bad setting, an unreachable store or broker, an unknown
-saga) ends with one line on stderr and exit status 2, never a traceback.
+saga, an argument out of range) ends with one line on stderr and exit status 2, never a
+traceback. Arguments are checked before anything connects, and what an error echoes of the
+user's input has its control characters escaped: a pasted ``\x1b[2J`` is shown, not obeyed.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from plumbing.errors import SagaError
 
@@ -23,8 +27,31 @@ EXIT_TIMEOUT = 3
 """Whatever was waited for did not happen in time (``saga start --timeout``)."""
 
 
+REASON_LIMIT = 500
+"""Characters in an operator's ``--reason``: it is kept in the saga's history."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors never echo a control character the user typed."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage and ``message`` (escaped), and exit with status 2."""
+        super().error(printable(message))
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\x1b``, ``\n``, ``\u2028``).
+
+    An error that echoes user input then stays one line and cannot drive the terminal.
+    """
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="saga", description="Saga orchestrator over RabbitMQ: run, operate and inspect sagas."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -46,10 +73,14 @@ def _parser() -> argparse.ArgumentParser:
         "start",
         help="start a saga and wait until the orchestrator accepts it (idempotent on --id)",
     )
-    start.add_argument("saga_type")
-    start.add_argument("--id", required=True, dest="saga_id")
+    start.add_argument("saga_type", type=saga_type)
+    start.add_argument("--id", required=True, dest="saga_id", type=new_saga_id)
     start.add_argument("--data", required=True, help="the saga's data as a JSON object")
-    start.add_argument("--traceparent", help="W3C trace context to continue (default: a new trace)")
+    start.add_argument(
+        "--traceparent",
+        type=traceparent,
+        help="W3C trace context to continue (default: a new trace)",
+    )
     start.add_argument(
         "--version", type=positive_int, help="the definition version to run (default: the newest)"
     )
@@ -67,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list sagas from the store")
     ls.add_argument("--status")
-    ls.add_argument("--type", dest="saga_type")
+    ls.add_argument("--type", dest="saga_type", type=saga_type)
     ls.add_argument(
         "--version", type=positive_int, help="only sagas running this definition version"
     )
@@ -76,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
 
     show = sub.add_parser("show", help="show one saga's timeline")
-    show.add_argument("saga_id")
+    show.add_argument("saga_id", type=saga_id)
     show.add_argument("--json", action="store_true")
 
     for name, text in (
@@ -86,12 +117,14 @@ def _parser() -> argparse.ArgumentParser:
         ("resume", "carry a held saga on (after its definition is back or its cause is fixed)"),
     ):
         action = sub.add_parser(name, help=text)
-        action.add_argument("saga_id")
+        action.add_argument("saga_id", type=saga_id)
         action.add_argument(
             "--app", help="MODULE:ATTR of the saga definitions (default: $SAGA_APP)"
         )
         if name in ("abort", "resolve"):
-            action.add_argument("--reason", default=None, help="recorded in the saga's history")
+            action.add_argument(
+                "--reason", type=reason, default=None, help="recorded in the saga's history"
+            )
         if name == "resume":
             action.add_argument(
                 "--to-version",
@@ -100,8 +133,8 @@ def _parser() -> argparse.ArgumentParser:
             )
 
     watch = sub.add_parser("watch", help="stream lifecycle events as they are published")
-    watch.add_argument("--type", dest="saga_type", help="only sagas of this type")
-    watch.add_argument("--event", help="only this event, e.g. SagaFailed")
+    watch.add_argument("--type", dest="saga_type", type=saga_type, help="only sagas of this type")
+    watch.add_argument("--event", type=event_name, help="only this event, e.g. SagaFailed")
     watch.add_argument("--json", action="store_true", help="one JSON object per event")
     watch.add_argument("--count", type=positive_int, help="stop after this many events")
 
@@ -130,7 +163,78 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{value:g} is not allowed: give more than 0")
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{value:g} is not allowed: give a finite number")
     return value
+
+
+def saga_type(text: str) -> str:
+    """An argument that names a saga type."""
+    from orchestrator.definition import NAME_RULE, is_name
+
+    if not is_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a saga type name: use {NAME_RULE}")
+    return text
+
+
+def new_saga_id(text: str) -> str:
+    """An argument that is the id of a saga to start: what a start request accepts."""
+    from contracts.messages import SAGA_ID_LIMIT, SAGA_ID_PATTERN
+
+    if len(text) > SAGA_ID_LIMIT or not re.fullmatch(SAGA_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a saga id: use letters, digits and . _ : @ # + = ~ / - "
+            f"(no spaces), starting with a letter or a digit, at most {SAGA_ID_LIMIT} characters"
+        )
+    return text
+
+
+def saga_id(text: str) -> str:
+    """An argument that is the id of an existing saga (older ones may predate the id rules)."""
+    from contracts.messages import SAGA_ID_LIMIT
+
+    if not text or len(text) > SAGA_ID_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"a saga id has 1 to {SAGA_ID_LIMIT} characters, not {len(text)}"
+        )
+    return text
+
+
+def event_name(text: str) -> str:
+    """An argument that names a lifecycle event."""
+    from contracts.events import EventName
+
+    known = [event.value for event in EventName]
+    if text not in known:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a lifecycle event; use one of {', '.join(sorted(known))}"
+        )
+    return text
+
+
+def traceparent(text: str) -> str:
+    """An argument that is a W3C ``traceparent`` header value."""
+    from plumbing import tracing
+
+    if not tracing.valid(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a W3C traceparent; it looks like "
+            "00-<32 hex digits>-<16 hex digits>-<2 hex digits>, neither id all zeros"
+        )
+    return text
+
+
+def reason(text: str) -> str:
+    """An argument kept in a saga's history: printable, bounded."""
+    if len(text) > REASON_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"it has {len(text)} characters; at most {REASON_LIMIT} are kept"
+        )
+    if not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds control characters or line breaks; give one line of text"
+        )
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,10 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_dispatch(args))
     except SagaError as e:
-        print(f"saga {args.command}: {e}", file=sys.stderr)
+        print(f"saga {args.command}: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except TimeoutError as e:
-        print(f"saga {args.command}: {e or 'timed out'}", file=sys.stderr)
+        print(f"saga {args.command}: {printable(str(e)) or 'timed out'}", file=sys.stderr)
         return EXIT_TIMEOUT
     except KeyboardInterrupt:
         return 130

@@ -48,6 +48,14 @@ MIN_TIMEOUT = timedelta(seconds=1)
 """Timers have one-second granularity; a shorter timeout would always fire late."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+NAME_RULE = "lower-case letters, digits and _, starting with a letter, at most 63 characters"
+"""What a saga type, step or service name may be (for error messages that check ``_NAME``)."""
+
+
+def is_name(text: str) -> bool:
+    """Whether ``text`` may name a saga type, a step or a service."""
+    return _NAME.match(text) is not None
+
 
 Duration = timedelta | float | int
 """A duration as a ``timedelta`` or a number of seconds."""

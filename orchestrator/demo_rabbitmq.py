@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 from contracts.messages import StartSaga
@@ -38,7 +39,12 @@ async def run_with_processes(settings: Settings, *, within: float = 120.0) -> li
             "processes, which need a shared store: set SAGA_STORE_URL to a postgresql:// or "
             "mongodb:// URL"
         )
-    env = {"SAGA_LOG_LEVEL": "warning", "SAGA_SWEEP_INTERVAL": "1"}
+    env = {
+        "SAGA_LOG_LEVEL": "warning",
+        "SAGA_SWEEP_INTERVAL": "1",
+        # The services keep their outcomes where the sagas are (unless told otherwise).
+        "SAGA_IDEMPOTENCY_URL": os.environ.get("SAGA_IDEMPOTENCY_URL") or settings.store_url,
+    }
     if not settings.step_timeouts:
         env["SAGA_STEP_TIMEOUTS"] = json.dumps({"order_fulfillment.create_shipment": 5})
     suffix = format(int(time.time() * 1000) % 36**6, "x")  # a rerun starts new sagas

@@ -1,21 +1,52 @@
-"""What both long-running processes share: the broker from settings, and signal handling.
+"""What both long-running processes share: the broker from settings, start-up and signals.
 
 ``saga orchestrator`` (:mod:`orchestrator.daemon`) and ``saga participant``
 (:mod:`participants.daemon`) read their settings from the environment, log JSON, serve
 ``/metrics``, ``/healthz`` and ``/readyz``, and shut down gracefully on SIGTERM or SIGINT.
+
+Start-up follows what an operator under systemd or Kubernetes expects:
+
+* **A server that is down is waited for.** The broker and the stores are tried with exponential
+  backoff (0.5 s doubling up to 30 s), one ``startup_waiting`` log line per failed attempt,
+  ``/readyz`` answering 503 meanwhile, for ``SAGA_STARTUP_WAIT`` seconds (default: for ever,
+  as an outage after start-up is ridden out). Exiting instead would turn a broker restart into
+  a crash loop that systemd's start limit ends for good.
+* **A mistake stops the process with one sentence** and a non-zero exit: a bad setting, a port
+  taken, an app that does not import, credentials refused. Retrying those changes nothing.
+* **Memory stores are refused next to a real broker** unless ``SAGA_ALLOW_MEMORY_STORE=1``:
+  a second replica or a restart would not see what the first one kept, so sagas would be lost
+  (their replies reach the replica that does not have them) and commands would run twice.
+* **Probe ports do not collide on one host by default**: the orchestrator listens on 9400, a
+  participant service on a free port it logs (``http_listening``); a fleet that scrapes them
+  sets ``SAGA_HTTP_PORT`` per process, as the systemd units and manifests in ``deploy/`` do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final
+
+import structlog
 
 from plumbing.delays import DelayLadder
-from plumbing.errors import ConfigError
+from plumbing.errors import BrokerUnavailable, ConfigError, SagaError, StoreUnavailable
+from plumbing.http import ProbeServer
 from plumbing.metrics import ProcessMetrics
 from plumbing.rabbitmq import RabbitTransport
 from plumbing.settings import SagaSettings
+from plumbing.stores import StoreKind, store_kind
+
+log = structlog.get_logger("daemon")
+
+ORCHESTRATOR_PORT: Final = 9400
+"""The orchestrator's probe port when ``SAGA_HTTP_PORT`` is unset."""
+FIRST_BACKOFF: Final = 0.5
+"""Seconds before the second start-up attempt; each later wait doubles, up to the cap."""
+MAX_BACKOFF: Final = 30.0
+"""The longest wait between two start-up attempts."""
 
 
 def rabbit_transport(
@@ -64,3 +95,117 @@ async def until_set_or_done(event: asyncio.Event, task: asyncio.Task[None]) -> N
         await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
+
+
+def refuse_memory_store(settings: SagaSettings, variable: str, url: str, loss: str) -> None:
+    """Refuse ``memory://`` in ``variable`` unless the settings allow it explicitly.
+
+    ``loss`` says what goes wrong, completing "a restart or a second replica ...".
+
+    Raises:
+        ConfigError: the URL names the memory store and ``SAGA_ALLOW_MEMORY_STORE`` is off.
+    """
+    if settings.allow_memory_store or store_kind(url, variable) is not StoreKind.MEMORY:
+        return
+    raise ConfigError(
+        f"{variable} is memory:// while the broker is shared: a restart or a second replica "
+        f"{loss}; set {variable} to a postgresql:// or mongodb:// URL (or "
+        "SAGA_ALLOW_MEMORY_STORE=1 for a single throwaway process)"
+    )
+
+
+async def start_probes(probes: ProbeServer) -> None:
+    """Start serving the probes; a port that cannot be had is one sentence naming the setting.
+
+    Raises:
+        ConfigError: the address is taken, not ours, or not allowed.
+    """
+    try:
+        await probes.start()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(
+            f"cannot serve /metrics, /healthz and /readyz on {probes.host}:{probes.port} "
+            f"({reason}); set SAGA_HTTP_PORT to a free port (each process on a host needs its "
+            "own), or to 0 to turn the endpoint off"
+        ) from e
+
+
+async def wait_until_reachable(
+    what: str,
+    attempt: Callable[[], Awaitable[None]],
+    *,
+    give_up_after: float,
+    stopping: asyncio.Event,
+) -> bool:
+    """Call ``attempt`` until the server it needs answers; False if stopped meanwhile.
+
+    Only :class:`BrokerUnavailable` and :class:`StoreUnavailable` are waited out: any other
+    error (credentials refused, a bad URL) is a mistake that retrying does not fix, and is
+    raised at once. Each attempt is bounded by the connect timeout of the client it uses, so a
+    SIGTERM is honoured within one attempt.
+
+    Args:
+        what: names the server in log lines ("the saga store", "RabbitMQ").
+        give_up_after: seconds after which the last error is raised; ``inf`` waits for ever.
+        stopping: set on SIGTERM or SIGINT; the wait ends without an error.
+
+    Raises:
+        BrokerUnavailable | StoreUnavailable: still unreachable after ``give_up_after``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + give_up_after
+    delay = FIRST_BACKOFF
+    failures = 0
+    while not stopping.is_set():
+        try:
+            await attempt()
+        except (BrokerUnavailable, StoreUnavailable) as e:
+            failures += 1
+            if loop.time() + delay > deadline:
+                raise type(e)(
+                    f"{e}; gave up after {failures} attempt(s) (SAGA_STARTUP_WAIT="
+                    f"{give_up_after:g})"
+                ) from e
+            log.warning(
+                "startup_waiting", waiting_for=what, attempt=failures, error=str(e), retry_in=delay
+            )
+            if await _set_within(stopping, delay):
+                break
+            delay = min(delay * 2, MAX_BACKOFF)
+            continue
+        if failures:
+            log.info("startup_reached", reached=what, attempts=failures + 1)
+        return True
+    log.info("startup_abandoned", waiting_for=what, attempts=failures)
+    return False
+
+
+async def _set_within(event: asyncio.Event, seconds: float) -> bool:
+    """Whether ``event`` is set within ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def first_saga_error() -> Iterator[None]:
+    """Raise a task group's failure as its first :class:`SagaError` when all of it is one.
+
+    A consumer or loop that fails for a reason the operator can act on (the broker went away
+    for good, a queue was deleted) then ends the daemon with that one sentence instead of an
+    ``ExceptionGroup`` traceback. Anything else, a bug above all, propagates unchanged.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        matched, rest = group.split(SagaError)
+        if matched is None or rest is not None:
+            raise
+        leaf: BaseException = matched
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from group

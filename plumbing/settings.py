@@ -11,6 +11,7 @@ services (:class:`participants.settings.ParticipantSettings`) add their own.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -35,8 +36,13 @@ class SagaSettings(BaseSettings):
     """The ``SAGA_*`` environment variables every saga process reads."""
 
     # The input stays out of validation errors: SAGA_AMQP_URL and the store URLs hold passwords.
+    # An empty variable means its default, as ``Environment=SAGA_HTTP_PORT=`` does in systemd.
     model_config = SettingsConfigDict(
-        env_prefix="SAGA_", extra="ignore", frozen=True, hide_input_in_errors=True
+        env_prefix="SAGA_",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+        env_ignore_empty=True,
     )
 
     app: str | None = Field(default=None, description="MODULE:ATTR of the App or Participant.")
@@ -61,7 +67,24 @@ class SagaSettings(BaseSettings):
         default="127.0.0.1",
         description="Where the probes listen; containers set 0.0.0.0 to serve them to the pod.",
     )
-    http_port: int = Field(default=9400, ge=0, le=65535, description="0 disables the endpoint.")
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Unset: 9400 for the orchestrator, a free port for a participant service "
+        "(so that several run on one host); 0 disables the endpoint.",
+    )
+    startup_wait: float = Field(
+        default=math.inf,
+        ge=0,
+        description="Seconds to keep trying to reach the broker and the stores at start-up "
+        "before exiting; inf (the default) waits as long as an outage after start-up would.",
+    )
+    allow_memory_store: bool = Field(
+        default=False,
+        description="Let a daemon keep sagas or participants' outcomes in memory:// although a "
+        "real broker is configured (one throwaway process only: nothing is shared or kept).",
+    )
     log_level: str = "info"
     log_format: LogFormat = LogFormat.JSON
 

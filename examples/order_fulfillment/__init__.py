@@ -5,7 +5,10 @@ Run it for real with::
     saga orchestrator --app examples.order_fulfillment:app
     saga participant --app examples.order_fulfillment:inventory
 
-and likewise ``:payment``, ``:shipping`` and ``:notification``.
+and likewise ``:payment``, ``:shipping`` and ``:notification``, with ``SAGA_AMQP_URL``,
+``SAGA_STORE_URL`` and ``SAGA_IDEMPOTENCY_URL`` set (the README's "Run it" is the whole recipe).
+An order's ``simulate`` field makes the services fail, hang, error or dawdle on purpose
+(:mod:`examples.order_fulfillment.services`).
 """
 
 from examples.order_fulfillment.saga import app, order_fulfillment

@@ -52,6 +52,8 @@ def env(amqp: str, database: str, **extra: str) -> dict[str, str]:
     return {
         "SAGA_AMQP_URL": amqp,
         "SAGA_STORE_URL": database,
+        # The participants keep their outcomes in memory: one process each, never restarted.
+        "SAGA_ALLOW_MEMORY_STORE": "1",
         "SAGA_STEP_TIMEOUTS": json.dumps({f"order_fulfillment.{s}": 2 for s in STEPS}),
         "SAGA_SWEEP_INTERVAL": "1",
         "SAGA_GAUGE_INTERVAL": "1",

@@ -84,6 +84,7 @@ async def test_a_participant_through_dropped_connections_logs_only_json(
         "SAGA_HTTP_HOST": "127.0.0.1",
         "SAGA_HTTP_PORT": str(port),
         "SAGA_LOG_LEVEL": "info",
+        "SAGA_ALLOW_MEMORY_STORE": "1",  # one process, and what it handles is not checked
     }
     daemon = Daemon(
         "payment", ("participant", "--app", "examples.order_fulfillment:payment"), env, port, log
