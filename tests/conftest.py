@@ -9,8 +9,10 @@ SecantusDB and sets it; the hosted workflow sets it to a real MongoDB replica se
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import NoReturn
@@ -18,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import structlog
 from pymongo import AsyncMongoClient
 
 from plumbing.logs import configure_logging
@@ -66,6 +69,21 @@ def with_database(url: str, name: str) -> str:
 def quiet_logs() -> None:
     """Only warnings and errors from structlog while tests run."""
     configure_logging("warning", json=False)
+
+
+@pytest.fixture(autouse=True)
+def logging_restored() -> Iterator[None]:
+    """Put logging back as it was after a test that ran ``main()``: the CLI configures
+    structlog and the root logger to write to the ``sys.stderr`` of that moment, which
+    ``capsys`` closes when the test ends, so every later log line would raise."""
+    config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level, hook = root.handlers[:], root.level, sys.excepthook
+    yield
+    structlog.configure(**config)
+    root.handlers = handlers
+    root.setLevel(level)
+    sys.excepthook = hook
 
 
 @pytest.fixture
