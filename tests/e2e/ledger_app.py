@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from contracts.messages import Command, CommandEnvelope, Reply
 from participants import CommandContext, Participant
+from participants.progress import ProgressSink
 from plumbing.clock import Clock
 
 
@@ -40,8 +41,10 @@ class EntryPosted(BaseModel):
 class _PausingAfterCommit(Participant):
     """A participant that waits between storing an outcome and publishing its reply."""
 
-    async def handle(self, envelope: CommandEnvelope, clock: Clock) -> Reply | None:
-        reply = await super().handle(envelope, clock)
+    async def handle(
+        self, envelope: CommandEnvelope, clock: Clock, progress: ProgressSink | None = None
+    ) -> Reply | None:
+        reply = await super().handle(envelope, clock, progress)
         pause = envelope.payload.get("after_commit", 0)
         if isinstance(pause, int | float) and pause > 0:
             await asyncio.sleep(pause)

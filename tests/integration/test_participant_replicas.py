@@ -24,6 +24,7 @@ from contracts.messages import (
 )
 from participants import CommandContext, Participant
 from participants.idempotency_stores import PostgresIdempotency
+from participants.progress import ProgressSink
 from plumbing.clock import Clock
 from plumbing.codec import decode
 from plumbing.rabbitmq import RabbitTransport
@@ -52,9 +53,11 @@ class Replica(Participant):
         self.name = name
         self.arrived = arrived
 
-    async def handle(self, envelope: CommandEnvelope, clock: Clock) -> Reply | None:
+    async def handle(
+        self, envelope: CommandEnvelope, clock: Clock, progress: ProgressSink | None = None
+    ) -> Reply | None:
         self.arrived[self.name].set()
-        return await super().handle(envelope, clock)
+        return await super().handle(envelope, clock, progress)
 
 
 def command() -> Outgoing:
