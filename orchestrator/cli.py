@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from plumbing.daemons import event_loop_factory
 from plumbing.errors import SagaError
 
 EXIT_USAGE = 2
@@ -241,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``saga`` console script."""
     args = _parser().parse_args(argv)
     try:
-        return asyncio.run(_dispatch(args))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            return runner.run(_dispatch(args))
     except SagaError as e:
         print(f"saga {args.command}: {printable(str(e))}", file=sys.stderr)
         return EXIT_USAGE

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
@@ -47,6 +49,34 @@ FIRST_BACKOFF: Final = 0.5
 """Seconds before the second start-up attempt; each later wait doubles, up to the cap."""
 MAX_BACKOFF: Final = 30.0
 """The longest wait between two start-up attempts."""
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (``pip install 'saga-orchestrator[uvloop]'``),
+    unless ``SAGA_EVENT_LOOP=asyncio``; None: the standard library's.
+
+    Read from the environment directly: the loop is chosen before any setting is loaded.
+
+    Raises:
+        ConfigError: ``SAGA_EVENT_LOOP`` names another loop, or uvloop, which is missing.
+    """
+    wanted = os.environ.get("SAGA_EVENT_LOOP", "").strip().lower()
+    if wanted not in ("", "uvloop", "asyncio"):
+        raise ConfigError(
+            f"SAGA_EVENT_LOOP is {wanted!r}; use uvloop or asyncio (or leave it unset: uvloop "
+            "when installed)"
+        )
+    installed = importlib.util.find_spec("uvloop") is not None
+    if wanted == "uvloop" and not installed:
+        raise ConfigError(
+            "SAGA_EVENT_LOOP=uvloop but uvloop is not installed; pip install "
+            "'saga-orchestrator[uvloop]' or unset SAGA_EVENT_LOOP"
+        )
+    if wanted == "asyncio" or not installed:
+        return None
+    import uvloop  # optional: imported only when it is installed and wanted
+
+    return uvloop.new_event_loop
 
 
 def rabbit_transport(

@@ -7,7 +7,12 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from plumbing.daemons import first_saga_error, refuse_memory_store, wait_until_reachable
+from plumbing.daemons import (
+    event_loop_factory,
+    first_saga_error,
+    refuse_memory_store,
+    wait_until_reachable,
+)
 from plumbing.errors import BrokerUnavailable, ConfigError, StoreUnavailable
 from plumbing.settings import SagaSettings, load_settings
 
@@ -131,3 +136,21 @@ def test_start_up_settings_default_to_waiting_and_a_port_per_daemon(
     monkeypatch.setenv("SAGA_STARTUP_WAIT", "-1")
     with pytest.raises(ConfigError, match="SAGA_STARTUP_WAIT is invalid"):
         load_settings(SagaSettings)
+
+
+def test_uvloop_runs_the_daemons_when_installed_unless_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    monkeypatch.delenv("SAGA_EVENT_LOOP", raising=False)
+    assert event_loop_factory() is uvloop.new_event_loop
+    monkeypatch.setenv("SAGA_EVENT_LOOP", "uvloop")
+    assert event_loop_factory() is uvloop.new_event_loop
+    monkeypatch.setenv("SAGA_EVENT_LOOP", "asyncio")
+    assert event_loop_factory() is None
+
+
+def test_an_unknown_event_loop_is_refused_with_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAGA_EVENT_LOOP", "trio")
+    with pytest.raises(ConfigError, match="use uvloop or asyncio"):
+        event_loop_factory()
