@@ -84,6 +84,12 @@ _REASON_LIMIT: Final = 1000  # a hold's reason is a sentence an operator reads, 
 OperatorAction = OperatorRetry | OperatorAbort | OperatorResolve
 """What an operator can do to a saga."""
 
+_ACTION_LABELS: Final[dict[type[OperatorAction], str]] = {
+    OperatorRetry: "retry",
+    OperatorAbort: "abort",
+    OperatorResolve: "resolve",
+}
+
 
 class Handled(StrEnum):
     """What the shell did with a message besides applying it (an engine :class:`Outcome`).
@@ -383,7 +389,12 @@ class Orchestrator:
     async def operate(self, saga_id: str, action: OperatorAction) -> SagaState:
         """Apply an operator action (retry, abort, resolve) through the saga rules."""
         decision = await self.apply(saga_id, action)
-        log.info("operator_action_applied", saga_id=saga_id, action=type(action).__name__)
+        log.info(
+            "operator_action_applied", saga_id=saga_id, action=type(action).__name__, by=action.by
+        )
+        if self.metrics:
+            name = _ACTION_LABELS[type(action)]
+            self.metrics.operator_actions.labels(decision.state.saga_type, name).inc()
         return decision.state
 
     # --- Holds ------------------------------------------------------------------------------
@@ -773,7 +784,7 @@ class Orchestrator:
         if self.metrics is None:
             return
         counts = await self.store.count_by_status()
-        self.metrics.set_in_flight(counts, self.app.types)
+        self.metrics.set_active(counts, self.app.types)
         self.metrics.set_held(await self.store.count_held(), self.app.types)
         size, oldest = await self.store.outbox_backlog()
         self.metrics.set_outbox(size, oldest, self.clock.now())

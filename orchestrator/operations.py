@@ -1,0 +1,143 @@
+"""Operator actions on sagas (retry, abort, resolve), one saga or every saga a filter matches.
+
+The CLI and the console both act through :class:`Operations`, so an action goes through the
+saga rules (:func:`~orchestrator.engine.decide`) the same way wherever it is asked for, names
+who asked in the saga's history, and is counted in the metrics of the process that applied it.
+A bulk action applies to each matching saga in turn: one the rules refuse (it moved on
+meanwhile) is reported with the reason and the others go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Final
+
+from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
+from orchestrator.runtime import OperatorAction, Orchestrator
+from orchestrator.state import SagaStatus
+from orchestrator.store import Cursor, SagaFilter
+from plumbing.errors import ActionRefused, SagaNotFound
+
+BULK_LIMIT: Final = 10_000
+"""The most sagas one bulk action touches; a larger set is refused, to be narrowed first."""
+
+_PAGE: Final = 500
+
+
+class Action(StrEnum):
+    """What an operator can do to a saga."""
+
+    RETRY = "retry"
+    """Send the compensation a stuck saga gave up on again (a new generation)."""
+    ABORT = "abort"
+    """Stop going forward and compensate now."""
+    RESOLVE = "resolve"
+    """Take a stuck compensation as done by hand and carry on compensating."""
+
+    def event(self, *, by: str | None, reason: str | None = None) -> OperatorAction:
+        """The engine event for this action, naming the operator."""
+        match self:
+            case Action.RETRY:
+                return OperatorRetry(by=by)
+            case Action.ABORT:
+                return OperatorAbort(reason or f"aborted by {by or 'an operator'}", by=by)
+            case Action.RESOLVE:
+                return OperatorResolve(reason or f"resolved by {by or 'an operator'}", by=by)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """An action the saga rules accepted."""
+
+    saga_id: str
+    before: SagaStatus
+    after: SagaStatus
+    unsent: int
+    """Messages the action wrote that are not published yet: without a broker here, the
+    daemon's outbox relay sends them."""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An action a bulk run could not apply to one saga, and why."""
+
+    saga_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    """What a bulk action did to each saga it matched."""
+
+    applied: tuple[Applied, ...]
+    refused: tuple[Refused, ...]
+
+
+class Operations:
+    """Applies operator actions through an orchestrator's rules and store."""
+
+    def __init__(self, engine: Orchestrator) -> None:
+        self.engine = engine
+
+    async def act(
+        self, saga_id: str, action: Action, *, by: str | None, reason: str | None = None
+    ) -> Applied:
+        """Apply ``action`` to one saga.
+
+        Raises:
+            SagaNotFound: no saga has this id.
+            ActionRefused: the saga rules refuse the action in the saga's current state.
+        """
+        store = self.engine.store
+        before = await store.load(saga_id)
+        if before is None:
+            raise SagaNotFound(f"no saga has id {saga_id!r}")
+        after = await self.engine.operate(saga_id, action.event(by=by, reason=reason))
+        # Messages already in the outbox before the action are the daemon's to send (a timer
+        # it holds back, say); only the ones this action wrote and could not publish count.
+        earlier = {entry.message_id for entry in before.outbox}
+        record = await store.load(saga_id)
+        unsent = 0
+        if record is not None:
+            unsent = sum(1 for entry in record.outbox if entry.message_id not in earlier)
+        return Applied(saga_id, before.state.status, after.status, unsent)
+
+    async def matching(self, query: SagaFilter) -> Sequence[str]:
+        """The ids of every saga ``query`` matches (its limit ignored), newest first.
+
+        Raises:
+            ActionRefused: more than :data:`BULK_LIMIT` sagas match.
+        """
+        found: list[str] = []
+        page = replace(query, limit=_PAGE, after=None)
+        while True:
+            listed = await self.engine.store.find(page)
+            found += [item.state.saga_id for item in listed]
+            if len(found) > BULK_LIMIT:
+                raise ActionRefused(
+                    f"more than {BULK_LIMIT} sagas match; narrow the filter and act in parts"
+                )
+            if len(listed) < _PAGE:
+                return found
+            last = listed[-1].state
+            page = replace(page, after=Cursor(last.updated_at, last.saga_id))
+
+    async def bulk(
+        self,
+        saga_ids: Sequence[str],
+        action: Action,
+        *,
+        by: str | None,
+        reason: str | None = None,
+    ) -> BulkOutcome:
+        """Apply ``action`` to each of ``saga_ids`` in turn (see :meth:`matching`)."""
+        applied: list[Applied] = []
+        refused: list[Refused] = []
+        for saga_id in saga_ids:
+            try:
+                applied.append(await self.act(saga_id, action, by=by, reason=reason))
+            except (ActionRefused, SagaNotFound) as e:
+                refused.append(Refused(saga_id, str(e)))
+        return BulkOutcome(tuple(applied), tuple(refused))
