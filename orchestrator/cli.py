@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("saga_id")
     show.add_argument("--json", action="store_true")
 
-    _add_parked_and_console(sub)
+    _add_parked(sub)
+    _add_console(sub)
 
     _add_actions(sub)
 
@@ -127,8 +128,8 @@ def _add_actions(sub: Any) -> None:
         )
 
 
-def _add_parked_and_console(sub: Any) -> None:
-    """``saga parked ls|show|replay|discard`` and ``saga console``."""
+def _add_parked(sub: Any) -> None:
+    """``saga parked ls|show|replay|discard``."""
     parked = sub.add_parser("parked", help="messages parked in saga.parked: list, show, replay")
     parked_sub = parked.add_subparsers(dest="parked_command", required=True, metavar="ACTION")
     parked_ls = parked_sub.add_parser("ls", help="list parked messages, oldest first")
@@ -143,6 +144,16 @@ def _add_parked_and_console(sub: Any) -> None:
         one.add_argument("message_id", help="the id `saga parked ls` shows")
         if name == "show":
             one.add_argument("--json", action="store_true")
+
+
+def _add_console(sub: Any) -> None:
+    """``saga console``."""
+    console = sub.add_parser("console", help="serve the operator console: HTTP API and page")
+    console.add_argument("--app", help="MODULE:ATTR of the saga definitions (default: $SAGA_APP)")
+    console.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
+    )
+    console.add_argument("--port", type=int, default=8474, help="port (default 8474; 0: any)")
 
 
 def _add_filter(parser: argparse.ArgumentParser, *, bulk: bool) -> None:
@@ -216,6 +227,7 @@ async def _dispatch(args: argparse.Namespace) -> int:
         "resolve": commands.resolve,
         "resume": commands.resume,
         "parked": commands.parked,
+        "console": commands.console,
         "topology": commands.topology,
         "watch": commands.watch,
     }

@@ -16,7 +16,7 @@ from contracts.messages import StartSaga
 from orchestrator import demo as demos
 from orchestrator.cli import EXIT_SAGA_FAILED, print_json
 from orchestrator.loader import load_app
-from orchestrator.operations import Action, Applied, Operations
+from orchestrator.operations import Action, Applied, Operations, OutboxOnly
 from orchestrator.runtime import Orchestrator
 from orchestrator.settings import Settings
 from orchestrator.state import SagaState, SagaStatus
@@ -26,12 +26,11 @@ from plumbing import tracing
 from plumbing.clock import SystemClock
 from plumbing.codec import start_message
 from plumbing.delays import DelayLadder
-from plumbing.errors import ConfigError, PublishFailed, SagaNotFound
+from plumbing.errors import ConfigError, SagaNotFound
 from plumbing.logs import configure_logging
 from plumbing.parked import ParkedMessage, ParkedQueue
 from plumbing.settings import load_settings
-from plumbing.topology import Topology, client_topology, orchestrator_topology
-from plumbing.transport import Outgoing
+from plumbing.topology import client_topology, orchestrator_topology
 from plumbing.urls import redact_url
 
 
@@ -264,27 +263,6 @@ async def show(args: argparse.Namespace) -> int:
     return 0
 
 
-class _OutboxOnly:
-    """A transport for operator commands run without a broker: every publish is deferred.
-
-    The action is saved with its outbox, and the daemon's outbox relay publishes it.
-    """
-
-    async def declare(self, topology: Topology) -> None:
-        """Nothing to declare."""
-
-    async def publish(self, message: Outgoing) -> None:
-        """Leave the message in the outbox."""
-        raise PublishFailed("no broker configured here; the daemon's outbox relay will send it")
-
-    async def consume(self, *args: object, **kwargs: object) -> None:
-        """Operator commands consume nothing."""
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        """Nothing to release."""
-
-
 def operator_name(given: str | None) -> str:
     """Who is acting: ``--by``, else the login name (recorded in the saga's history)."""
     if given:
@@ -306,7 +284,7 @@ async def _operations(args: argparse.Namespace) -> AsyncIterator[Operations]:
 
             transport = rabbit_transport(settings)
         else:
-            transport = _OutboxOnly()  # type: ignore[assignment]
+            transport = OutboxOnly()  # type: ignore[assignment]
         try:
             yield Operations(Orchestrator(app, store, transport))
         finally:
@@ -523,3 +501,34 @@ def _print_parked(message: ParkedMessage) -> None:
     print("  body:")
     for line in body.splitlines():
         print(f"    {line}")
+
+
+async def console(args: argparse.Namespace) -> int:
+    """``saga console``: serve the operator console until interrupted."""
+    import asyncio
+
+    from orchestrator.console.auth import Access, parse_tokens
+
+    settings = load_settings(Settings)
+    configure_logging(settings.log_level, json=settings.log_format.value == "json")
+    tokens = parse_tokens(
+        settings.console_tokens.get_secret_value() if settings.console_tokens else None
+    )
+    access = Access.for_binding(args.host, tokens)
+    try:
+        from orchestrator.console.server import serve_console
+    except ImportError as e:
+        raise ConfigError(
+            f"the console needs its extra ({e.name} is missing): "
+            "pip install 'saga-orchestrator[console]'"
+        ) from e
+    app = load_app(args.app or settings.app, settings.step_timeouts)
+    async with (
+        _store(settings) as store,
+        serve_console(
+            app, store, access, host=args.host, port=args.port, amqp_url=settings.amqp_url
+        ) as url,
+    ):
+        print(f"console on {url}/ ({redact_url(settings.store_url)})", flush=True)
+        await asyncio.Event().wait()  # until interrupted: Ctrl-C or SIGTERM ends the run
+    return 0

@@ -18,12 +18,33 @@ from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
 from orchestrator.runtime import OperatorAction, Orchestrator
 from orchestrator.state import SagaStatus
 from orchestrator.store import Cursor, SagaFilter
-from plumbing.errors import ActionRefused, SagaNotFound
+from plumbing.errors import ActionRefused, PublishFailed, SagaNotFound
+from plumbing.topology import Topology
+from plumbing.transport import Outgoing
 
 BULK_LIMIT: Final = 10_000
 """The most sagas one bulk action touches; a larger set is refused, to be narrowed first."""
 
 _PAGE: Final = 500
+
+
+class OutboxOnly:
+    """A transport for operator actions where no broker is configured: every publish is
+    deferred, so the action is saved with its outbox and the daemon's outbox relay sends it."""
+
+    async def declare(self, topology: Topology) -> None:
+        """Nothing to declare."""
+
+    async def publish(self, message: Outgoing) -> None:
+        """Leave the message in the outbox."""
+        raise PublishFailed("no broker configured here; the daemon's outbox relay will send it")
+
+    async def consume(self, *args: object, **kwargs: object) -> None:
+        """Operator actions consume nothing."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Nothing to release."""
 
 
 class Action(StrEnum):
