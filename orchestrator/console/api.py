@@ -140,7 +140,7 @@ class ConsoleApi:
 
     async def show_saga(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/sagas/{saga_id}``."""
-        saga_id = request.match_info["saga_id"]
+        saga_id = _path(request, "saga_id")
         record = await self.store.load(saga_id)
         if record is None:
             raise _Refusal(404, f"no saga has id {saga_id!r}")
@@ -161,7 +161,7 @@ class ConsoleApi:
     async def _act(self, request: web.Request, action: Action) -> web.StreamResponse:
         by = self._operator(request)
         body = await _body(request, models.ActionRequest)
-        saga_id = request.match_info["saga_id"]
+        saga_id = _path(request, "saga_id")
         applied = await self.operations.act(saga_id, action, by=by, reason=body.reason)
         return _json(_result(applied, action, by))
 
@@ -181,8 +181,6 @@ class ConsoleApi:
         by = self._operator(request)
         body = await _body(request, models.BulkRequest)
         chosen = body.selection
-        if chosen.status is None and chosen.saga_type is None:
-            raise _Refusal(400, "a bulk action needs at least a status or a saga type")
         saga_ids = await self.operations.matching(
             SagaFilter(
                 status=chosen.status,
@@ -229,13 +227,14 @@ class ConsoleApi:
 
     async def show_parked(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/parked/{message_id}``."""
-        message = await self._parking().get(request.match_info["message_id"])
+        message = await self._parking().get(_path(request, "message_id"))
         return _json(models.ParkedView.model_validate(message.summary(whole=True)))
 
     async def replay_parked(self, request: web.Request) -> web.StreamResponse:
         """``POST /api/parked/{message_id}/replay``."""
         by = self._operator(request)
-        message = await self._parking().replay(request.match_info["message_id"])
+        await _body(request, models.NoFields)
+        message = await self._parking().replay(_path(request, "message_id"))
         log.info("parked_message_replayed", message_id=message.message_id, by=by)
         return _json(
             models.ParkedResult(
@@ -246,7 +245,8 @@ class ConsoleApi:
     async def discard_parked(self, request: web.Request) -> web.StreamResponse:
         """``POST /api/parked/{message_id}/discard``."""
         by = self._operator(request)
-        message = await self._parking().discard(request.match_info["message_id"])
+        await _body(request, models.NoFields)
+        message = await self._parking().discard(_path(request, "message_id"))
         log.info("parked_message_discarded", message_id=message.message_id, by=by)
         return _json(
             models.ParkedResult(
@@ -405,8 +405,9 @@ ROUTES: Final = (
         "replay_parked",
         "Send a parked message back to the queue it was parked from.",
         models.ParkedResult,
+        body=models.NoFields,
         acts=True,
-        errors=(401, 404, 409, 415, 502, 503),
+        errors=(400, 401, 404, 409, 415, 502, 503),
     ),
     Route(
         "POST",
@@ -414,8 +415,9 @@ ROUTES: Final = (
         "discard_parked",
         "Delete a parked message for good.",
         models.ParkedResult,
+        body=models.NoFields,
         acts=True,
-        errors=(401, 404, 415, 503),
+        errors=(400, 401, 404, 415, 503),
     ),
     Route(
         "GET",
@@ -466,6 +468,13 @@ def _problem(status: int, message: str) -> web.Response:
     )
 
 
+def _path(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if "\x00" in value:  # no id holds a NUL (PostgreSQL could not even look one up)
+        raise _Refusal(404, f"no {name.replace('_', ' ')} {value!r} exists")
+    return value
+
+
 def _json(model: BaseModel) -> web.Response:
     return web.Response(body=model.model_dump_json(), content_type=_JSON)
 
@@ -473,8 +482,9 @@ def _json(model: BaseModel) -> web.Response:
 def _query(request: web.Request, model: type[M]) -> M:
     values: dict[str, Any] = {}
     for key in request.query:
-        given = request.query.getall(key)
-        values[key] = given[-1]
+        given = request.query.getall(key)[-1]
+        if given != "":  # an empty field of a form is a filter not given
+            values[key] = given
     try:
         return model.model_validate_strings(values)
     except ValidationError as e:

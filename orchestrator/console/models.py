@@ -4,12 +4,18 @@ document's components (:mod:`orchestrator.console.openapi`)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from orchestrator.operations import Action
 from orchestrator.state import SagaStatus, StepStatus
+
+Text = Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]
+"""A name or prefix in a filter: no NUL (PostgreSQL cannot hold one), not a document."""
+
+Reason = Annotated[str, Field(max_length=500, pattern=r"^[^\x00]*$")]
+"""A sentence for a saga's history."""
 
 
 class _Body(BaseModel):
@@ -119,8 +125,8 @@ class Counts(_Body):
 class ActionRequest(_Body):
     """An operator action on one saga."""
 
-    reason: str | None = Field(
-        default=None, max_length=500, description="Recorded in the history (abort, resolve)."
+    reason: Reason | None = Field(
+        default=None, description="Recorded in the history (abort, resolve)."
     )
 
 
@@ -138,11 +144,27 @@ class ActionResult(_Body):
 class SagaSelection(_Body):
     """Which sagas a bulk action applies to (at least a status or a type)."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["status"], "properties": {"status": {"type": "string"}}},
+                {"required": ["saga_type"], "properties": {"saga_type": {"type": "string"}}},
+            ]
+        },
+    )
+
     status: SagaStatus | None = None
-    saga_type: str | None = None
-    version: int | None = Field(default=None, ge=1)
-    step: str | None = None
-    id_prefix: str | None = None
+    saga_type: Text | None = None
+    version: int | None = Field(default=None, ge=1, le=1_000_000)
+    step: Text | None = None
+    id_prefix: Text | None = None
+
+    @model_validator(mode="after")
+    def _narrowed(self) -> SagaSelection:
+        if self.status is None and self.saga_type is None:
+            raise ValueError("a bulk action needs at least a status or a saga type")
+        return self
 
 
 class BulkRequest(_Body):
@@ -154,7 +176,7 @@ class BulkRequest(_Body):
     """
 
     selection: SagaSelection
-    reason: str | None = Field(default=None, max_length=500)
+    reason: Reason | None = None
     dry_run: bool = True
     expected: int | None = Field(default=None, ge=0)
 
@@ -196,6 +218,11 @@ class ParkedList(_Body):
     parked: list[ParkedView]
 
 
+class NoFields(_Body):
+    """An empty JSON object: a POST is JSON even when it has nothing to say (see the auth
+    module: that is what keeps other sites' pages from acting)."""
+
+
 class ParkedResult(_Body):
     """What became of a parked message."""
 
@@ -222,15 +249,15 @@ class SagaQuery(_Body):
     """The query of ``GET /api/sagas``."""
 
     status: SagaStatus | None = None
-    saga_type: str | None = None
-    version: int | None = Field(default=None, ge=1)
-    step: str | None = Field(default=None, description="Sagas on this step (either direction).")
-    id_prefix: str | None = None
+    saga_type: Text | None = None
+    version: int | None = Field(default=None, ge=1, le=1_000_000)
+    step: Text | None = Field(default=None, description="Sagas on this step (either direction).")
+    id_prefix: Text | None = None
     held: bool | None = None
     created_from: datetime | None = Field(default=None, description="Started at or after.")
     created_to: datetime | None = Field(default=None, description="Started before.")
     limit: int = Field(default=50, ge=1, le=500)
-    cursor: str | None = Field(default=None, description="``next_cursor`` of the last page.")
+    cursor: Text | None = Field(default=None, description="``next_cursor`` of the last page.")
 
 
 class ParkedQuery(_Body):

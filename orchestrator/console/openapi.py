@@ -80,7 +80,7 @@ def _operation(route: Route, refs: Mapping[Any, dict[str, Any]]) -> dict[str, An
         operation["parameters"] = parameters
     if route.body is not None:
         operation["requestBody"] = {
-            "required": False,
+            "required": True,
             "content": {"application/json": {"schema": refs[route.body, "validation"]}},
         }
     if route.response is None:
