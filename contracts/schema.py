@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from pydantic import BaseModel
@@ -57,6 +58,21 @@ ORDER_MODELS: Final[tuple[type[BaseModel], ...]] = (
 ORDER_SCHEMA_PREFIX: Final = "example.order_fulfillment."
 """Name prefix of :data:`ORDER_MODELS` among the schemas, keeping the example apart."""
 
+
+@dataclass(frozen=True)
+class AppContracts:
+    """An app's own models (start data, commands, results) and the name prefix that keeps
+    their schemas apart from the wire envelopes'."""
+
+    models: Sequence[type[BaseModel]]
+    prefix: str
+    described_as: str
+    """How the documents name the app, e.g. ``the example order saga``."""
+
+
+EXAMPLE_CONTRACTS: Final = AppContracts(ORDER_MODELS, ORDER_SCHEMA_PREFIX, "the example order saga")
+"""What ``saga schema`` exports without ``--app``."""
+
 PARKED_MESSAGE: Final = "ParkedMessage"
 """Component name of whatever lands in :data:`contracts.names.PARKED_QUEUE`."""
 
@@ -67,7 +83,10 @@ _SAGA_ID_CORRELATION: Final = "sagaId"
 
 
 def asyncapi_document(
-    *, title: str = "saga-orchestrator", version: str | None = None
+    *,
+    title: str = "saga-orchestrator",
+    version: str | None = None,
+    app: AppContracts = EXAMPLE_CONTRACTS,
 ) -> dict[str, Any]:
     """The AsyncAPI 3.0.0 document of every channel, operation and message.
 
@@ -75,17 +94,18 @@ def asyncapi_document(
         title: ``info.title``.
         version: ``info.version``; defaults to the wire schema version, since that is what
             this document describes (the CLI may pass the package version instead).
+        app: the app whose own models are exported beside the envelopes.
     """
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "info": _info(title, version),
         "defaultContentType": CONTENT_TYPE,
         "servers": _servers(),
-        "channels": _channels(),
+        "channels": _channels(app),
         "operations": _operations(),
         "components": {
             "messages": _messages(),
-            "schemas": _schemas(_COMPONENT_SCHEMAS),
+            "schemas": _schemas(_COMPONENT_SCHEMAS, app),
             "correlationIds": {
                 _SAGA_ID_CORRELATION: {
                     "description": "Every message of a saga carries the saga's id.",
@@ -96,7 +116,7 @@ def asyncapi_document(
     }
 
 
-def json_schema_bundle() -> dict[str, Any]:
+def json_schema_bundle(app: AppContracts = EXAMPLE_CONTRACTS) -> dict[str, Any]:
     """A JSON Schema (draft 2020-12) document with every message model under ``$defs``.
 
     The root schema constrains nothing: validate a message against one definition, e.g. with
@@ -108,21 +128,21 @@ def json_schema_bundle() -> dict[str, Any]:
         "title": "saga-orchestrator wire messages",
         "description": (
             f"Message bodies of schema_version {SCHEMA_VERSION}. Definitions prefixed with "
-            f"{ORDER_SCHEMA_PREFIX!r} belong to the example order saga."
+            f"{app.prefix!r} belong to {app.described_as}."
         ),
-        "$defs": _schemas(_BUNDLE_DEFS),
+        "$defs": _schemas(_BUNDLE_DEFS, app),
     }
 
 
 # --- schemas -----------------------------------------------------------------------------------
 
 
-def _schemas(ref_prefix: str) -> dict[str, Any]:
+def _schemas(ref_prefix: str, app: AppContracts) -> dict[str, Any]:
     core = _definitions(MESSAGE_MODELS, ref_prefix)
-    # A second pass with its own reference prefix puts the example's models, and whatever they
+    # A second pass with its own reference prefix puts the app's models, and whatever they
     # reference, under their own name prefix without renaming anything after the fact.
-    example = _definitions(ORDER_MODELS, ref_prefix + ORDER_SCHEMA_PREFIX)
-    return core | {ORDER_SCHEMA_PREFIX + name: schema for name, schema in example.items()}
+    own = _definitions(app.models, ref_prefix + app.prefix)
+    return core | {app.prefix + name: schema for name, schema in own.items()}
 
 
 def _definitions(models: Iterable[type[BaseModel]], ref_prefix: str) -> dict[str, Any]:
@@ -173,10 +193,10 @@ def _servers() -> dict[str, Any]:
 # --- channels ----------------------------------------------------------------------------------
 
 
-def _channels() -> dict[str, Any]:
+def _channels(app: AppContracts) -> dict[str, Any]:
     return {
         "start": _start_channel(),
-        "commands": _commands_channel(),
+        "commands": _commands_channel(app),
         "replies": _replies_channel(),
         "timers": _timers_channel(),
         "events": _events_channel(),
@@ -228,7 +248,7 @@ def _start_channel() -> dict[str, Any]:
     }
 
 
-def _commands_channel() -> dict[str, Any]:
+def _commands_channel(app: AppContracts) -> dict[str, Any]:
     return {
         "address": "{service}",
         "title": "Participant commands",
@@ -236,8 +256,7 @@ def _commands_channel() -> dict[str, Any]:
             f"The `{names.COMMANDS_EXCHANGE}` direct exchange. The routing key is the "
             "participant service's name, and each service consumes its own queue "
             f"`{names.command_queue('<service>')}`. The envelope's `payload` is the command "
-            f"model of the step (for the example saga, one of the `{ORDER_SCHEMA_PREFIX}*` "
-            "schemas)."
+            f"model of the step (for {app.described_as}, one of the `{app.prefix}*` schemas)."
         ),
         "parameters": {
             "service": {

@@ -57,13 +57,23 @@ async def demo(args: argparse.Namespace) -> int:
 
 
 async def schema(args: argparse.Namespace) -> int:
-    """``saga schema``: AsyncAPI 3 (or a JSON Schema bundle) of every message."""
-    from contracts.schema import asyncapi_document, json_schema_bundle
+    """``saga schema``: AsyncAPI 3 (or a JSON Schema bundle) of every message, with the
+    contracts of ``--app`` (default: the example order saga's)."""
+    from contracts.schema import (
+        EXAMPLE_CONTRACTS,
+        AppContracts,
+        asyncapi_document,
+        json_schema_bundle,
+    )
 
+    contracts = EXAMPLE_CONTRACTS
+    if args.app:
+        module = args.app.partition(":")[0]
+        contracts = AppContracts(load_app(args.app).contracts, f"{module}.", f"the app {args.app}")
     if args.format == "jsonschema":
-        print_json(json_schema_bundle())
+        print_json(json_schema_bundle(contracts))
     else:
-        print_json(asyncapi_document(version=_package_version()))
+        print_json(asyncapi_document(version=_package_version(), app=contracts))
     return 0
 
 
