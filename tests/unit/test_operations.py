@@ -1,0 +1,87 @@
+"""Operator actions through :class:`Operations`: the step a saga is on, who acted, bulk runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from examples.order_fulfillment import app
+from orchestrator.operations import Action, Operations
+from orchestrator.state import SagaStatus
+from orchestrator.store import SagaFilter
+from orchestrator.testing import SagaHarness, fail, hang
+from plumbing.errors import ActionRefused, SagaNotFound
+from tests.unit.test_harness import ORDER
+
+
+def order(saga_id: str) -> dict[str, object]:
+    return {**ORDER, "order_id": saga_id}
+
+
+async def test_the_current_step_follows_the_saga_forward_and_back() -> None:
+    async with SagaHarness(app) as h:
+        h.participant("payment").on("process_payment", hang())
+        waiting = await h.start("order_fulfillment", "o-wait", order("o-wait"))
+        assert waiting.current_step is not None
+        assert (waiting.current_step.name, waiting.current_step.status.value) == (
+            "process_payment",
+            "running",
+        )
+        assert waiting.summary()["current_step"]["direction"] == "forward"
+
+        h.participant("payment").on("process_payment", fail("declined"))
+        h.participant("inventory").on("release_inventory", hang())
+        undoing = await h.start("order_fulfillment", "o-undo", order("o-undo"))
+        assert undoing.status is SagaStatus.COMPENSATING
+        assert undoing.summary()["current_step"] == {
+            "name": "reserve_inventory",
+            "status": "compensating",
+            "direction": "compensation",
+        }
+
+        h.participant("inventory").on("release_inventory", fail("lost"))
+        h.participant("payment").on("process_payment", fail("declined"))
+        done = await h.start("order_fulfillment", "o-stuck", order("o-stuck"))
+        assert done.status is SagaStatus.STUCK
+        assert done.current_step is not None
+        assert done.current_step.status.is_compensation
+
+
+async def test_actions_name_the_operator_in_the_history_and_report_what_changed() -> None:
+    async with SagaHarness(app) as h:
+        operations = Operations(h.orchestrator)
+        h.participant("payment").on("process_payment", hang())
+        await h.start("order_fulfillment", "o-1", order("o-1"))
+
+        applied = await operations.act("o-1", Action.ABORT, by="ada")
+        assert (applied.before, applied.after) == (SagaStatus.STARTED, SagaStatus.COMPENSATING)
+        assert applied.unsent == 0  # the in-memory broker took every message
+        state = await h.saga("o-1")
+        by_ada = [entry for entry in state.history if entry.by == "ada"]
+        assert by_ada
+        assert by_ada[0].detail == "aborted by ada"
+        assert all(entry.by is None for entry in state.history[: -len(by_ada)])
+
+        with pytest.raises(ActionRefused, match="only a stuck saga can be retried"):
+            await operations.act("o-1", Action.RETRY, by="ada")
+        with pytest.raises(SagaNotFound):
+            await operations.act("nobody", Action.RESOLVE, by="ada")
+
+
+async def test_a_bulk_action_applies_to_each_match_and_reports_refusals() -> None:
+    async with SagaHarness(app) as h:
+        operations = Operations(h.orchestrator)
+        h.participant("payment").on("process_payment", fail("declined"))
+        h.participant("inventory").on("release_inventory", fail("lost"))
+        for saga_id in ("s-1", "s-2", "s-3"):
+            await h.start("order_fulfillment", saga_id, order(saga_id))
+        h.participant("inventory").on("release_inventory", hang())
+
+        stuck = await operations.matching(SagaFilter(status=SagaStatus.STUCK, limit=1))
+        assert sorted(stuck) == ["s-1", "s-2", "s-3"]  # the limit is a page, not a cap
+        await operations.act("s-2", Action.RESOLVE, by="ada")  # moved on before the bulk run
+
+        outcome = await operations.bulk(stuck, Action.RETRY, by="grace")
+        assert sorted(a.saga_id for a in outcome.applied) == ["s-1", "s-3"]
+        assert [(r.saga_id, r.reason) for r in outcome.refused] == [
+            ("s-2", "saga s-2 is failed; only a stuck saga can be retried")
+        ]
