@@ -5,7 +5,9 @@ messages off the head of the queue one at a time and, for every message it keeps
 identical copy to the tail (with publisher confirms) before acking the original: the queue
 rotates, nothing is lost if the process dies halfway (at worst a message is there twice), and
 no message is left unacknowledged for the broker to redeliver and count. Listing rotates at most
-``limit`` messages; finding one rotates until it is found.
+``limit`` messages; finding one rotates until it is found. Rotations in one process take
+turns; another process rotating at the same moment may hide a message from a lookup for that
+moment (the lookup then says it is not parked, and asking again finds it).
 
 A message is named by the AMQP ``message_id`` its parked copy carries (the transport gives each
 parked copy a fresh random one). A message RabbitMQ dead-lettered itself (a quorum queue's
@@ -19,6 +21,7 @@ from ``saga.parked``. A message that names no queue cannot be replayed.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +101,9 @@ class ParkedQueue:
     def __init__(self, connection: AbstractConnection, *, timeout: float = 10.0) -> None:
         self.connection = connection
         self.timeout = timeout
+        # One rotation at a time in this process: a message another rotation holds unacked
+        # is invisible, and a replay would report it missing (the console polls the list).
+        self._rotating = asyncio.Lock()
 
     async def list(self, limit: int = 100) -> list[ParkedMessage]:
         """Up to ``limit`` parked messages, oldest first (by when they were published)."""
@@ -160,6 +166,12 @@ class ParkedQueue:
         """Take messages off the head in turn and settle each as ``visit`` says; stop after
         ``limit`` messages, after a message that is not kept, or once every message that was
         there at the start has been seen."""
+        async with self._rotating:
+            await self._rotate_alone(visit, limit)
+
+    async def _rotate_alone(
+        self, visit: Callable[[ParkedMessage], _Verdict | None], limit: int | None
+    ) -> None:
         channel = self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.initialize(timeout=self.timeout)
         try:
