@@ -126,6 +126,12 @@ def _add_actions(sub: Any) -> None:
         action.add_argument(
             "--yes", action="store_true", help="act on every matching saga without asking"
         )
+        action.add_argument(
+            "--timeout",
+            type=positive_float,
+            default=30.0,
+            help="seconds to wait for the orchestrator daemon to answer (30), with a broker",
+        )
 
 
 def _add_parked(sub: Any) -> None:

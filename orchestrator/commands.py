@@ -15,8 +15,9 @@ from contracts.events import LifecycleEvent, lifecycle_event_adapter
 from contracts.messages import StartSaga
 from orchestrator import demo as demos
 from orchestrator.cli import EXIT_SAGA_FAILED, print_json
+from orchestrator.engine import Action
 from orchestrator.loader import load_app
-from orchestrator.operations import Action, Applied, Operations, OutboxOnly
+from orchestrator.operations import Applied, Operations, OutboxOnly
 from orchestrator.runtime import Orchestrator
 from orchestrator.settings import Settings
 from orchestrator.state import SagaState, SagaStatus
@@ -285,19 +286,31 @@ def operator_name(given: str | None) -> str:
 
 @asynccontextmanager
 async def _operations(args: argparse.Namespace) -> AsyncIterator[Operations]:
-    """Operations on the configured store, publishing through the broker if one is set."""
+    """Operations on the configured store. With a broker, actions go to the orchestrator
+    daemon (which applies and counts them); without one, they are applied here and what they
+    send waits in the outbox for the daemon's relay."""
     settings = _quiet_settings()
     app = load_app(args.app or settings.app, settings.step_timeouts)
     async with _store(settings) as store:
+        daemon = None
         if settings.amqp_url:
+            from orchestrator.client import SagaClient
             from plumbing.daemons import rabbit_transport
 
             transport = rabbit_transport(settings)
+            daemon = SagaClient(
+                settings.amqp_url,
+                answer_timeout=getattr(args, "timeout", 30.0),
+                policy=settings.queue_policy,
+                transport=rabbit_transport(settings),
+            )
         else:
             transport = OutboxOnly()  # type: ignore[assignment]
         try:
-            yield Operations(Orchestrator(app, store, transport))
+            yield Operations(Orchestrator(app, store, transport), daemon)
         finally:
+            if daemon is not None:
+                await daemon.close()
             await transport.close()
 
 

@@ -113,6 +113,29 @@ class OperatorResolve:
     """Who asked, recorded on the history entries it causes."""
 
 
+class Action(StrEnum):
+    """What an operator can do to a saga, by name (the CLI's and the console's words)."""
+
+    RETRY = "retry"
+    """Send the compensation a stuck saga gave up on again (a new generation)."""
+    ABORT = "abort"
+    """Stop going forward and compensate now."""
+    RESOLVE = "resolve"
+    """Take a stuck compensation as done by hand and carry on compensating."""
+
+    def event(
+        self, *, by: str | None, reason: str | None = None
+    ) -> OperatorRetry | OperatorAbort | OperatorResolve:
+        """The event for this action, naming the operator."""
+        match self:
+            case Action.RETRY:
+                return OperatorRetry(by=by)
+            case Action.ABORT:
+                return OperatorAbort(reason or f"aborted by {by or 'an operator'}", by=by)
+            case Action.RESOLVE:
+                return OperatorResolve(reason or f"resolved by {by or 'an operator'}", by=by)
+
+
 @dataclass(frozen=True)
 class Watch:
     """A client wants the saga's outcome sent to its queue when the saga ends."""

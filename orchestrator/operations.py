@@ -2,7 +2,10 @@
 
 The CLI and the console both act through :class:`Operations`, so an action goes through the
 saga rules (:func:`~orchestrator.engine.decide`) the same way wherever it is asked for, names
-who asked in the saga's history, and is counted in the metrics of the process that applied it.
+who asked in the saga's history, and is counted in the metrics of the process that applied it:
+with a broker, the CLI sends its actions to the orchestrator daemon (``OperateSaga`` on the
+queries queue), so the daemon's counters include them; the console applies them itself and
+counts them on its own ``/metrics``.
 A bulk action applies to each matching saga in turn: one the rules refuse (it moved on
 meanwhile) is reported with the reason and the others go on.
 """
@@ -11,11 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from typing import Final
 
-from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
-from orchestrator.runtime import OperatorAction, Orchestrator
+from orchestrator.client import SagaClient
+from orchestrator.engine import Action
+from orchestrator.runtime import Orchestrator
 from orchestrator.state import SagaStatus
 from orchestrator.store import Cursor, SagaFilter
 from plumbing.errors import ActionRefused, PublishFailed, SagaNotFound
@@ -47,27 +50,6 @@ class OutboxOnly:
         """Nothing to release."""
 
 
-class Action(StrEnum):
-    """What an operator can do to a saga."""
-
-    RETRY = "retry"
-    """Send the compensation a stuck saga gave up on again (a new generation)."""
-    ABORT = "abort"
-    """Stop going forward and compensate now."""
-    RESOLVE = "resolve"
-    """Take a stuck compensation as done by hand and carry on compensating."""
-
-    def event(self, *, by: str | None, reason: str | None = None) -> OperatorAction:
-        """The engine event for this action, naming the operator."""
-        match self:
-            case Action.RETRY:
-                return OperatorRetry(by=by)
-            case Action.ABORT:
-                return OperatorAbort(reason or f"aborted by {by or 'an operator'}", by=by)
-            case Action.RESOLVE:
-                return OperatorResolve(reason or f"resolved by {by or 'an operator'}", by=by)
-
-
 @dataclass(frozen=True)
 class Applied:
     """An action the saga rules accepted."""
@@ -97,10 +79,17 @@ class BulkOutcome:
 
 
 class Operations:
-    """Applies operator actions through an orchestrator's rules and store."""
+    """Applies operator actions through an orchestrator's rules and store.
 
-    def __init__(self, engine: Orchestrator) -> None:
+    Args:
+        engine: reads the store, and applies actions when there is no ``daemon``.
+        daemon: a client of the running orchestrator daemon: actions are sent to it, so that
+            it applies them and counts them in its metrics with every other transition.
+    """
+
+    def __init__(self, engine: Orchestrator, daemon: SagaClient | None = None) -> None:
         self.engine = engine
+        self.daemon = daemon
 
     async def act(
         self, saga_id: str, action: Action, *, by: str | None, reason: str | None = None
@@ -111,6 +100,12 @@ class Operations:
             SagaNotFound: no saga has this id.
             ActionRefused: the saga rules refuse the action in the saga's current state.
         """
+        if self.daemon is not None:
+            answer = await self.daemon.operate(saga_id, action, by=by, reason=reason)
+            if not answer.applied or answer.before is None or answer.after is None:
+                raise ActionRefused(answer.refused or "the orchestrator refused the action")
+            # The daemon publishes what the action wrote (its relay, at worst).
+            return Applied(saga_id, SagaStatus(answer.before), SagaStatus(answer.after), 0)
         store = self.engine.store
         before = await store.load(saga_id)
         if before is None:

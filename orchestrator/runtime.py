@@ -20,9 +20,18 @@ from enum import StrEnum
 from typing import Any, Final, TypeVar
 
 import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from contracts import names
-from contracts.client import QuerySaga, SagaSnapshot, StartAnswer, StartStatus, StepView
+from contracts.client import (
+    OperateSaga,
+    OperationAnswer,
+    QuerySaga,
+    SagaSnapshot,
+    StartAnswer,
+    StartStatus,
+    StepView,
+)
 from contracts.events import EventName
 from contracts.messages import Reply, StartSaga, TimerMessage
 from orchestrator import spans
@@ -30,6 +39,7 @@ from orchestrator.definition import App, Missing, Saga, Step, definition_key
 from orchestrator.effects import PublishEvent, outgoing
 from orchestrator.engine import (
     HISTORY_LIMIT,
+    Action,
     Decision,
     Event,
     OperatorAbort,
@@ -636,6 +646,8 @@ class Orchestrator:
         return Handled.STARTED if created else Handled.ALREADY_STARTED
 
     async def _handle_query(self, delivery: Delivery) -> Handled:
+        if _kind_of(delivery) == "operate":
+            return await self._handle_operation(decode(delivery, OperateSaga))
         query = decode(delivery, QuerySaga)
         structlog.contextvars.bind_contextvars(saga_id=query.saga_id)
         record = await self.store.load(query.saga_id)
@@ -645,11 +657,50 @@ class Orchestrator:
         await self._answer(query.reply_to, snapshot(query.saga_id, record))
         return Handled.ANSWERED
 
-    async def _answer(self, reply_to: str, answer: StartAnswer | SagaSnapshot) -> None:
+    async def _handle_operation(self, request: OperateSaga) -> Handled:
+        """Apply an operator's action sent by ``saga retry|abort|resolve``, and answer."""
+        structlog.contextvars.bind_contextvars(saga_id=request.saga_id)
+        answer = await self._operated(request)
+        await self._answer(request.reply_to, answer, f"{request.saga_id}:{request.request_id}")
+        return Handled.ANSWERED
+
+    async def _operated(self, request: OperateSaga) -> OperationAnswer:
+        def refused(reason: str) -> OperationAnswer:
+            return OperationAnswer(
+                saga_id=request.saga_id,
+                request_id=request.request_id,
+                applied=False,
+                refused=reason,
+            )
+
+        if self.clock.now() > request.expires_at:
+            return refused("the request expired before the orchestrator read it; nothing done")
+        record = await self.store.load(request.saga_id)
+        if record is None:
+            return refused(f"no saga has id {request.saga_id!r}")
+        event = Action(request.action).event(by=request.by, reason=request.reason)
+        try:
+            after = await self.operate(request.saga_id, event)
+        except ActionRefused as e:
+            return refused(str(e))
+        return OperationAnswer(
+            saga_id=request.saga_id,
+            request_id=request.request_id,
+            applied=True,
+            before=record.state.status.value,
+            after=after.status.value,
+        )
+
+    async def _answer(
+        self,
+        reply_to: str,
+        answer: StartAnswer | SagaSnapshot | OperationAnswer,
+        request: str | None = None,
+    ) -> None:
         """Send an answer to a client's own queue; a client that is gone can ask again."""
         message = wire_message(
             MessageKind.ANSWER,
-            message_id=f"{answer.saga_id}:{answer.kind}",
+            message_id=f"{request or answer.saga_id}:{answer.kind}",
             saga_id=answer.saga_id,
             traceparent=None,
             exchange="",
@@ -952,3 +1003,20 @@ def snapshot(saga_id: str, record: SagaRecord | None) -> SagaSnapshot:
         updated_at=state.updated_at,
         finished_at=state.finished_at,
     )
+
+
+class _Kind(BaseModel):
+    """Just the ``kind`` of a message on the queries queue."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: object = "query"
+
+
+def _kind_of(delivery: Delivery) -> object:
+    """What a request on the queries queue is (``query`` when it does not say, or is not
+    JSON: the query's own decoding then says what is wrong)."""
+    try:
+        return _Kind.model_validate_json(delivery.body).kind
+    except ValidationError:
+        return "query"

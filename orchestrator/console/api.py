@@ -29,7 +29,8 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.console import models
 from orchestrator.console.auth import OPERATOR_HEADER, Access
-from orchestrator.operations import Action, Applied, Operations
+from orchestrator.engine import Action
+from orchestrator.operations import Applied, Operations
 from orchestrator.state import SagaStatus
 from orchestrator.store import Cursor, SagaFilter, SagaStore
 from plumbing.codec import validation_summary

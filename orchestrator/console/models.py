@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.operations import Action
+from orchestrator.engine import Action
 from orchestrator.state import SagaStatus, StepStatus
 
 Text = Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]

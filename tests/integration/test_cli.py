@@ -6,6 +6,7 @@ PostgreSQL and MongoDB.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,15 +16,19 @@ from datetime import UTC, datetime
 
 import aio_pika
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from contracts import names
 from contracts.messages import Command
 from examples.order_fulfillment import app
 from orchestrator.definition import App, Saga, Step, StepKind
+from orchestrator.metrics import Metrics
+from orchestrator.runtime import Orchestrator
 from orchestrator.state import SagaStatus
 from orchestrator.stores import open_store
 from orchestrator.testing import SagaHarness, fail, hang
+from plumbing.rabbitmq import RabbitTransport
 from tests.integration.console_support import park_a_bad_start_request, queue_depth
 from tests.unit.test_harness import ORDER
 
@@ -295,20 +300,51 @@ async def test_bulk_actions_count_ask_and_record_who_acted(populated: str) -> No
     assert "give a SAGA_ID, or --status" in nothing.stderr
 
 
-async def test_abort_with_a_broker_does_not_claim_messages_wait(
+async def test_with_a_broker_actions_go_to_the_daemon_which_counts_them(
     store_url: str, vhost_url: str
 ) -> None:
     store = open_store(store_url)
     async with SagaHarness(app, store=store, start=datetime.now(UTC)) as h:
         h.participant("payment").on("process_payment", hang())
-        await h.start("order_fulfillment", "o-run", {**ORDER, "order_id": "o-run"})
-    await store.close()
+        for saga_id in ("o-run", "o-late"):
+            await h.start("order_fulfillment", saga_id, {**ORDER, "order_id": saga_id})
     env = {"SAGA_STORE_URL": store_url, "SAGA_AMQP_URL": vhost_url}
     assert saga("topology", "--declare", "--app", APP, **env).returncode == 0
-    aborted = saga("abort", "o-run", "--app", APP, "--reason", "customer called", **env)
+
+    # Nobody answers: the command says so, and its request expires unapplied.
+    unanswered = saga("abort", "o-late", "--app", APP, "--timeout", "1", **env)
+    assert unanswered.returncode == 3
+    assert "did not answer about saga o-late within 1 s" in unanswered.stderr
+
+    registry = CollectorRegistry()
+    daemon = Orchestrator(app, store, RabbitTransport(vhost_url), metrics=Metrics(registry))
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = group.create_task(daemon.run())
+            async with asyncio.timeout(60):
+                await daemon.ready.wait()
+            aborted = await asyncio.to_thread(
+                saga, "abort", "o-run", "--app", APP, "--by", "ada", "--reason", "called", **env
+            )
+            refused = await asyncio.to_thread(saga, "retry", "o-run", "--app", APP, **env)
+            daemon.stop()
+            await running
+    finally:
+        await daemon.transport.close()
+        record = await store.load("o-run")
+        late = await store.load("o-late")
+        await store.close()
+
     assert aborted.returncode == 0, aborted.stderr
-    assert "saga o-run: started -> compensating" in aborted.stdout
-    assert "outbox" not in aborted.stdout  # published already: nothing waits
+    assert aborted.stdout.strip() == "saga o-run: started -> compensating"  # nothing waits
+    assert refused.returncode == 2
+    assert "only a stuck saga can be retried" in refused.stderr
+    labels = {"saga_type": "order_fulfillment", "action": "abort"}
+    assert registry.get_sample_value("saga_operator_actions_total", labels) == 1
+    assert record is not None
+    assert record.state.history[-1].by == "ada"
+    assert late is not None
+    assert late.state.status is SagaStatus.STARTED  # the expired request changed nothing
 
 
 async def test_parked_messages_from_the_command_line(vhost_url: str) -> None:

@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from contracts.events import EventName
 from examples.order_fulfillment import app
+from orchestrator.engine import Action
 from orchestrator.metrics import Metrics
-from orchestrator.operations import Action, Operations
+from orchestrator.operations import Operations
 from orchestrator.state import HistoryEntry, SagaStatus
 from orchestrator.store import SagaFilter
 from orchestrator.stores import open_store

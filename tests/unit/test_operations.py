@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from examples.order_fulfillment import app
-from orchestrator.operations import Action, Operations
+from orchestrator.engine import Action
+from orchestrator.operations import Operations
 from orchestrator.state import SagaStatus
 from orchestrator.store import SagaFilter
 from orchestrator.testing import SagaHarness, fail, hang
