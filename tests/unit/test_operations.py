@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
+from contracts import names
+from contracts.client import OperateSaga, OperationAnswer
 from examples.order_fulfillment import app
 from orchestrator.engine import Action
 from orchestrator.operations import Operations
@@ -11,6 +15,7 @@ from orchestrator.state import SagaStatus
 from orchestrator.store import SagaFilter
 from orchestrator.testing import SagaHarness, fail, hang
 from plumbing.errors import ActionRefused, SagaNotFound
+from plumbing.transport import Delivery, Disposition
 from tests.unit.test_harness import ORDER
 
 
@@ -86,3 +91,46 @@ async def test_a_bulk_action_applies_to_each_match_and_reports_refusals() -> Non
         assert [(r.saga_id, r.reason) for r in outcome.refused] == [
             ("s-2", "saga s-2 is failed; only a stuck saga can be retried")
         ]
+
+
+async def ask_the_daemon(
+    h: SagaHarness, saga_id: str, action: str, expires_in: float
+) -> OperationAnswer:
+    """Hand the daemon an OperateSaga as the command line sends it; return its answer."""
+    request = OperateSaga(
+        saga_id=saga_id,
+        action=action,  # type: ignore[arg-type]
+        request_id=f"r-{saga_id}-{action}",
+        reply_to="saga.client.test",
+        expires_at=h.clock.now() + timedelta(seconds=expires_in),
+        by="ada",
+    )
+    delivery = Delivery(queue=names.QUERIES_QUEUE, body=request.model_dump_json().encode())
+    assert await h.orchestrator.on_query(delivery) is Disposition.ACK
+    answers = [OperationAnswer.model_validate_json(m.body) for m in h.published("answer")]
+    return next(a for a in reversed(answers) if a.request_id == request.request_id)
+
+
+async def test_the_daemon_applies_an_operators_request_unless_it_expired() -> None:
+    async with SagaHarness(app) as h:
+        h.participant("payment").on("process_payment", fail("declined"))
+        h.participant("inventory").on("release_inventory", fail("lost"))
+        await h.start("order_fulfillment", "s-1", order("s-1"))
+
+        expired = await ask_the_daemon(h, "s-1", "resolve", expires_in=-1)
+        assert expired == OperationAnswer(
+            saga_id="s-1",
+            request_id="r-s-1-resolve",
+            applied=False,
+            refused="the request expired before the orchestrator read it; nothing done",
+        )
+        assert (await h.saga("s-1")).status is SagaStatus.STUCK
+
+        applied = await ask_the_daemon(h, "s-1", "resolve", expires_in=30)
+        assert (applied.applied, applied.before, applied.after) == (True, "stuck", "failed")
+        assert (await h.saga("s-1")).history[-1].by == "ada"
+
+        refused = await ask_the_daemon(h, "s-1", "abort", expires_in=30)
+        assert refused.refused == "saga s-1 is already failed; there is nothing to abort"
+        missing = await ask_the_daemon(h, "nobody", "retry", expires_in=30)
+        assert missing.refused == "no saga has id 'nobody'"
