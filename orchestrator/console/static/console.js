@@ -195,7 +195,7 @@ function drawSaga(saga) {
       el("button", { "data-testid": "action-" + action, disabled: !statuses.includes(saga.status) || !!saga.held,
         onclick: () => act(saga, action) }, action)));
   const step = saga.current_step;
-  main.replaceChildren(
+  main.replaceChildren(...[
     el("h1", {}, saga.saga_id, " ", el("span", { class: "status " + saga.status, "data-testid": "saga-status" }, saga.status)),
     el("p", {}, `${saga.saga_type} v${saga.version} · started ${when(saga.created_at)}`,
       step ? ` · on ${step.direction === "compensation" ? "undo " : ""}${step.name} (${step.status})` : "",
@@ -203,9 +203,12 @@ function drawSaga(saga) {
     saga.held ? el("p", { class: "bad" }, "HELD: " + saga.held.reason) : null,
     actions,
     el("h2", {}, "Timeline"), timeline(saga),
+    el("p", { class: "legend" }, el("span", { class: "key forward" }), "step ", el("span", { class: "key failed" }),
+      "failed or timed out ", el("span", { class: "key compensation" }), "compensation · | an attempt sent · ",
+      el("span", { class: "key late" }), "late reply"),
     el("h2", {}, "Steps"), stepsTable(saga),
     el("h2", {}, "Data"), json(saga.data),
-    el("h2", {}, "History"), historyTable(saga));
+    el("h2", {}, "History"), historyTable(saga)].filter((node) => node !== null));
 }
 
 async function act(saga, action) {
