@@ -113,11 +113,13 @@ function sagaList() {
   const more = el("button", { hidden: true, "data-testid": "more" }, "More");
   const bulk = el("div", { class: "bulk", "data-testid": "bulk" });
   let cursor = null;
+  let paged = false; // once more pages are shown, polling refreshes the counts only
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     location.hash = "#/?" + filterQuery(form).toString();
   });
   more.addEventListener("click", async () => {
+    paged = true;
     const page = await api("/api/sagas?" + withCursor(cursor));
     table.append(...page.sagas.map(row));
     cursor = page.next_cursor;
@@ -136,9 +138,10 @@ function sagaList() {
     el("table", { "data-testid": "sagas" }, el("thead", {}, el("tr", {},
       ...["saga", "type", "ver", "status", "on step", "updated"].map((h) => el("th", {}, h)))), table), more);
   poll(async (current) => {
-    const [counted, page] = await Promise.all([api("/api/counts"), api("/api/sagas?" + withCursor(null))]);
+    const [counted, page] = await Promise.all([api("/api/counts"), paged ? null : api("/api/sagas?" + withCursor(null))]);
     if (!current()) return;
     drawCounts(counts, counted);
+    if (paged) return;
     table.replaceChildren(...page.sagas.map(row));
     cursor = page.next_cursor;
     more.hidden = !cursor;
