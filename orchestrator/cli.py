@@ -160,6 +160,11 @@ def _add_console(sub: Any) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
     )
     console.add_argument("--port", type=int, default=8474, help="port (default 8474; 0: any)")
+    console.add_argument(
+        "--apply-here",
+        action="store_true",
+        help="apply actions in this process (counted on its /metrics), not through the daemon",
+    )
 
 
 def _add_filter(parser: argparse.ArgumentParser, *, bulk: bool) -> None:

@@ -549,7 +549,13 @@ async def console(args: argparse.Namespace) -> int:
     async with (
         _store(settings) as store,
         serve_console(
-            app, store, access, host=args.host, port=args.port, amqp_url=settings.amqp_url
+            app,
+            store,
+            access,
+            host=args.host,
+            port=args.port,
+            amqp_url=settings.amqp_url,
+            apply_here=args.apply_here,
         ) as url,
     ):
         print(f"console on {url}/ ({redact_url(settings.store_url)})", flush=True)

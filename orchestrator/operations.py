@@ -3,9 +3,9 @@
 The CLI and the console both act through :class:`Operations`, so an action goes through the
 saga rules (:func:`~orchestrator.engine.decide`) the same way wherever it is asked for, names
 who asked in the saga's history, and is counted in the metrics of the process that applied it:
-with a broker, the CLI sends its actions to the orchestrator daemon (``OperateSaga`` on the
-queries queue), so the daemon's counters include them; the console applies them itself and
-counts them on its own ``/metrics``.
+with a broker, the CLI and the console send their actions to the orchestrator daemon
+(``OperateSaga`` on the queries queue), so the daemon's counters include them; without one
+(or ``saga console --apply-here``) they are applied, and counted, where they were asked for.
 A bulk action applies to each matching saga in turn: one the rules refuse (it moved on
 meanwhile) is reported with the reason and the others go on.
 """
@@ -101,6 +101,8 @@ class Operations:
             ActionRefused: the saga rules refuse the action in the saga's current state.
         """
         if self.daemon is not None:
+            if await self.engine.store.load(saga_id) is None:
+                raise SagaNotFound(f"no saga has id {saga_id!r}")
             answer = await self.daemon.operate(saga_id, action, by=by, reason=reason)
             if not answer.applied or answer.before is None or answer.after is None:
                 raise ActionRefused(answer.refused or "the orchestrator refused the action")

@@ -8,7 +8,8 @@ cannot drift from what is served. Actions go through :class:`~orchestrator.opera
 Errors are JSON ``{"error": "..."}`` with a status that says whose move it is: 400 (the request
 is malformed), 401 (acting needs a token), 404 (no such saga or message), 409 (the saga rules
 refuse the action, or a bulk count changed), 415 (a POST that is not JSON), 502 (the broker
-refused a replay), 503 (the store or broker cannot be reached, or no broker is configured).
+refused a replay), 503 (the store or broker cannot be reached, or no broker is configured),
+504 (the orchestrator daemon did not answer an action in time; the request expires unapplied).
 """
 
 from __future__ import annotations
@@ -322,6 +323,7 @@ _PROBLEMS: Final[dict[type[Exception], int]] = {
     ConcurrencyExhausted: 503,
     StoreUnavailable: 503,
     BrokerError: 503,
+    TimeoutError: 504,
 }
 
 PAGE_ROUTES: Final = (
@@ -366,7 +368,7 @@ ROUTES: Final = (
             models.ActionResult,
             body=models.ActionRequest,
             acts=True,
-            errors=(400, 401, 404, 409, 415, 503),
+            errors=(400, 401, 404, 409, 415, 503, 504),
         )
         for action in Action
     ),
@@ -379,7 +381,7 @@ ROUTES: Final = (
             models.BulkResult,
             body=models.BulkRequest,
             acts=True,
-            errors=(400, 401, 409, 415, 503),
+            errors=(400, 401, 409, 415, 503, 504),
         )
         for action in Action
     ),

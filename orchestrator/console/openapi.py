@@ -23,6 +23,7 @@ _REASONS: Final = {
     415: "A POST must be JSON.",
     502: "The broker did not take the replayed message.",
     503: "The store or the broker cannot be reached, or no broker is configured.",
+    504: "The orchestrator daemon did not answer the action in time; nothing was done.",
 }
 
 

@@ -3,13 +3,14 @@ rules for acting, and the OpenAPI document."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry
 
 from contracts import names
 from examples.order_fulfillment import app
@@ -17,13 +18,16 @@ from orchestrator.console.api import ROUTES
 from orchestrator.console.auth import Access, parse_tokens
 from orchestrator.console.openapi import openapi_document
 from orchestrator.console.server import serve_console
+from orchestrator.metrics import Metrics
+from orchestrator.runtime import Orchestrator
 from orchestrator.stores import open_store
 from plumbing.errors import ConfigError
+from plumbing.rabbitmq import RabbitTransport
 from tests.integration.console_support import (
     BAD_START,
+    eventually,
     park_a_bad_start_request,
     populate,
-    queue_depth,
 )
 
 pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq, pytest.mark.timeout(300)]
@@ -32,11 +36,14 @@ TOKEN = "ada:0123456789abcdef"
 
 
 class Client:
-    """A JSON client of one console."""
+    """A JSON client of one console, and the daemon its actions go to."""
 
-    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base: str, registry: CollectorRegistry
+    ) -> None:
         self.session = session
         self.base = base
+        self.daemon_metrics = registry
 
     async def get(self, path: str, **query: str) -> tuple[int, Any]:
         async with self.session.get(self.base + path, params=query) as response:
@@ -53,19 +60,31 @@ class Client:
 
 @pytest.fixture
 async def console(database_url: str, vhost_url: str) -> AsyncIterator[Client]:
-    """A console on localhost over a populated store, without tokens."""
+    """A console on localhost over a populated store, without tokens, and the orchestrator
+    daemon (in this process) that applies its actions."""
     store = open_store(database_url)
     await store.setup()
     await populate(store)
+    registry = CollectorRegistry()
+    daemon = Orchestrator(app, store, RabbitTransport(vhost_url), metrics=Metrics(registry))
     try:
-        async with (
-            serve_console(
-                app, store, Access(local=True), host="127.0.0.1", port=0, amqp_url=vhost_url
-            ) as url,
-            aiohttp.ClientSession() as session,
-        ):
-            yield Client(session, url)
+        async with asyncio.TaskGroup() as group:
+            running = group.create_task(daemon.run())
+            async with asyncio.timeout(60):
+                await daemon.ready.wait()
+            try:
+                async with (
+                    serve_console(
+                        app, store, Access(local=True), host="127.0.0.1", port=0, amqp_url=vhost_url
+                    ) as url,
+                    aiohttp.ClientSession() as session,
+                ):
+                    yield Client(session, url, registry)
+            finally:
+                daemon.stop()
+                await running
     finally:
+        await daemon.transport.close()
         await store.close()
 
 
@@ -144,16 +163,12 @@ async def test_actions_go_through_the_saga_rules_and_name_the_operator(console: 
     ) as response:  # not JSON: a cross-site form post is refused
         assert response.status == 415
 
+    # The daemon applied the actions, and counted them with every other transition.
+    for action in ("retry", "resolve"):
+        labels = {"saga_type": "order_fulfillment", "action": action}
+        assert console.daemon_metrics.get_sample_value("saga_operator_actions_total", labels) == 1
     async with console.session.get(console.base + "/metrics") as response:
-        text = await response.text()
-    samples = {
-        (s.name, s.labels.get("action")): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "saga_operator_actions_total"
-    }
-    assert samples[("saga_operator_actions_total", "retry")] == 1
-    assert samples[("saga_operator_actions_total", "resolve")] == 1
+        assert response.status == 200  # the console's own counters: nothing applied here
 
 
 async def test_bulk_actions_count_first_and_act_only_on_the_confirmed_count(
@@ -201,7 +216,6 @@ async def test_parked_messages_are_listed_shown_replayed_and_discarded(
     assert status == 200
     assert json.loads(shown["body"]) == json.loads(BAD_START)
 
-    assert await queue_depth(vhost_url, names.START_QUEUE) == 0
     status, replayed = await console.post(f"/api/parked/{first['message_id']}/replay")
     assert status == 200
     assert replayed == {
@@ -209,11 +223,19 @@ async def test_parked_messages_are_listed_shown_replayed_and_discarded(
         "outcome": "replayed",
         "queue": names.START_QUEUE,
     }
-    assert await queue_depth(vhost_url, names.START_QUEUE) == 1
+
+    async def parked_anew() -> bool:
+        # Back in saga.start, the daemon read it again and, still unreadable, parked it anew.
+        ids = {m["message_id"] for m in (await console.get("/api/parked"))[1]["parked"]}
+        return len(ids) == 2 and first["message_id"] not in ids
+
+    await eventually(parked_anew, "the daemon parking the replayed request again")
 
     status, discarded = await console.post(f"/api/parked/{second['message_id']}/discard")
     assert (status, discarded["outcome"]) == (200, "discarded")
-    assert (await console.get("/api/parked"))[1]["parked"] == []
+    remaining = (await console.get("/api/parked"))[1]["parked"]
+    assert len(remaining) == 1
+    assert remaining[0]["message_id"] not in (first["message_id"], second["message_id"])
     assert (await console.get(f"/api/parked/{second['message_id']}"))[0] == 404
     assert (await console.post(f"/api/parked/{second['message_id']}/replay"))[0] == 404
 
@@ -230,7 +252,7 @@ async def test_with_tokens_acting_needs_one_and_the_operator_is_its_name(
             serve_console(app, store, access, host="127.0.0.1", port=0) as url,
             aiohttp.ClientSession() as session,
         ):
-            client = Client(session, url)
+            client = Client(session, url, CollectorRegistry())
             assert (await client.get("/api/sagas"))[0] == 200  # reading stays open
             _, me = await client.get("/api/whoami")
             assert me == {"operator": None, "actions_need_token": True, "can_act": False}
@@ -249,6 +271,36 @@ async def test_with_tokens_acting_needs_one_and_the_operator_is_its_name(
             # saved with the action, for the daemon's outbox relay to send.
             assert done["unsent"] == 3
             assert (await client.get("/api/parked"))[0] == 503
+    finally:
+        await store.close()
+
+
+async def test_an_action_nobody_answers_is_a_504_and_expires_unapplied(
+    database_url: str, vhost_url: str
+) -> None:
+    store = open_store(database_url)
+    await store.setup()
+    await populate(store)
+    try:
+        async with (
+            serve_console(
+                app,
+                store,
+                Access(local=True),
+                host="127.0.0.1",
+                port=0,
+                amqp_url=vhost_url,
+                answer_timeout=1,
+            ) as url,
+            aiohttp.ClientSession() as session,
+        ):
+            client = Client(session, url, CollectorRegistry())
+            status, problem = await client.post("/api/sagas/o-stuck-1/retry")
+            assert status == 504
+            assert "did not answer about saga o-stuck-1 within 1 s" in problem["error"]
+        record = await store.load("o-stuck-1")
+        assert record is not None
+        assert record.state.status.value == "stuck"
     finally:
         await store.close()
 
@@ -281,4 +333,4 @@ async def test_the_openapi_document_describes_every_route(console: Client) -> No
         assert operation["operationId"] == route.operation
         assert ("security" in operation) == route.acts
     retry = operations["POST", "/api/sagas/{saga_id}/retry"]
-    assert set(retry["responses"]) == {"200", "400", "401", "404", "409", "415", "503"}
+    assert set(retry["responses"]) == {"200", "400", "401", "404", "409", "415", "503", "504"}

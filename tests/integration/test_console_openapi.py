@@ -49,6 +49,7 @@ async def console_url(database_url: str, vhost_url: str) -> AsyncIterator[str]:
         "console",
         "--port",
         "0",
+        "--apply-here",  # no daemon runs here: the console applies actions itself
         env=env,
         stdout=subprocess.PIPE,
     )
