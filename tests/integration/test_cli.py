@@ -201,6 +201,17 @@ async def test_retry_and_abort_go_through_the_saga_rules(populated: str) -> None
             "SAGA_AMQP_URL is not set",
         ),
         (("start", "t", "--id", "1", "--data", "{"), {}, "--data is not JSON"),
+        (
+            ("console", "--host", "0.0.0.0", "--app", "examples.order_fulfillment:app"),
+            {},
+            "refusing to serve the console on 0.0.0.0 without a token",
+        ),
+        (
+            ("console", "--app", "examples.order_fulfillment:app"),
+            {"SAGA_CONSOLE_TOKENS": "ada:short"},
+            "the console token of 'ada' is shorter than 16 characters",
+        ),
+        (("parked", "ls"), {}, "SAGA_AMQP_URL is not set"),
     ],
 )
 def test_mistakes_end_in_one_line_and_status_2(
