@@ -8,7 +8,8 @@ cannot drift from what is served. Actions go through :class:`~orchestrator.opera
 Errors are JSON ``{"error": "..."}`` with a status that says whose move it is: 400 (the request
 is malformed), 401 (acting needs a token), 404 (no such saga or message), 409 (the saga rules
 refuse the action, or a bulk count changed), 415 (a POST that is not JSON), 502 (the broker
-refused a replay), 503 (the store or broker cannot be reached, or no broker is configured),
+refused a replay), 421 (a console bound to loopback asked under another host name: DNS
+rebinding), 503 (the store or broker cannot be reached, or no broker is configured),
 504 (the orchestrator daemon did not answer an action in time; the request expires unapplied).
 """
 
@@ -29,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.console import models
-from orchestrator.console.auth import OPERATOR_HEADER, Access
+from orchestrator.console.auth import OPERATOR_HEADER, Access, is_loopback
 from orchestrator.engine import Action
 from orchestrator.operations import Applied, Operations
 from orchestrator.state import SagaStatus
@@ -436,11 +437,33 @@ ROUTES: Final = (
 
 def build_app(api: ConsoleApi) -> web.Application:
     """The aiohttp application serving ``api``'s routes."""
-    app = web.Application(middlewares=[_problems], client_max_size=1024 * 1024)
+    middlewares = [_problems]
+    if api.access.local:
+        middlewares.insert(0, _loopback_hosts_only)
+    app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
     for route in (*ROUTES, *PAGE_ROUTES):
         handler = getattr(api, route.operation)
         app.router.add_route(route.method, route.path, handler, name=route.operation)
     return app
+
+
+@web.middleware
+async def _loopback_hosts_only(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A console bound to loopback answers only requests addressed to a loopback name: a web
+    page whose own domain was re-pointed at 127.0.0.1 (DNS rebinding) gets nothing."""
+    host = _host_name(request.host)
+    if not is_loopback(host):
+        return _problem(421, f"this console answers requests to localhost only, not {host!r}")
+    return await handler(request)
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header without its port (``[::1]:8474`` is ``::1``)."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.partition(":")[0]
 
 
 @web.middleware

@@ -13,7 +13,9 @@ replaying or discarding parked messages) needs to know who acts:
 
 A POST must say ``Content-Type: application/json``: a browser sends that cross-origin only
 after a CORS preflight, which the console never grants, so another site's page cannot act
-through an operator's browser.
+through an operator's browser. And a console bound to loopback answers only requests whose
+``Host`` is a loopback name or address, so a page whose domain is re-pointed at 127.0.0.1 (DNS
+rebinding) can neither read nor act.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ _REASONS: Final = {
     404: "No such saga or message.",
     409: "The saga rules refuse the action, or the bulk count changed.",
     415: "A POST must be JSON.",
+    421: "A console bound to loopback was asked under another host name.",
     502: "The broker did not take the replayed message.",
     503: "The store or the broker cannot be reached, or no broker is configured.",
     504: "The orchestrator daemon did not answer the action in time; nothing was done.",
@@ -95,7 +96,10 @@ def _operation(route: Route, refs: Mapping[Any, dict[str, Any]]) -> dict[str, An
     problem = {"application/json": {"schema": refs[models.Problem, "serialization"]}}
     operation["responses"] = {
         "200": answer,
-        **{str(code): {"description": _REASONS[code], "content": problem} for code in route.errors},
+        **{
+            str(code): {"description": _REASONS[code], "content": problem}
+            for code in sorted({*route.errors, 421})  # any route, on a local console
+        },
     }
     if route.acts:
         operation["security"] = [{}, {"token": []}]

@@ -305,6 +305,22 @@ async def test_an_action_nobody_answers_is_a_504_and_expires_unapplied(
         await store.close()
 
 
+async def test_a_local_console_answers_only_requests_to_a_loopback_host(
+    console: Client,
+) -> None:
+    for host in ("evil.example:8474", "192.168.1.10", "localhost.evil.example"):
+        async with console.session.get(
+            console.base + "/api/sagas", headers={"Host": host}
+        ) as response:
+            assert response.status == 421, host
+            assert "localhost only" in (await response.json())["error"]
+    for host in ("localhost:8474", "127.0.0.1", "[::1]:8474"):
+        async with console.session.get(
+            console.base + "/api/counts", headers={"Host": host}
+        ) as response:
+            assert response.status == 200, host
+
+
 def test_binding_beyond_localhost_needs_a_token() -> None:
     with pytest.raises(ConfigError, match=r"refusing to serve the console on 0\.0\.0\.0"):
         Access.for_binding("0.0.0.0", {})
@@ -333,4 +349,14 @@ async def test_the_openapi_document_describes_every_route(console: Client) -> No
         assert operation["operationId"] == route.operation
         assert ("security" in operation) == route.acts
     retry = operations["POST", "/api/sagas/{saga_id}/retry"]
-    assert set(retry["responses"]) == {"200", "400", "401", "404", "409", "415", "503", "504"}
+    assert set(retry["responses"]) == {
+        "200",
+        "400",
+        "401",
+        "404",
+        "409",
+        "415",
+        "421",
+        "503",
+        "504",
+    }
