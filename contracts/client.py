@@ -107,7 +107,8 @@ class OperateSaga(Contract):
     the saga rules, so that the daemon counts it in its metrics like every other transition.
 
     A request still unanswered at ``expires_at`` is refused when it is finally read: the
-    operator who sent it was told nobody answered, and may have acted since.
+    operator who sent it was told nobody answered, and may have acted since. The sender's and
+    the orchestrator's clocks are taken to agree (NTP) to well within the sender's timeout.
     """
 
     kind: Literal["operate"] = "operate"
