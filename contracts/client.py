@@ -6,8 +6,9 @@ orchestrator answers there with a :class:`StartAnswer`: started, already started
 data again), or refused with the reason. A :class:`QuerySaga` to the ``saga.queries`` queue is
 answered with a :class:`SagaSnapshot`; with ``watch`` (or a start request with ``watch``) the
 orchestrator also sends a :class:`SagaOutcome` to that queue when the saga completes, fails or
-gets stuck. Answers go through the default exchange with the client's queue as routing key and
-are not mandatory: a client that went away misses them, and can ask again.
+gets stuck. An :class:`OperateSaga` on the same queue is answered with an
+:class:`OperationAnswer`. Answers go through the default exchange with the client's queue as
+routing key and are not mandatory: a client that went away misses them, and can ask again.
 """
 
 from __future__ import annotations
@@ -99,3 +100,34 @@ class SagaOutcome(Contract):
         default=None, description="The error of the step that failed or got stuck."
     )
     finished_at: datetime
+
+
+class OperateSaga(Contract):
+    """Ask the orchestrator to apply an operator action (``saga retry|abort|resolve``) through
+    the saga rules, so that the daemon counts it in its metrics like every other transition.
+
+    A request still unanswered at ``expires_at`` is refused when it is finally read: the
+    operator who sent it was told nobody answered, and may have acted since. The sender's and
+    the orchestrator's clocks are taken to agree (NTP) to well within the sender's timeout.
+    """
+
+    kind: Literal["operate"] = "operate"
+    saga_id: str
+    action: Literal["retry", "abort", "resolve"]
+    request_id: str = Field(description="Unique per request; the answer repeats it.")
+    reply_to: str
+    expires_at: datetime
+    by: str | None = Field(default=None, description="The operator, recorded in the history.")
+    reason: str | None = Field(default=None, description="For abort and resolve.")
+
+
+class OperationAnswer(Contract):
+    """The orchestrator's answer to :class:`OperateSaga`: applied, or refused and why."""
+
+    kind: Literal["operation"] = "operation"
+    saga_id: str
+    request_id: str
+    applied: bool
+    before: str | None = Field(default=None, description="The saga's status before.")
+    after: str | None = Field(default=None, description="The saga's status after.")
+    refused: str | None = Field(default=None, description="Why the action was not applied.")

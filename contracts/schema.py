@@ -14,14 +14,22 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from contracts import names, orders
-from contracts.client import QuerySaga, SagaOutcome, SagaSnapshot, StartAnswer
+from contracts.client import (
+    OperateSaga,
+    OperationAnswer,
+    QuerySaga,
+    SagaOutcome,
+    SagaSnapshot,
+    StartAnswer,
+)
 from contracts.events import LIFECYCLE_EVENTS, EventName
 from contracts.messages import (
     SCHEMA_VERSION,
@@ -40,12 +48,20 @@ CONTENT_TYPE: Final = "application/json"
 PARTICIPANT_MESSAGES: Final[tuple[type[BaseModel], ...]] = (Reply, PickedUp, Heartbeat)
 """What participants send to the replies queue: answers, pick-ups and heartbeats."""
 
-CLIENT_ANSWERS: Final[tuple[type[BaseModel], ...]] = (StartAnswer, SagaSnapshot, SagaOutcome)
+CLIENT_ANSWERS: Final[tuple[type[BaseModel], ...]] = (
+    StartAnswer,
+    SagaSnapshot,
+    SagaOutcome,
+    OperationAnswer,
+)
 """What the orchestrator sends to a client's own queue."""
+
+CLIENT_REQUESTS: Final[tuple[type[BaseModel], ...]] = (QuerySaga, OperateSaga)
+"""What clients and operators send to the queries queue."""
 
 MESSAGE_MODELS: Final[tuple[type[BaseModel], ...]] = (
     StartSaga,
-    QuerySaga,
+    *CLIENT_REQUESTS,
     CommandEnvelope,
     *PARTICIPANT_MESSAGES,
     TimerMessage,
@@ -74,6 +90,21 @@ ORDER_MODELS: Final[tuple[type[BaseModel], ...]] = (
 ORDER_SCHEMA_PREFIX: Final = "example.order_fulfillment."
 """Name prefix of :data:`ORDER_MODELS` among the schemas, keeping the example apart."""
 
+
+@dataclass(frozen=True)
+class AppContracts:
+    """An app's own models (start data, commands, results) and the name prefix that keeps
+    their schemas apart from the wire envelopes'."""
+
+    models: Sequence[type[BaseModel]]
+    prefix: str
+    described_as: str
+    """How the documents name the app, e.g. ``the example order saga``."""
+
+
+EXAMPLE_CONTRACTS: Final = AppContracts(ORDER_MODELS, ORDER_SCHEMA_PREFIX, "the example order saga")
+"""What ``saga schema`` exports without ``--app``."""
+
 PARKED_MESSAGE: Final = "ParkedMessage"
 """Component name of whatever lands in :data:`contracts.names.PARKED_QUEUE`."""
 
@@ -84,7 +115,10 @@ _SAGA_ID_CORRELATION: Final = "sagaId"
 
 
 def asyncapi_document(
-    *, title: str = "saga-orchestrator", version: str | None = None
+    *,
+    title: str = "saga-orchestrator",
+    version: str | None = None,
+    app: AppContracts = EXAMPLE_CONTRACTS,
 ) -> dict[str, Any]:
     """The AsyncAPI 3.0.0 document of every channel, operation and message.
 
@@ -92,17 +126,18 @@ def asyncapi_document(
         title: ``info.title``.
         version: ``info.version``; defaults to the wire schema version, since that is what
             this document describes (the CLI may pass the package version instead).
+        app: the app whose own models are exported beside the envelopes.
     """
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "info": _info(title, version),
         "defaultContentType": CONTENT_TYPE,
         "servers": _servers(),
-        "channels": _channels(),
+        "channels": _channels(app),
         "operations": _operations(),
         "components": {
             "messages": _messages(),
-            "schemas": _schemas(_COMPONENT_SCHEMAS),
+            "schemas": _schemas(_COMPONENT_SCHEMAS, app),
             "correlationIds": {
                 _SAGA_ID_CORRELATION: {
                     "description": "Every message of a saga carries the saga's id.",
@@ -113,7 +148,7 @@ def asyncapi_document(
     }
 
 
-def json_schema_bundle() -> dict[str, Any]:
+def json_schema_bundle(app: AppContracts = EXAMPLE_CONTRACTS) -> dict[str, Any]:
     """A JSON Schema (draft 2020-12) document with every message model under ``$defs``.
 
     The root schema constrains nothing: validate a message against one definition, e.g. with
@@ -125,21 +160,21 @@ def json_schema_bundle() -> dict[str, Any]:
         "title": "saga-orchestrator wire messages",
         "description": (
             f"Message bodies of schema_version {SCHEMA_VERSION}. Definitions prefixed with "
-            f"{ORDER_SCHEMA_PREFIX!r} belong to the example order saga."
+            f"{app.prefix!r} belong to {app.described_as}."
         ),
-        "$defs": _schemas(_BUNDLE_DEFS),
+        "$defs": _schemas(_BUNDLE_DEFS, app),
     }
 
 
 # --- schemas -----------------------------------------------------------------------------------
 
 
-def _schemas(ref_prefix: str) -> dict[str, Any]:
+def _schemas(ref_prefix: str, app: AppContracts) -> dict[str, Any]:
     core = _definitions(MESSAGE_MODELS, ref_prefix)
-    # A second pass with its own reference prefix puts the example's models, and whatever they
+    # A second pass with its own reference prefix puts the app's models, and whatever they
     # reference, under their own name prefix without renaming anything after the fact.
-    example = _definitions(ORDER_MODELS, ref_prefix + ORDER_SCHEMA_PREFIX)
-    return core | {ORDER_SCHEMA_PREFIX + name: schema for name, schema in example.items()}
+    own = _definitions(app.models, ref_prefix + app.prefix)
+    return core | {app.prefix + name: schema for name, schema in own.items()}
 
 
 def _definitions(models: Iterable[type[BaseModel]], ref_prefix: str) -> dict[str, Any]:
@@ -190,12 +225,12 @@ def _servers() -> dict[str, Any]:
 # --- channels ----------------------------------------------------------------------------------
 
 
-def _channels() -> dict[str, Any]:
+def _channels(app: AppContracts) -> dict[str, Any]:
     return {
         "start": _start_channel(),
         "queries": _queries_channel(),
         "answers": _answers_channel(),
-        "commands": _commands_channel(),
+        "commands": _commands_channel(app),
         "replies": _replies_channel(),
         "timers": _timers_channel(),
         "events": _events_channel(),
@@ -254,9 +289,10 @@ def _queries_channel() -> dict[str, Any]:
         "title": "Saga queries",
         "description": (
             "Clients publish here (default exchange, the queue's name as routing key) to ask "
-            "for a saga's state, answered on their `reply_to` queue."
+            "for a saga's state, and operators (`saga retry|abort|resolve`, the console) to "
+            "have an action applied through the saga rules; answered on their `reply_to` queue."
         ),
-        "messages": _channel_messages([QuerySaga]),
+        "messages": _channel_messages(CLIENT_REQUESTS),
         "bindings": _queue_binding(names.QUERIES_QUEUE),
     }
 
@@ -275,7 +311,7 @@ def _answers_channel() -> dict[str, Any]:
     }
 
 
-def _commands_channel() -> dict[str, Any]:
+def _commands_channel(app: AppContracts) -> dict[str, Any]:
     return {
         "address": "{service}",
         "title": "Participant commands",
@@ -283,8 +319,7 @@ def _commands_channel() -> dict[str, Any]:
             f"The `{names.COMMANDS_EXCHANGE}` direct exchange. The routing key is the "
             "participant service's name, and each service consumes its own queue "
             f"`{names.command_queue('<service>')}`. The envelope's `payload` is the command "
-            f"model of the step (for the example saga, one of the `{ORDER_SCHEMA_PREFIX}*` "
-            "schemas)."
+            f"model of the step (for {app.described_as}, one of the `{app.prefix}*` schemas)."
         ),
         "parameters": {
             "service": {
@@ -398,11 +433,15 @@ def _operations() -> dict[str, Any]:
         "receiveQuery": _operation(
             "receive",
             "queries",
-            [QuerySaga.__name__],
-            "Answer with a saga's state (and, when watched, its outcome once it ends).",
+            [model.__name__ for model in CLIENT_REQUESTS],
+            "Answer with a saga's state (and, when watched, its outcome once it ends), or "
+            "apply an operator's action and say whether it was applied.",
             reply={
                 "channel": _ref("#/channels/answers"),
-                "messages": [_ref(f"#/channels/answers/messages/{SagaSnapshot.__name__}")],
+                "messages": [
+                    _ref(f"#/channels/answers/messages/{model.__name__}")
+                    for model in (SagaSnapshot, OperationAnswer)
+                ],
             },
         ),
         "sendOutcome": _operation(
@@ -500,6 +539,8 @@ def _kind(model: type[BaseModel]) -> str:
         return "reply"
     if model in CLIENT_ANSWERS:
         return "answer"
+    if model in CLIENT_REQUESTS:
+        return "query"
     field = model.model_fields.get("kind")
     return str(field.default) if field is not None else "event"
 

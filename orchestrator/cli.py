@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the message schemas (AsyncAPI 3 by default)")
     schema.add_argument("--format", choices=("asyncapi", "jsonschema"), default="asyncapi")
+    schema.add_argument(
+        "--app", help="MODULE:ATTR whose contracts to export (default: the example order app)"
+    )
 
     for name, text in (
         ("orchestrator", "run the orchestrator daemon"),
@@ -98,40 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
     ls = sub.add_parser("ls", help="list sagas from the store")
-    ls.add_argument("--status")
-    ls.add_argument("--type", dest="saga_type", type=saga_type)
-    ls.add_argument(
-        "--version", type=positive_int, help="only sagas running this definition version"
-    )
-    ls.add_argument("--held", action="store_true", help="only held sagas")
+    _add_filter(ls, bulk=False)
     ls.add_argument("--limit", type=positive_int, default=50, help="at most this many (50)")
     ls.add_argument("--json", action="store_true")
 
-    show = sub.add_parser("show", help="show one saga's timeline")
+    show = sub.add_parser("show", help="show one saga: data, step results, errors, timeline")
     show.add_argument("saga_id", type=saga_id)
     show.add_argument("--json", action="store_true")
 
-    for name, text in (
-        ("retry", "re-drive a stuck saga (send its failing compensation again)"),
-        ("abort", "stop a running saga and compensate it now"),
-        ("resolve", "mark a stuck compensation as done by hand and carry on"),
-        ("resume", "carry a held saga on (after its definition is back or its cause is fixed)"),
-    ):
-        action = sub.add_parser(name, help=text)
-        action.add_argument("saga_id", type=saga_id)
-        action.add_argument(
-            "--app", help="MODULE:ATTR of the saga definitions (default: $SAGA_APP)"
-        )
-        if name in ("abort", "resolve"):
-            action.add_argument(
-                "--reason", type=reason, default=None, help="recorded in the saga's history"
-            )
-        if name == "resume":
-            action.add_argument(
-                "--to-version",
-                type=positive_int,
-                help="move the saga to this version of its definition first (a migration)",
-            )
+    _add_parked(sub)
+    _add_console(sub)
+
+    _add_actions(sub)
 
     watch = sub.add_parser("watch", help="stream lifecycle events as they are published")
     watch.add_argument("--type", dest="saga_type", type=saga_type, help="only sagas of this type")
@@ -143,6 +124,102 @@ def _parser() -> argparse.ArgumentParser:
     topology.add_argument("--app", help="MODULE:ATTR (default: $SAGA_APP)")
     topology.add_argument("--declare", action="store_true", help="declare it on $SAGA_AMQP_URL")
     return parser
+
+
+def _add_actions(sub: Any) -> None:
+    """``saga retry|abort|resolve|resume``."""
+    for name, text in (
+        ("retry", "re-drive a stuck saga (send its failing compensation again)"),
+        ("abort", "stop a running saga and compensate it now"),
+        ("resolve", "mark a stuck compensation as done by hand and carry on"),
+        ("resume", "carry a held saga on (after its definition is back or its cause is fixed)"),
+    ):
+        action = sub.add_parser(name, help=text)
+        action.add_argument(
+            "--app", help="MODULE:ATTR of the saga definitions (default: $SAGA_APP)"
+        )
+        if name == "resume":
+            action.add_argument("saga_id", type=saga_id)
+            action.add_argument(
+                "--to-version",
+                type=positive_int,
+                help="move the saga to this version of its definition first (a migration)",
+            )
+            continue
+        action.add_argument(
+            "saga_id",
+            nargs="?",
+            type=saga_id,
+            help="the saga; or give --status/--type to act on many",
+        )
+        action.add_argument(
+            "--by", help="the operator's name, recorded in the saga's history (default: $USER)"
+        )
+        if name in ("abort", "resolve"):
+            action.add_argument(
+                "--reason", type=reason, default=None, help="recorded in the saga's history"
+            )
+        _add_filter(action, bulk=True)
+        action.add_argument(
+            "--yes", action="store_true", help="act on every matching saga without asking"
+        )
+        action.add_argument(
+            "--timeout",
+            type=positive_float,
+            default=30.0,
+            help="seconds to wait for the orchestrator daemon to answer (30), with a broker",
+        )
+
+
+def _add_parked(sub: Any) -> None:
+    """``saga parked ls|show|replay|discard``."""
+    parked = sub.add_parser("parked", help="messages parked in saga.parked: list, show, replay")
+    parked_sub = parked.add_subparsers(dest="parked_command", required=True, metavar="ACTION")
+    parked_ls = parked_sub.add_parser("ls", help="list parked messages, oldest first")
+    parked_ls.add_argument("--limit", type=positive_int, default=100, help="at most (100)")
+    parked_ls.add_argument("--json", action="store_true")
+    for name, text in (
+        ("show", "show a parked message: why it was parked, its headers and body"),
+        ("replay", "send a parked message back to the queue it was parked from"),
+        ("discard", "delete a parked message for good"),
+    ):
+        one = parked_sub.add_parser(name, help=text)
+        one.add_argument("message_id", help="the id `saga parked ls` shows")
+        if name == "show":
+            one.add_argument("--json", action="store_true")
+
+
+def _add_console(sub: Any) -> None:
+    """``saga console``."""
+    console = sub.add_parser("console", help="serve the operator console: HTTP API and page")
+    console.add_argument("--app", help="MODULE:ATTR of the saga definitions (default: $SAGA_APP)")
+    console.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
+    )
+    console.add_argument("--port", type=int, default=8474, help="port (default 8474; 0: any)")
+    console.add_argument(
+        "--apply-here",
+        action="store_true",
+        help="apply actions in this process (counted on its /metrics), not through the daemon",
+    )
+
+
+def _add_filter(parser: argparse.ArgumentParser, *, bulk: bool) -> None:
+    """The options that select sagas: ``saga ls`` and the bulk form of the actions."""
+    also = " (with no SAGA_ID: act on every matching saga)" if bulk else ""
+    parser.add_argument("--status", help="only sagas in this status" + also)
+    parser.add_argument(
+        "--type", dest="saga_type", type=saga_type, help="only sagas of this type" + also
+    )
+    parser.add_argument(
+        "--version", type=positive_int, help="only sagas running this definition version"
+    )
+    parser.add_argument(
+        "--step", type=step_name, help="only sagas on this step, forward or compensating"
+    )
+    parser.add_argument("--id-prefix", help="only sagas whose id starts with this")
+    if not bulk:
+        parser.add_argument("--held", action="store_true", help="only held sagas")
 
 
 def positive_int(text: str) -> int:
@@ -175,6 +252,15 @@ def saga_type(text: str) -> str:
 
     if not is_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a saga type name: use {NAME_RULE}")
+    return text
+
+
+def step_name(text: str) -> str:
+    """An argument that names a step."""
+    from orchestrator.definition import NAME_RULE, is_name
+
+    if not is_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step name: use {NAME_RULE}")
     return text
 
 
@@ -273,6 +359,8 @@ async def _dispatch(args: argparse.Namespace) -> int:
         "abort": commands.abort,
         "resolve": commands.resolve,
         "resume": commands.resume,
+        "parked": commands.parked,
+        "console": commands.console,
         "topology": commands.topology,
         "watch": commands.watch,
     }

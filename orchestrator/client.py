@@ -24,6 +24,7 @@ import asyncio
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Mapping
+from datetime import timedelta
 from types import TracebackType
 from typing import Annotated, Any, Self, TypeVar
 
@@ -31,10 +32,18 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from contracts.client import QuerySaga, SagaOutcome, SagaSnapshot, StartAnswer, StartStatus
+from contracts.client import (
+    OperateSaga,
+    OperationAnswer,
+    QuerySaga,
+    SagaOutcome,
+    SagaSnapshot,
+    StartAnswer,
+    StartStatus,
+)
 from contracts.messages import JsonObject, StartSaga
 from orchestrator.definition import App
-from orchestrator.engine import new_saga
+from orchestrator.engine import Action, new_saga
 from plumbing import tracing
 from plumbing.clock import SystemClock
 from plumbing.codec import query_message, start_message
@@ -45,10 +54,14 @@ from plumbing.transport import Outgoing
 
 log = structlog.get_logger("client")
 
-A = TypeVar("A", StartAnswer, SagaSnapshot)
+A = TypeVar("A", StartAnswer, SagaSnapshot, OperationAnswer)
 
-_Answer = Annotated[StartAnswer | SagaSnapshot | SagaOutcome, Field(discriminator="kind")]
-_answers: TypeAdapter[StartAnswer | SagaSnapshot | SagaOutcome] = TypeAdapter(_Answer)
+_Answer = Annotated[
+    StartAnswer | SagaSnapshot | SagaOutcome | OperationAnswer, Field(discriminator="kind")
+]
+_answers: TypeAdapter[StartAnswer | SagaSnapshot | SagaOutcome | OperationAnswer] = TypeAdapter(
+    _Answer
+)
 
 
 class SagaHandle:
@@ -217,6 +230,33 @@ class SagaClient:
         if not snapshot.found:
             raise SagaNotFound(f"the orchestrator has no saga {saga_id!r}")
         return snapshot
+
+    async def operate(
+        self, saga_id: str, action: Action, *, by: str | None, reason: str | None = None
+    ) -> OperationAnswer:
+        """Ask the orchestrator to apply an operator action (``retry``, ``abort``,
+        ``resolve``) through the saga rules; the answer says whether it did and why not.
+
+        A request not read within ``answer_timeout`` expires: the orchestrator refuses it
+        when it finally reads it, so an operator who was told nobody answered is never
+        surprised by it later.
+
+        Raises:
+            TimeoutError: the orchestrator did not answer within ``answer_timeout``.
+        """
+        reply_to = await self._reply_to()
+        now = SystemClock().now()
+        request = OperateSaga(
+            saga_id=saga_id,
+            action=action.value,
+            request_id=uuid.uuid4().hex,
+            reply_to=reply_to,
+            expires_at=now + timedelta(seconds=self.answer_timeout),
+            by=by,
+            reason=reason,
+        )
+        message = query_message(request, f"{saga_id}:operate:{request.request_id}", now)
+        return await self._ask("operation", saga_id, message, OperationAnswer)
 
     # --- plumbing ---------------------------------------------------------------------------
 

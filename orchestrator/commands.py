@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -14,9 +15,10 @@ from contracts.events import LifecycleEvent, lifecycle_event_adapter
 from contracts.messages import StartSaga
 from orchestrator import demo as demos
 from orchestrator.cli import EXIT_SAGA_FAILED, print_json
-from orchestrator.engine import OperatorAbort, OperatorResolve, OperatorRetry
+from orchestrator.engine import Action
 from orchestrator.loader import load_app
-from orchestrator.runtime import OperatorAction, Orchestrator
+from orchestrator.operations import Applied, Operations, OutboxOnly
+from orchestrator.runtime import Orchestrator
 from orchestrator.settings import Settings
 from orchestrator.state import SagaState, SagaStatus
 from orchestrator.store import SagaFilter, SagaStore
@@ -25,11 +27,11 @@ from plumbing import tracing
 from plumbing.clock import SystemClock
 from plumbing.codec import start_message
 from plumbing.delays import DelayLadder
-from plumbing.errors import ConfigError, PublishFailed, SagaNotFound
+from plumbing.errors import ConfigError, SagaNotFound
 from plumbing.logs import configure_logging
+from plumbing.parked import ParkedMessage, ParkedQueue
 from plumbing.settings import load_settings
-from plumbing.topology import Topology, client_topology, orchestrator_topology
-from plumbing.transport import Outgoing
+from plumbing.topology import client_topology, orchestrator_topology
 from plumbing.urls import redact_url
 
 
@@ -56,13 +58,23 @@ async def demo(args: argparse.Namespace) -> int:
 
 
 async def schema(args: argparse.Namespace) -> int:
-    """``saga schema``: AsyncAPI 3 (or a JSON Schema bundle) of every message."""
-    from contracts.schema import asyncapi_document, json_schema_bundle
+    """``saga schema``: AsyncAPI 3 (or a JSON Schema bundle) of every message, with the
+    contracts of ``--app`` (default: the example order saga's)."""
+    from contracts.schema import (
+        EXAMPLE_CONTRACTS,
+        AppContracts,
+        asyncapi_document,
+        json_schema_bundle,
+    )
 
+    contracts = EXAMPLE_CONTRACTS
+    if args.app:
+        module = args.app.partition(":")[0]
+        contracts = AppContracts(load_app(args.app).contracts, f"{module}.", f"the app {args.app}")
     if args.format == "jsonschema":
-        print_json(json_schema_bundle())
+        print_json(json_schema_bundle(contracts))
     else:
-        print_json(asyncapi_document(version=_package_version()))
+        print_json(asyncapi_document(version=_package_version(), app=contracts))
     return 0
 
 
@@ -165,9 +177,8 @@ async def _store(settings: Settings) -> AsyncIterator[SagaStore]:
         await store.close()
 
 
-async def ls(args: argparse.Namespace) -> int:
-    """``saga ls``: sagas from the store, newest first."""
-    settings = _quiet_settings()
+def _filter(args: argparse.Namespace, limit: int = 100) -> SagaFilter:
+    """The sagas the selecting options name (``saga ls``, bulk actions)."""
     status = None
     if args.status:
         try:
@@ -177,23 +188,30 @@ async def ls(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"--status {args.status!r} is not a status; use one of {known}"
             ) from e
+    return SagaFilter(
+        status=status,
+        saga_type=args.saga_type,
+        version=args.version,
+        held=True if getattr(args, "held", False) else None,
+        step=args.step,
+        id_prefix=args.id_prefix,
+        limit=limit,
+    )
+
+
+async def ls(args: argparse.Namespace) -> int:
+    """``saga ls``: sagas from the store, newest first."""
+    settings = _quiet_settings()
+    query = _filter(args, args.limit)
     async with _store(settings) as store:
-        listed = await store.find(
-            SagaFilter(
-                status=status,
-                saga_type=args.saga_type,
-                version=args.version,
-                held=True if args.held else None,
-                limit=args.limit,
-            )
-        )
+        listed = await store.find(query)
     if args.json:
         print_json({"sagas": [item.summary() for item in listed]})
         return 0
     if not listed:
         print(f"no sagas in {redact_url(settings.store_url)} match")
         return 0
-    widths = (28, 22, 4, 13, 34)
+    widths = (28, 22, 4, 13, 44)
     print(_row(("SAGA ID", "TYPE", "VER", "STATUS", "STEP", "UPDATED / HELD"), widths))
     for item in listed:
         state = item.state
@@ -218,14 +236,15 @@ def _row(cells: tuple[str, ...], widths: tuple[int, ...]) -> str:
 
 
 def _current_step(state: SagaState) -> str:
-    for step in reversed(state.steps):
-        if step.status.value != "not_started":
-            return f"{step.name} ({step.status.value})"
-    return "-"
+    step = state.current_step
+    if step is None:
+        return "-"
+    undoing = "undo " if step.status.is_compensation else ""
+    return f"{undoing}{step.name} ({step.status.value})"
 
 
 async def show(args: argparse.Namespace) -> int:
-    """``saga show``: one saga's timeline."""
+    """``saga show``: one saga's data, step results and errors, and its timeline."""
     settings = _quiet_settings()
     async with _store(settings) as store:
         record = await store.load(args.saga_id)
@@ -234,86 +253,147 @@ async def show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(record.summary())
         return 0
-    demos.render_timeline(record.state, sys.stdout)
-    print(f"  definition: {record.state.saga_type} v{record.state.definition_version}")
+    state = record.state
+    demos.render_timeline(state, sys.stdout)
+    print(f"  definition: {state.saga_type} v{state.definition_version}")
+    print(f"  on step: {_current_step(state)}")
+    print(f"  data: {json.dumps(state.data, sort_keys=True)}")
+    for step in state.steps:
+        result = state.results.get(step.name)
+        if result is not None:
+            print(f"  result of {step.name}: {json.dumps(result, sort_keys=True)}")
+    for step in state.steps:
+        if step.error is not None:
+            print(f"  error of {step.name} ({step.status.value}): {step.error.summary}")
     if record.hold is not None:
         print(f"  HELD since {record.hold.since:%Y-%m-%d %H:%M:%S}: {record.hold.reason}")
-        if record.state.inbox:
-            print(f"  {len(record.state.inbox)} reply(ies) kept for when it resumes")
+        if state.inbox:
+            print(f"  {len(state.inbox)} reply(ies) kept for when it resumes")
     if record.outbox:
         print(f"  ({len(record.outbox)} message(s) waiting in the outbox)")
     return 0
 
 
-class _OutboxOnly:
-    """A transport for operator commands run without a broker: every publish is deferred.
-
-    The action is saved with its outbox, and the daemon's outbox relay publishes it.
-    """
-
-    async def declare(self, topology: Topology) -> None:
-        """Nothing to declare."""
-
-    async def publish(self, message: Outgoing) -> None:
-        """Leave the message in the outbox."""
-        raise PublishFailed("no broker configured here; the daemon's outbox relay will send it")
-
-    async def consume(self, *args: object, **kwargs: object) -> None:
-        """Operator commands consume nothing."""
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        """Nothing to release."""
+def operator_name(given: str | None) -> str:
+    """Who is acting: ``--by``, else the login name (recorded in the saga's history)."""
+    if given:
+        return given
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "an operator"
 
 
-async def _operate(args: argparse.Namespace, action: OperatorAction | None) -> int:
-    """Apply an operator action (``None``: resume) and say what it changed."""
+@asynccontextmanager
+async def _operations(args: argparse.Namespace) -> AsyncIterator[Operations]:
+    """Operations on the configured store. With a broker, actions go to the orchestrator
+    daemon (which applies and counts them); without one, they are applied here and what they
+    send waits in the outbox for the daemon's relay."""
     settings = _quiet_settings()
     app = load_app(args.app or settings.app, settings.step_timeouts)
     async with _store(settings) as store:
+        daemon = None
         if settings.amqp_url:
+            from orchestrator.client import SagaClient
             from plumbing.daemons import rabbit_transport
 
             transport = rabbit_transport(settings)
+            daemon = SagaClient(
+                settings.amqp_url,
+                answer_timeout=getattr(args, "timeout", 30.0),
+                policy=settings.queue_policy,
+                transport=rabbit_transport(settings),
+            )
         else:
-            transport = _OutboxOnly()  # type: ignore[assignment]
+            transport = OutboxOnly()  # type: ignore[assignment]
         try:
-            engine = Orchestrator(app, store, transport)
-            before = await store.load(args.saga_id)
-            if before is None:
-                raise SagaNotFound(f"no saga has id {args.saga_id!r}")
-            if action is None:
-                after = await engine.resume(args.saga_id, to_version=args.to_version)
-            else:
-                after = await engine.operate(args.saga_id, action)
-            record = await store.load(args.saga_id)
+            yield Operations(Orchestrator(app, store, transport), daemon)
         finally:
+            if daemon is not None:
+                await daemon.close()
             await transport.close()
-    print(f"saga {args.saga_id}: {before.state.status.value} -> {after.status.value}")
-    if record is not None and record.outbox:
-        waiting = len(record.outbox)
+
+
+def _said(applied: Applied) -> None:
+    print(f"saga {applied.saga_id}: {applied.before.value} -> {applied.after.value}")
+    if applied.unsent:
+        waiting = applied.unsent
         print(f"  {waiting} message(s) wait in the outbox; the orchestrator daemon sends them")
-    return 0
+
+
+async def _act(args: argparse.Namespace, action: Action) -> int:
+    """Apply an action to one saga, or (no SAGA_ID) to every saga the filter matches."""
+    by = operator_name(args.by)
+    reason = getattr(args, "reason", None)
+    if args.saga_id is not None:
+        if args.status or args.saga_type or args.step or args.id_prefix or args.version:
+            raise ConfigError("give a SAGA_ID or a filter (--status, --type, ...), not both")
+        async with _operations(args) as operations:
+            _said(await operations.act(args.saga_id, action, by=by, reason=reason))
+        return 0
+    if not (args.status or args.saga_type):
+        raise ConfigError("give a SAGA_ID, or --status and/or --type to act on many sagas")
+    query = _filter(args)
+    async with _operations(args) as operations:
+        saga_ids = await operations.matching(query)
+        if not saga_ids:
+            print("no sagas match")
+            return 0
+        described = _described(query)
+        if not args.yes and not _confirmed(f"{action.value} {len(saga_ids)} {described}?"):
+            print("nothing done")
+            return EXIT_SAGA_FAILED
+        outcome = await operations.bulk(saga_ids, action, by=by, reason=reason)
+    for applied in outcome.applied:
+        _said(applied)
+    for refused in outcome.refused:
+        print(f"saga {refused.saga_id}: refused: {refused.reason}")
+    print(f"{action.value}: {len(outcome.applied)} applied, {len(outcome.refused)} refused")
+    return 0 if not outcome.refused else EXIT_SAGA_FAILED
+
+
+def _described(query: SagaFilter) -> str:
+    words = [query.status.value if query.status else "", "saga(s)"]
+    if query.saga_type:
+        words.append(f"of type {query.saga_type}")
+    if query.step:
+        words.append(f"on step {query.step}")
+    return " ".join(word for word in words if word)
+
+
+def _confirmed(question: str) -> bool:
+    """Ask on the terminal; anything but yes (or no terminal at all) is no."""
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 async def resume(args: argparse.Namespace) -> int:
     """``saga resume``: carry a held saga on, optionally on another definition version."""
-    return await _operate(args, None)
+    async with _operations(args) as operations:
+        before = await operations.engine.store.load(args.saga_id)
+        if before is None:
+            raise SagaNotFound(f"no saga has id {args.saga_id!r}")
+        after = await operations.engine.resume(args.saga_id, to_version=args.to_version)
+    print(f"saga {args.saga_id}: {before.state.status.value} -> {after.status.value}")
+    return 0
 
 
 async def retry(args: argparse.Namespace) -> int:
-    """``saga retry``: re-drive a stuck saga."""
-    return await _operate(args, OperatorRetry())
+    """``saga retry``: re-drive a stuck saga (or every stuck saga a filter matches)."""
+    return await _act(args, Action.RETRY)
 
 
 async def abort(args: argparse.Namespace) -> int:
     """``saga abort``: compensate a running saga now."""
-    return await _operate(args, OperatorAbort(args.reason or "aborted by an operator"))
+    return await _act(args, Action.ABORT)
 
 
 async def resolve(args: argparse.Namespace) -> int:
     """``saga resolve``: mark a stuck compensation as done by hand."""
-    return await _operate(args, OperatorResolve(args.reason or "resolved by an operator"))
+    return await _act(args, Action.RESOLVE)
 
 
 async def topology(args: argparse.Namespace) -> int:
@@ -383,3 +463,101 @@ def _event_line(event: LifecycleEvent) -> str:
         + f"  {event.saga_type:<20} {event.saga_id:<24} {event.event.value:<26} {subject:<24}"
     )
     return (line + (f" {event.detail}" if event.detail else "")).rstrip()
+
+
+@asynccontextmanager
+async def _parked_queue() -> AsyncIterator[ParkedQueue]:
+    from plumbing.daemons import rabbit_transport
+
+    settings = _quiet_settings()
+    transport = rabbit_transport(settings)
+    try:
+        yield ParkedQueue(await transport.connect())
+    finally:
+        await transport.close()
+
+
+async def parked(args: argparse.Namespace) -> int:
+    """``saga parked ls|show|replay|discard``: the messages in ``saga.parked``."""
+    async with _parked_queue() as queue:
+        match args.parked_command:
+            case "ls":
+                found = await queue.list(args.limit)
+                if args.json:
+                    print_json({"parked": [message.summary() for message in found]})
+                elif not found:
+                    print(f"no messages are parked in {names.PARKED_QUEUE}")
+                for message in [] if args.json else found:
+                    when = "-" if message.parked_at is None else f"{message.parked_at:%m-%d %H:%M}"
+                    print(
+                        f"{message.message_id}  {when}  {message.queue or '?':<28} "
+                        f"{message.saga_id or '-':<24} {message.reason}"
+                    )
+            case "show":
+                message = await queue.get(args.message_id)
+                if args.json:
+                    print_json(message.summary(whole=True))
+                else:
+                    _print_parked(message)
+            case "replay":
+                message = await queue.replay(args.message_id)
+                print(f"parked message {message.message_id} sent back to {message.queue}")
+            case "discard":
+                message = await queue.discard(args.message_id)
+                print(f"parked message {message.message_id} discarded")
+    return 0
+
+
+def _print_parked(message: ParkedMessage) -> None:
+    print(f"message {message.message_id}")
+    print(f"  reason:    {message.reason}")
+    print(f"  from:      {message.queue or '(unknown queue)'}")
+    print(f"  saga:      {message.saga_id or '-'}   kind: {message.kind or '-'}")
+    if message.parked_at is not None:
+        print(f"  sent at:   {message.parked_at:%Y-%m-%d %H:%M:%S}")
+    for key, value in sorted(message.headers.items()):
+        print(f"  header {key}: {value}")
+    try:
+        body = json.dumps(json.loads(message.body), indent=2, sort_keys=True)
+    except ValueError:
+        body = message.text
+    print("  body:")
+    for line in body.splitlines():
+        print(f"    {line}")
+
+
+async def console(args: argparse.Namespace) -> int:
+    """``saga console``: serve the operator console until interrupted."""
+    import asyncio
+
+    from orchestrator.console.auth import Access, parse_tokens
+
+    settings = load_settings(Settings)
+    configure_logging(settings.log_level, json=settings.log_format.value == "json")
+    tokens = parse_tokens(
+        settings.console_tokens.get_secret_value() if settings.console_tokens else None
+    )
+    access = Access.for_binding(args.host, tokens)
+    try:
+        from orchestrator.console.server import serve_console
+    except ImportError as e:
+        raise ConfigError(
+            f"the console needs its extra ({e.name} is missing): "
+            "pip install 'saga-orchestrator[console]'"
+        ) from e
+    app = load_app(args.app or settings.app, settings.step_timeouts)
+    async with (
+        _store(settings) as store,
+        serve_console(
+            app,
+            store,
+            access,
+            host=args.host,
+            port=args.port,
+            amqp_url=settings.amqp_url,
+            apply_here=args.apply_here,
+        ) as url,
+    ):
+        print(f"console on {url}/ ({redact_url(settings.store_url)})", flush=True)
+        await asyncio.Event().wait()  # until interrupted: Ctrl-C or SIGTERM ends the run
+    return 0

@@ -677,6 +677,20 @@ class App:
         return saga
 
     @property
+    def contracts(self) -> tuple[type[BaseModel], ...]:
+        """Every model the app's sagas exchange: start data, commands, results and
+        compensations, each once, in declaration order (``saga schema --app``)."""
+        found: dict[type[BaseModel], None] = {}
+        for saga in self._sagas.values():
+            if saga.data is not None:
+                found[saga.data] = None
+            for step in saga.steps:
+                for model in (step.command, step.result, step.compensation):
+                    if model is not None:
+                        found[model] = None
+        return tuple(found)
+
+    @property
     def services(self) -> frozenset[str]:
         """Every participant service any saga sends commands to."""
         return frozenset().union(*(saga.services for saga in self._sagas.values()))

@@ -91,12 +91,17 @@ class Wakeup:
 class OperatorRetry:
     """Re-drive a stuck saga: send the compensation that kept failing again."""
 
+    by: str | None = None
+    """Who asked (an operator's name), recorded on the history entries it causes."""
+
 
 @dataclass(frozen=True)
 class OperatorAbort:
     """Stop going forward and compensate now."""
 
     reason: str = "aborted by an operator"
+    by: str | None = None
+    """Who asked, recorded on the history entries it causes."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,31 @@ class OperatorResolve:
     """Mark the stuck compensation as done by hand and carry on compensating."""
 
     note: str = "resolved by an operator"
+    by: str | None = None
+    """Who asked, recorded on the history entries it causes."""
+
+
+class Action(StrEnum):
+    """What an operator can do to a saga, by name (the CLI's and the console's words)."""
+
+    RETRY = "retry"
+    """Send the compensation a stuck saga gave up on again (a new generation)."""
+    ABORT = "abort"
+    """Stop going forward and compensate now."""
+    RESOLVE = "resolve"
+    """Take a stuck compensation as done by hand and carry on compensating."""
+
+    def event(
+        self, *, by: str | None, reason: str | None = None
+    ) -> OperatorRetry | OperatorAbort | OperatorResolve:
+        """The event for this action, naming the operator."""
+        match self:
+            case Action.RETRY:
+                return OperatorRetry(by=by)
+            case Action.ABORT:
+                return OperatorAbort(reason or f"aborted by {by or 'an operator'}", by=by)
+            case Action.RESOLVE:
+                return OperatorResolve(reason or f"resolved by {by or 'an operator'}", by=by)
 
 
 @dataclass(frozen=True)
@@ -243,13 +273,16 @@ def decide(
             outcome = change.on_progress(message)
         case Wakeup(timer=timer):
             outcome = change.on_wakeup(timer)
-        case OperatorRetry():
+        case OperatorRetry(by=by):
+            change.by = by
             change.operator_retry()
             outcome = Outcome.APPLIED
-        case OperatorAbort(reason=reason):
+        case OperatorAbort(reason=reason, by=by):
+            change.by = by
             change.operator_abort(reason)
             outcome = Outcome.APPLIED
-        case OperatorResolve(note=note):
+        case OperatorResolve(note=note, by=by):
+            change.by = by
             change.operator_resolve(note)
             outcome = Outcome.APPLIED
         case Watch(reply_to=reply_to):
@@ -298,6 +331,8 @@ class _Change:
         self.finished_at = state.finished_at
         self.failure_reason = state.failure_reason
         self.history = list(state.history)
+        self.by: str | None = None
+        """The operator whose action this decision applies, if one asked for it."""
         self.watchers = state.watchers
         self.effects: list[Effect] = []
 
@@ -346,7 +381,9 @@ class _Change:
         """Append ``name`` to the history and publish it as a lifecycle event."""
         sequence = self.original.history_dropped + len(self.history)
         self.history.append(
-            HistoryEntry(event=name, at=self.now, step=step, attempt=attempt, detail=detail)
+            HistoryEntry(
+                event=name, at=self.now, step=step, attempt=attempt, detail=detail, by=self.by
+            )
         )
         self.effects.append(
             self.messages.event(name, sequence, step=step, attempt=attempt, detail=detail, **extra)

@@ -15,12 +15,16 @@ Families (all prefixed ``saga_``):
                                               error, timed_out, not_picked_up)
 ``saga_step_retries_total``                   step retries scheduled
 ``saga_compensations_total``                  compensation attempts by outcome (completed,
-                                              failed)
+                                              failed, timed_out)
+``saga_operator_actions_total``               operator actions applied, by type and action
+                                              (retry, abort, resolve)
 ``saga_late_replies_total``                   replies that arrived too late to count
 ``saga_stale_timers_total``                   timers that found nothing to do
 ``saga_step_duration_seconds``                first send to completion of a step
 ``saga_duration_seconds``                     start to end of a saga, by final status
-``saga_in_flight``                            sagas per type and status, read from the store
+``saga_active``                               unfinished sagas per type and current status
+                                              (started, pending, compensating, stuck), read
+                                              from the store
 ``saga_outbox_backlog``                       unpublished outbox messages
 ``saga_outbox_oldest_age_seconds``            age of the oldest unpublished message
 ``saga_timer_lateness_seconds``               how long after its due time a timer fired
@@ -66,6 +70,10 @@ _COMPENSATION_OUTCOMES = {
     EventName.COMPENSATION_COMPLETED: "completed",
     EventName.COMPENSATION_FAILED: "failed",
 }
+_COMPENSATION_TIMEOUT = "CompensationTimeout"
+"""The error type of a compensation attempt that got no reply in time: its own outcome."""
+ACTIVE_STATUSES = tuple(status for status in SagaStatus if not status.is_terminal)
+"""The statuses ``saga_active`` reports: a finished saga is counted by the ``_total``s."""
 _SAGA_COUNTERS = {
     EventName.SAGA_STARTED: "started",
     EventName.SAGA_COMPLETED: "completed",
@@ -116,7 +124,7 @@ class Metrics(ProcessMetrics):
         )
         self.compensations = Counter(
             "saga_compensations_total",
-            "Compensation attempts by outcome: completed, failed.",
+            "Compensation attempts by outcome: completed, failed, timed_out.",
             ["saga_type", "step", "outcome"],
             registry=registry,
         )
@@ -143,9 +151,16 @@ class Metrics(ProcessMetrics):
             buckets=_SAGA_BUCKETS,
             registry=registry,
         )
-        self.in_flight = Gauge(
-            "saga_in_flight",
-            "Sagas per type and status, as counted in the store.",
+        self.operator_actions = Counter(
+            "saga_operator_actions_total",
+            "Operator actions applied through the saga rules, by action: retry, abort, resolve.",
+            ["saga_type", "action"],
+            registry=registry,
+        )
+        self.active = Gauge(
+            "saga_active",
+            "Unfinished sagas per type and current status (started, pending, compensating, "
+            "stuck), as counted in the store.",
             ["saga_type", "status"],
             registry=registry,
         )
@@ -217,12 +232,14 @@ class Metrics(ProcessMetrics):
                 self.late_replies,
             ):
                 counter.labels(saga.name)
+            for action in ("retry", "abort", "resolve"):
+                self.operator_actions.labels(saga.name, action)
             for step in saga.steps:
                 self.step_retries.labels(saga.name, step.name)
                 for outcome in ("completed", "failed", "error", "timed_out", "not_picked_up"):
                     self.step_outcomes.labels(saga.name, step.name, outcome)
                 if step.compensation is not None:
-                    for outcome in ("completed", "failed"):
+                    for outcome in ("completed", "failed", "timed_out"):
                         self.compensations.labels(saga.name, step.name, outcome)
         for reason in ("returned", "nacked", "timeout", "connection", "channel"):
             self.publish_failures.labels(reason)
@@ -243,7 +260,11 @@ class Metrics(ProcessMetrics):
         if name in _STEP_OUTCOMES:
             self.step_outcomes.labels(saga_type, step, _STEP_OUTCOMES[name]).inc()
         if name in _COMPENSATION_OUTCOMES:
-            self.compensations.labels(saga_type, step, _COMPENSATION_OUTCOMES[name]).inc()
+            outcome = _COMPENSATION_OUTCOMES[name]
+            error = getattr(event, "error", None)
+            if error is not None and error.type == _COMPENSATION_TIMEOUT:
+                outcome = "timed_out"
+            self.compensations.labels(saga_type, step, outcome).inc()
         if name in _SAGA_COUNTERS:
             getattr(self, _SAGA_COUNTERS[name]).labels(saga_type).inc()
         if name is EventName.STEP_COMPLETED:
@@ -260,18 +281,18 @@ class Metrics(ProcessMetrics):
             seconds = (now - state.created_at).total_seconds()
             self.saga_duration.labels(saga_type, status).observe(seconds)
 
-    def set_in_flight(
+    def set_active(
         self, counts: Mapping[tuple[str, str], int], saga_types: tuple[str, ...]
     ) -> None:
-        """Replace the in-flight gauge with counts read from the store.
+        """Replace the active gauge with counts read from the store (finished sagas left out).
 
-        Every known type and status gets a value (zero included), so that alerts such as
-        ``saga_in_flight{status="stuck"} > 0`` resolve when the last stuck saga is handled.
+        Every known type and unfinished status gets a value (zero included), so that alerts
+        such as ``saga_active{status="stuck"} > 0`` resolve when the last stuck saga is handled.
         """
         types = set(saga_types) | {saga_type for saga_type, _ in counts}
         for saga_type in types:
-            for status in SagaStatus:
-                self.in_flight.labels(saga_type, status.value).set(
+            for status in ACTIVE_STATUSES:
+                self.active.labels(saga_type, status.value).set(
                     counts.get((saga_type, status.value), 0)
                 )
 

@@ -20,9 +20,18 @@ from enum import StrEnum
 from typing import Any, Final, TypeVar
 
 import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from contracts import names
-from contracts.client import QuerySaga, SagaSnapshot, StartAnswer, StartStatus, StepView
+from contracts.client import (
+    OperateSaga,
+    OperationAnswer,
+    QuerySaga,
+    SagaSnapshot,
+    StartAnswer,
+    StartStatus,
+    StepView,
+)
 from contracts.events import EventName
 from contracts.messages import Reply, StartSaga, TimerMessage
 from orchestrator import spans
@@ -30,6 +39,7 @@ from orchestrator.definition import App, Missing, Saga, Step, definition_key
 from orchestrator.effects import PublishEvent, outgoing
 from orchestrator.engine import (
     HISTORY_LIMIT,
+    Action,
     Decision,
     Event,
     OperatorAbort,
@@ -82,6 +92,12 @@ _REASON_LIMIT: Final = 1000  # a hold's reason is a sentence an operator reads, 
 
 OperatorAction = OperatorRetry | OperatorAbort | OperatorResolve
 """What an operator can do to a saga."""
+
+_ACTION_LABELS: Final[dict[type[OperatorAction], str]] = {
+    OperatorRetry: "retry",
+    OperatorAbort: "abort",
+    OperatorResolve: "resolve",
+}
 
 
 class Handled(StrEnum):
@@ -382,7 +398,12 @@ class Orchestrator:
     async def operate(self, saga_id: str, action: OperatorAction) -> SagaState:
         """Apply an operator action (retry, abort, resolve) through the saga rules."""
         decision = await self.apply(saga_id, action)
-        log.info("operator_action_applied", saga_id=saga_id, action=type(action).__name__)
+        log.info(
+            "operator_action_applied", saga_id=saga_id, action=type(action).__name__, by=action.by
+        )
+        if self.metrics:
+            name = _ACTION_LABELS[type(action)]
+            self.metrics.operator_actions.labels(decision.state.saga_type, name).inc()
         return decision.state
 
     # --- Holds ------------------------------------------------------------------------------
@@ -624,6 +645,8 @@ class Orchestrator:
         return Handled.STARTED if created else Handled.ALREADY_STARTED
 
     async def _handle_query(self, delivery: Delivery) -> Handled:
+        if _kind_of(delivery) == "operate":
+            return await self._handle_operation(decode(delivery, OperateSaga))
         query = decode(delivery, QuerySaga)
         structlog.contextvars.bind_contextvars(saga_id=query.saga_id)
         record = await self.store.load(query.saga_id)
@@ -633,9 +656,48 @@ class Orchestrator:
         await self._answer(query.reply_to, snapshot(query.saga_id, record))
         return Handled.ANSWERED
 
-    async def _answer(self, reply_to: str, answer: StartAnswer | SagaSnapshot) -> None:
+    async def _handle_operation(self, request: OperateSaga) -> Handled:
+        """Apply an operator's action sent by ``saga retry|abort|resolve``, and answer."""
+        structlog.contextvars.bind_contextvars(saga_id=request.saga_id)
+        answer = await self._operated(request)
+        await self._answer(request.reply_to, answer, f"{request.saga_id}:{request.request_id}")
+        return Handled.ANSWERED
+
+    async def _operated(self, request: OperateSaga) -> OperationAnswer:
+        def refused(reason: str) -> OperationAnswer:
+            return OperationAnswer(
+                saga_id=request.saga_id,
+                request_id=request.request_id,
+                applied=False,
+                refused=reason,
+            )
+
+        if self.clock.now() > request.expires_at:
+            return refused("the request expired before the orchestrator read it; nothing done")
+        record = await self.store.load(request.saga_id)
+        if record is None:
+            return refused(f"no saga has id {request.saga_id!r}")
+        event = Action(request.action).event(by=request.by, reason=request.reason)
+        try:
+            after = await self.operate(request.saga_id, event)
+        except ActionRefused as e:
+            return refused(str(e))
+        return OperationAnswer(
+            saga_id=request.saga_id,
+            request_id=request.request_id,
+            applied=True,
+            before=record.state.status.value,
+            after=after.status.value,
+        )
+
+    async def _answer(
+        self,
+        reply_to: str,
+        answer: StartAnswer | SagaSnapshot | OperationAnswer,
+        request: str | None = None,
+    ) -> None:
         """Send an answer to a client's own queue; a client that is gone can ask again."""
-        message = answer_message(answer, reply_to, self.clock.now())
+        message = answer_message(answer, reply_to, self.clock.now(), request)
         try:
             await self.transport.publish(message)
         except PublishFailed as e:
@@ -762,7 +824,7 @@ class Orchestrator:
         if self.metrics is None:
             return
         counts = await self.store.count_by_status()
-        self.metrics.set_in_flight(counts, self.app.types)
+        self.metrics.set_active(counts, self.app.types)
         self.metrics.set_held(await self.store.count_held(), self.app.types)
         size, oldest = await self.store.outbox_backlog()
         self.metrics.set_outbox(size, oldest, self.clock.now())
@@ -930,3 +992,20 @@ def snapshot(saga_id: str, record: SagaRecord | None) -> SagaSnapshot:
         updated_at=state.updated_at,
         finished_at=state.finished_at,
     )
+
+
+class _Kind(BaseModel):
+    """Just the ``kind`` of a message on the queries queue."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: object = "query"
+
+
+def _kind_of(delivery: Delivery) -> object:
+    """What a request on the queries queue is (``query`` when it does not say, or is not
+    JSON: the query's own decoding then says what is wrong)."""
+    try:
+        return _Kind.model_validate_json(delivery.body).kind
+    except ValidationError:
+        return "query"

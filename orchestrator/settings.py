@@ -6,7 +6,7 @@ import json
 from datetime import timedelta
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from contracts.events import EventName
@@ -28,6 +28,10 @@ class Settings(SagaSettings):
     history_limit: int = Field(default=200, ge=10, le=100_000)
     published_events: Annotated[frozenset[EventName] | None, NoDecode] = Field(
         default=None, description="Comma-separated lifecycle event names, 'all' or 'none'."
+    )
+    console_tokens: SecretStr | None = Field(
+        default=None,
+        description="name:token,... : who may act through `saga console` (see its auth module).",
     )
 
     @field_validator("step_timeouts", mode="before")

@@ -73,6 +73,15 @@ class StepStatus(StrEnum):
     COMPENSATED = "compensated"
     COMPENSATION_FAILED = "compensation_failed"
 
+    @property
+    def is_compensation(self) -> bool:
+        """The step's compensation is out, waiting for its retry, or gave up."""
+        return self in (
+            StepStatus.COMPENSATING,
+            StepStatus.COMPENSATION_RETRY_SCHEDULED,
+            StepStatus.COMPENSATION_FAILED,
+        )
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StepState:
@@ -240,6 +249,8 @@ class HistoryEntry:
     step: str | None = None
     attempt: int | None = None
     detail: str | None = None
+    by: str | None = None
+    """The operator whose action caused the entry (``saga retry --by``, the console's user)."""
 
     def to_json(self) -> JsonObject:
         """The entry in JSON mode, without empty fields."""
@@ -284,6 +295,27 @@ class SagaState:
     """Replies that arrived while the saga was held, applied in order when it resumes."""
     watchers: tuple[str, ...] = ()
     """Clients' queues to send the outcome to when the saga ends (or gets stuck)."""
+
+    @property
+    def current_step(self) -> StepState | None:
+        """The step the saga is on.
+
+        While compensating (or stuck) that is the compensation under way, not the last
+        forward step; going forward, the step whose command is out or whose retry waits; for
+        a finished saga, the last step that ran. ``None`` before any step ran.
+        """
+        if self.status in (SagaStatus.COMPENSATING, SagaStatus.STUCK):
+            for step in self.steps:
+                if step.status.is_compensation:
+                    return step
+        if self.status in (SagaStatus.STARTED, SagaStatus.PENDING):
+            for step in self.steps:
+                if step.status in (StepStatus.RUNNING, StepStatus.RETRY_SCHEDULED):
+                    return step
+        for step in reversed(self.steps):
+            if step.status is not StepStatus.NOT_STARTED:
+                return step
+        return None
 
     def step(self, name: str) -> StepState:
         """The state of the step called ``name``."""
@@ -345,19 +377,40 @@ class SagaState:
             "updated_at": _iso(self.updated_at),
             "finished_at": _iso(self.finished_at) if self.finished_at else None,
             "failure_reason": self.failure_reason,
-            "steps": [
-                {"name": step.name, "status": step.status.value, "attempts": step.attempt}
-                for step in self.steps
-            ],
+            "current_step": _position(self.current_step),
+            "steps": [self._step_summary(step) for step in self.steps],
         }
         if with_history:
+            out["data"] = self.data
+            out["results"] = self.results
             out["history"] = [entry.to_json() for entry in self.history]
             out["history_dropped"] = self.history_dropped
         return out
 
+    def _step_summary(self, step: StepState) -> dict[str, Any]:
+        return {
+            "name": step.name,
+            "status": step.status.value,
+            "attempts": step.attempt,
+            "compensation_attempts": step.compensation_attempt,
+            "in_doubt": step.in_doubt,
+            "started_at": _iso(step.started_at) if step.started_at else None,
+            "finished_at": _iso(step.finished_at) if step.finished_at else None,
+            "due_at": _iso(step.due_at) if step.due_at else None,
+            "error": None if step.error is None else step.error.model_dump(exclude_none=True),
+            "result": self.results.get(step.name),
+        }
+
 
 _SAGA_STATE: TypeAdapter[SagaState] = TypeAdapter(SagaState)
 _HISTORY_ENTRY: TypeAdapter[HistoryEntry] = TypeAdapter(HistoryEntry)
+
+
+def _position(step: StepState | None) -> dict[str, str] | None:
+    if step is None:
+        return None
+    direction = "compensation" if step.status.is_compensation else "forward"
+    return {"name": step.name, "status": step.status.value, "direction": direction}
 
 
 def _iso(instant: datetime) -> str:

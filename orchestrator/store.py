@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
-from orchestrator.state import SagaState, SagaStatus
+from orchestrator.state import SagaState, SagaStatus, StepStatus
 from plumbing.codec import validation_summary
 from plumbing.errors import SagaUnreadable
 from plumbing.transport import Outgoing
@@ -98,6 +98,27 @@ class SagaRecord:
         return finished + retention
 
 
+CURRENT_STEP_STATUSES: Final = tuple(
+    status.value
+    for status in (
+        StepStatus.RUNNING,
+        StepStatus.RETRY_SCHEDULED,
+        StepStatus.COMPENSATING,
+        StepStatus.COMPENSATION_RETRY_SCHEDULED,
+        StepStatus.COMPENSATION_FAILED,
+    )
+)
+"""The step statuses that make a step one an unfinished saga is on (``SagaFilter.step``)."""
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a listing page ended: the last saga's update time and id (the listing's order)."""
+
+    updated_at: datetime
+    saga_id: str
+
+
 @dataclass(frozen=True)
 class SagaFilter:
     """Which sagas an operator listing returns (newest first)."""
@@ -108,7 +129,41 @@ class SagaFilter:
     """Only sagas running this definition version."""
     held: bool | None = None
     """Only held sagas (True) or only sagas that are not held (False)."""
+    step: str | None = None
+    """Only sagas on this step: its command or compensation is out, waiting for a retry, or
+    gave up (a stuck saga). A finished saga is on no step."""
+    id_prefix: str | None = None
+    """Only sagas whose id starts with this text."""
+    created_from: datetime | None = None
+    """Only sagas started at or after this instant."""
+    created_to: datetime | None = None
+    """Only sagas started before this instant."""
+    after: Cursor | None = None
+    """Only sagas listed after this one: the next page."""
     limit: int = 100
+
+    def matches(self, state: SagaState, hold: Hold | None) -> bool:
+        """Whether a saga passes the filter (the in-memory store's query; the others index)."""
+        return (
+            (self.status is None or state.status is self.status)
+            and (self.saga_type is None or state.saga_type == self.saga_type)
+            and (self.version is None or state.definition_version == self.version)
+            and (self.held is None or (hold is not None) == self.held)
+            and (
+                self.step is None
+                or any(
+                    step.name == self.step and step.status.value in CURRENT_STEP_STATUSES
+                    for step in state.steps
+                )
+            )
+            and (self.id_prefix is None or state.saga_id.startswith(self.id_prefix))
+            and (self.created_from is None or state.created_at >= self.created_from)
+            and (self.created_to is None or state.created_at < self.created_to)
+            and (
+                self.after is None
+                or (state.updated_at, state.saga_id) < (self.after.updated_at, self.after.saga_id)
+            )
+        )
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,14 @@ from typing import Annotated, TypeVar
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from contracts import names
-from contracts.client import QuerySaga, SagaOutcome, SagaSnapshot, StartAnswer
+from contracts.client import (
+    OperateSaga,
+    OperationAnswer,
+    QuerySaga,
+    SagaOutcome,
+    SagaSnapshot,
+    StartAnswer,
+)
 from contracts.messages import (
     WIRE_CONTEXT,
     CommandEnvelope,
@@ -117,16 +124,20 @@ def reply_message(reply: Reply, routing_key: str, now: datetime) -> Outgoing:
 
 
 def answer_message(
-    answer: StartAnswer | SagaSnapshot | SagaOutcome, reply_to: str, now: datetime
+    answer: StartAnswer | SagaSnapshot | SagaOutcome | OperationAnswer,
+    reply_to: str,
+    now: datetime,
+    request: str | None = None,
 ) -> Outgoing:
-    """The message that carries the orchestrator's answer to a client's own queue.
+    """The message that carries the orchestrator's answer to a client's own queue; its id
+    names the ``request`` answered when there may be several (an operator's actions).
 
     Through the default exchange and not mandatory: a client that went away misses it, and
     can ask again.
     """
     return wire_message(
         MessageKind.ANSWER,
-        message_id=f"{answer.saga_id}:{answer.kind}:{reply_to}",
+        message_id=f"{request or answer.saga_id}:{answer.kind}:{reply_to}",
         saga_id=answer.saga_id,
         traceparent=None,
         exchange="",
@@ -137,8 +148,9 @@ def answer_message(
     )
 
 
-def query_message(query: QuerySaga, message_id: str, now: datetime) -> Outgoing:
-    """The message that asks the orchestrator for a saga's state."""
+def query_message(query: QuerySaga | OperateSaga, message_id: str, now: datetime) -> Outgoing:
+    """The message that asks the orchestrator about a saga: its state, or an operator's action
+    applied."""
     return wire_message(
         MessageKind.QUERY,
         message_id=message_id,

@@ -86,10 +86,7 @@ class MemoryStore:
         found = [
             Listed(record.state, record.hold)
             for record in self._records.values()
-            if (query.status is None or record.state.status is query.status)
-            and (query.saga_type is None or record.state.saga_type == query.saga_type)
-            and (query.version is None or record.state.definition_version == query.version)
-            and (query.held is None or (record.hold is not None) == query.held)
+            if query.matches(record.state, record.hold)
         ]
         found.sort(key=lambda listed: (listed.state.updated_at, listed.state.saga_id), reverse=True)
         return found[: query.limit]

@@ -37,6 +37,7 @@ after ``connect_timeout`` seconds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Final
@@ -46,6 +47,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from orchestrator.store import (
+    CURRENT_STEP_STATUSES,
     DEFAULT_RETENTION,
     Hold,
     Listed,
@@ -254,6 +256,7 @@ class MongoStore(MongoCollection):
             match["definition_version"] = query.version
         if query.held is not None:
             match["held_reason"] = {"$ne": None} if query.held else None
+        match |= _narrowing(query)
         documents = await self._find(
             match,
             {"state": 1, **_HOLD},
@@ -460,3 +463,31 @@ def _hold(document: Document) -> Hold | None:
         since=utc(document["held_since"]),
         waiting_for=document.get("held_for"),
     )
+
+
+def _narrowing(query: SagaFilter) -> Document:
+    """The match of the filters no index serves: step, id prefix, time range, page."""
+    match: Document = {}
+    if query.step is not None:
+        match["state.steps"] = {
+            "$elemMatch": {"name": query.step, "status": {"$in": list(CURRENT_STEP_STATUSES)}}
+        }
+    if query.id_prefix is not None:
+        match["_id"] = {"$regex": "^" + re.escape(query.id_prefix)}
+    created: Document = {}
+    if query.created_from is not None:
+        created["$gte"] = query.created_from
+    if query.created_to is not None:
+        created["$lt"] = query.created_to
+    if created:
+        match["created_at"] = created
+    if query.after is not None:
+        # BSON dates keep milliseconds: the cursor is compared as it was stored.
+        at = query.after.updated_at.replace(
+            microsecond=query.after.updated_at.microsecond // 1000 * 1000
+        )
+        match["$or"] = [
+            {"updated_at": {"$lt": at}},
+            {"updated_at": at, "_id": {"$lt": query.after.saga_id}},
+        ]
+    return match

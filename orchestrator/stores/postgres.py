@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from orchestrator.store import (
+    CURRENT_STEP_STATUSES,
     DEFAULT_RETENTION,
     Hold,
     Listed,
@@ -360,6 +361,7 @@ class PostgresStore:
                 conditions.append(f"{column} = ${len(arguments)}")
         if query.held is not None:
             conditions.append(f"held_reason IS {'NOT ' if query.held else ''}NULL")
+        conditions += _narrowing(query, arguments)
         where = "WHERE " + " AND ".join(conditions) if conditions else ""
         async with self.pool.connection() as connection:
             rows = await connection.fetch(self._sql["find"].format(where=where), *arguments)
@@ -439,3 +441,33 @@ def _hold(row: Any) -> Hold | None:
     if row["held_reason"] is None:
         return None
     return Hold(reason=row["held_reason"], since=row["held_since"], waiting_for=row["held_for"])
+
+
+def _narrowing(query: SagaFilter, arguments: list[object]) -> list[str]:
+    """The conditions of the filters no index serves (step, id prefix, time range, page),
+    appending their values to ``arguments``."""
+
+    def argument(value: object) -> str:
+        arguments.append(value)
+        return f"${len(arguments)}"
+
+    conditions = []
+    if query.step is not None:
+        name, statuses = argument(query.step), argument(list(CURRENT_STEP_STATUSES))
+        # Only placeholders are formatted in: the values travel as arguments.
+        conditions.append(
+            "EXISTS (SELECT 1 FROM jsonb_array_elements(state -> 'steps') AS s(step) "  # noqa: S608
+            f"WHERE s.step ->> 'name' = {name} AND s.step ->> 'status' = ANY({statuses}::text[]))"
+        )
+    if query.id_prefix is not None:
+        conditions.append(f"starts_with(saga_id, {argument(query.id_prefix)})")
+    if query.created_from is not None:
+        conditions.append(f"created_at >= {argument(query.created_from)}")
+    if query.created_to is not None:
+        conditions.append(f"created_at < {argument(query.created_to)}")
+    if query.after is not None:
+        conditions.append(
+            f"(updated_at, saga_id) < ({argument(query.after.updated_at)}, "
+            f"{argument(query.after.saga_id)})"
+        )
+    return conditions

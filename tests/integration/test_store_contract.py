@@ -40,7 +40,7 @@ from orchestrator.definition import Saga, Step
 from orchestrator.effects import outgoing
 from orchestrator.engine import HISTORY_LIMIT, Decision, Event, ReplyReceived, decide, start_saga
 from orchestrator.state import SagaStatus, StepStatus
-from orchestrator.store import Hold, Listed, SagaFilter, SagaRecord, SagaStore
+from orchestrator.store import Cursor, Hold, Listed, SagaFilter, SagaRecord, SagaStore
 from orchestrator.stores import open_store
 from orchestrator.stores.memory import MemoryStore
 from orchestrator.stores.mongo import MongoStore
@@ -649,6 +649,40 @@ async def test_list_filters_by_status_and_type_newest_first(store: SagaStore) ->
     assert await ids(status=SagaStatus.STUCK) == []
     listed = await store.find(SagaFilter(saga_type="stock_check", limit=1))
     assert listed == [Listed(completed("ls-s2", T0 + timedelta(seconds=70), stock_check).state)]
+
+
+async def test_list_filters_by_step_id_prefix_and_start_time_and_pages_by_cursor(
+    store: SagaStore,
+) -> None:
+    await create_all(
+        store,
+        started("f-a1", T0),  # on reserve_inventory, going forward
+        compensating("f-a2", T0 + timedelta(seconds=10)),  # undoing reserve_inventory
+        stuck("f-b1", T0 + timedelta(seconds=20)),  # stuck on reserve_inventory's compensation
+        completed("f-b2", T0 + timedelta(seconds=30)),  # on no step: finished
+        started("g_%1", T0 + timedelta(seconds=40)),  # a prefix with LIKE's and regex's signs
+    )
+
+    async def ids(**query: Any) -> list[str]:
+        return [listed.state.saga_id for listed in await store.find(SagaFilter(**query))]
+
+    assert await ids(step="reserve_inventory") == ["g_%1", "f-b1", "f-a2", "f-a1"]
+    assert await ids(step="process_payment") == []
+    assert await ids(id_prefix="f-b") == ["f-b2", "f-b1"]
+    assert await ids(id_prefix="g_%") == ["g_%1"]
+    assert await ids(id_prefix="g.") == []
+    window = {"created_from": T0 + timedelta(seconds=10), "created_to": T0 + timedelta(seconds=30)}
+    assert await ids(**window) == ["f-b1", "f-a2"]
+
+    pages: list[list[str]] = []
+    cursor = None
+    while True:
+        page = await store.find(SagaFilter(limit=2, after=cursor))
+        if not page:
+            break
+        pages.append([listed.state.saga_id for listed in page])
+        cursor = Cursor(page[-1].state.updated_at, page[-1].state.saga_id)
+    assert pages == [["g_%1", "f-b2"], ["f-b1", "f-a2"], ["f-a1"]]
 
 
 async def test_count_by_status(store: SagaStore) -> None:

@@ -173,7 +173,7 @@ def test_alerts_read_only_metrics_that_exist() -> None:
         assert not unknown, f"{rule.get('alert') or rule['record']} reads unknown {unknown}"
         seen |= names
     # The parser found what the rules are about, so the check above is not vacuous.
-    assert {"saga_in_flight", "saga_step_outcomes_total", "up"} <= seen
+    assert {"saga_active", "saga_step_outcomes_total", "up"} <= seen
 
 
 def test_every_alert_says_what_it_means_and_what_to_do() -> None:
@@ -254,7 +254,7 @@ def test_dashboard_reads_only_metrics_that_exist() -> None:
         "saga_started_total",
         "saga_completed_total",
         "saga_failed_total",
-        "saga_in_flight",
+        "saga_active",
         "saga_step_duration_seconds_bucket",
         "saga_step_outcomes_total",
         "saga_compensations_total",

@@ -19,6 +19,8 @@ from pydantic import BaseModel
 
 from contracts import names, orders
 from contracts.client import (
+    OperateSaga,
+    OperationAnswer,
     QuerySaga,
     SagaOutcome,
     SagaSnapshot,
@@ -217,6 +219,18 @@ def _client_messages() -> list[BaseModel]:
     results = {"reserve_inventory": {"reservation_id": "r-1"}}
     return [
         QuerySaga(saga_id=SAGA, reply_to=CLIENT_QUEUE, watch=True),
+        OperateSaga(
+            saga_id=SAGA,
+            action="abort",
+            request_id="r-1",
+            reply_to=CLIENT_QUEUE,
+            expires_at=NOW,
+            by="ops",
+            reason="customer cancelled",
+        ),
+        OperationAnswer(
+            saga_id=SAGA, request_id="r-1", applied=True, before="started", after="compensating"
+        ),
         StartAnswer(saga_id=SAGA, status=StartStatus.REFUSED, reason="unknown saga type"),
         SagaSnapshot(
             saga_id=SAGA,
@@ -267,9 +281,9 @@ def _wire(message: BaseModel) -> Outgoing:  # noqa: PLR0911 - one case per messa
             return reply_message(message, names.REPLIES_ROUTING_KEY, NOW)
         case PickedUp() | Heartbeat():
             return progress_message(message, names.REPLIES_ROUTING_KEY, NOW)
-        case StartAnswer() | SagaSnapshot() | SagaOutcome():
+        case StartAnswer() | SagaSnapshot() | SagaOutcome() | OperationAnswer():
             return answer_message(message, CLIENT_QUEUE, NOW)
-        case QuerySaga():
+        case QuerySaga() | OperateSaga():
             return query_message(message, f"{SAGA}:query:1", NOW)
         case StartSaga():
             return start_message(message, NOW)
@@ -325,6 +339,8 @@ CHANNEL_OF: dict[type[BaseModel], str] = {
     PickedUp: "replies",
     Heartbeat: "replies",
     QuerySaga: "queries",
+    OperateSaga: "queries",
+    OperationAnswer: "answers",
     StartAnswer: "answers",
     SagaSnapshot: "answers",
     SagaOutcome: "answers",
@@ -357,7 +373,7 @@ def test_the_server_is_a_variable_free_amqp_broker() -> None:
 def test_samples_cover_every_message_and_example_model() -> None:
     assert {type(m) for m in MESSAGES} == set(MESSAGE_MODELS)
     assert {type(m) for m in ORDER_SAMPLES} == set(ORDER_MODELS)
-    assert len(MESSAGE_MODELS) == 10 + len(EventName)
+    assert len(MESSAGE_MODELS) == 12 + len(EventName)
 
 
 @pytest.mark.parametrize("model", MESSAGE_MODELS, ids=lambda m: m.__name__)
