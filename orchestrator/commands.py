@@ -265,6 +265,11 @@ async def show(args: argparse.Namespace) -> int:
     for step in state.steps:
         if step.error is not None:
             print(f"  error of {step.name} ({step.status.value}): {step.error.summary}")
+    for step in state.steps:
+        if step.heartbeat_at is not None:
+            beat = f"+{demos.span(step.heartbeat_at - state.created_at)}"
+            details = f": {step.heartbeat}" if step.heartbeat else ""
+            print(f"  last heartbeat of {step.name} #{step.attempt} at {beat}{details}")
     if record.hold is not None:
         print(f"  HELD since {record.hold.since:%Y-%m-%d %H:%M:%S}: {record.hold.reason}")
         if state.inbox:

@@ -89,7 +89,7 @@ def render_timeline(state: SagaState, out: TextIO) -> None:
     """One saga: header, step statuses, then its history with offsets from the start."""
     took = (state.finished_at or state.updated_at) - state.created_at
     out.write(
-        f"{state.saga_id}  {state.saga_type}  {state.status.value.upper()}  ({_span(took)})\n"
+        f"{state.saga_id}  {state.saga_type}  {state.status.value.upper()}  ({span(took)})\n"
     )
     if state.failure_reason:
         out.write(f"  reason: {state.failure_reason}\n")
@@ -98,7 +98,7 @@ def render_timeline(state: SagaState, out: TextIO) -> None:
     if state.history_dropped:
         out.write(f"  ({state.history_dropped} older history entries dropped)\n")
     for entry in state.history:
-        offset = "+" + _span(entry.at - state.created_at)
+        offset = "+" + span(entry.at - state.created_at)
         subject = entry.step or ""
         if entry.attempt is not None:
             subject += f" #{entry.attempt}"
@@ -108,7 +108,8 @@ def render_timeline(state: SagaState, out: TextIO) -> None:
         out.write(line.rstrip() + "\n")
 
 
-def _span(delta: timedelta) -> str:
+def span(delta: timedelta) -> str:
+    """A duration for a human: ``4.2s``, ``15m00s``."""
     seconds = delta.total_seconds()
     if seconds < 60:
         return f"{seconds:.3g}s" if seconds else "0s"

@@ -397,6 +397,9 @@ class SagaState:
             "started_at": _iso(step.started_at) if step.started_at else None,
             "finished_at": _iso(step.finished_at) if step.finished_at else None,
             "due_at": _iso(step.due_at) if step.due_at else None,
+            "picked_up_at": _iso(step.picked_up_at) if step.picked_up_at else None,
+            "heartbeat_at": _iso(step.heartbeat_at) if step.heartbeat_at else None,
+            "heartbeat": step.heartbeat,
             "error": None if step.error is None else step.error.model_dump(exclude_none=True),
             "result": self.results.get(step.name),
         }

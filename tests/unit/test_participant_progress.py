@@ -105,6 +105,9 @@ async def test_heartbeats_keep_a_long_handler_alive_and_are_coalesced() -> None:
         step = (await h.saga("b-1")).step("copy")
         assert step.status is StepStatus.RUNNING
         assert step.heartbeat == "copied 50 of 100"  # what saga show prints
+        (shown,) = (await h.record("b-1")).summary()["steps"]  # saga show --json, the API
+        assert shown["heartbeat"] == "copied 50 of 100"
+        assert shown["heartbeat_at"] is not None
         await h.advance(seconds=100)
         assert (await h.saga("b-1")).status is SagaStatus.COMPLETED
     sent = heartbeats(h)
