@@ -41,6 +41,11 @@ class StepView(_Body):
     started_at: datetime | None
     finished_at: datetime | None
     due_at: datetime | None = Field(description="When its timeout or next retry is due.")
+    picked_up_at: datetime | None = Field(
+        description="When a participant acknowledged picking the current attempt up."
+    )
+    heartbeat_at: datetime | None = Field(description="The current attempt's last heartbeat.")
+    heartbeat: str | None = Field(description="What that heartbeat said about the work.")
     error: ErrorView | None
     result: dict[str, Any] | None
 

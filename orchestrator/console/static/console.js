@@ -235,7 +235,9 @@ function stepsTable(saga) {
   return el("table", { "data-testid": "steps" },
     el("thead", {}, el("tr", {}, ...["step", "status", "attempts", "undo attempts", "result", "error"].map((h) => el("th", {}, h)))),
     el("tbody", {}, ...saga.steps.map((step) => el("tr", { "data-testid": "step-" + step.name },
-      el("td", {}, step.name), el("td", {}, step.status, step.in_doubt ? " (in doubt)" : ""),
+      el("td", {}, step.name),
+      el("td", {}, step.status, step.in_doubt ? " (in doubt)" : "",
+        step.heartbeat_at ? ` · heartbeat ${when(step.heartbeat_at)}${step.heartbeat ? ": " + step.heartbeat : ""}` : ""),
       el("td", {}, String(step.attempts)), el("td", {}, String(step.compensation_attempts)),
       el("td", { "data-testid": "result-" + step.name }, step.result ? json(step.result) : "-"),
       el("td", {}, step.error ? `${step.error.type}: ${step.error.message}` : "-")))));
