@@ -88,9 +88,7 @@ def render_text(states: Sequence[SagaState], out: TextIO) -> None:
 def render_timeline(state: SagaState, out: TextIO) -> None:
     """One saga: header, step statuses, then its history with offsets from the start."""
     took = (state.finished_at or state.updated_at) - state.created_at
-    out.write(
-        f"{state.saga_id}  {state.saga_type}  {state.status.value.upper()}  ({span(took)})\n"
-    )
+    out.write(f"{state.saga_id}  {state.saga_type}  {state.status.value.upper()}  ({span(took)})\n")
     if state.failure_reason:
         out.write(f"  reason: {state.failure_reason}\n")
     steps = "  ".join(f"{step.name}={step.status.value}" for step in state.steps)
