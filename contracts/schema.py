@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pydantic import BaseModel
@@ -100,6 +100,10 @@ class AppContracts:
     prefix: str
     described_as: str
     """How the documents name the app, e.g. ``the example order saga``."""
+    sagas: Mapping[str, Any] = field(default_factory=dict)
+    """Each saga definition's flow, exported as the document's ``x-sagas`` extension: its
+    stages in order, a parallel group's members in one stage, with their services and
+    commands (see :meth:`orchestrator.definition.Saga.flow`)."""
 
 
 EXAMPLE_CONTRACTS: Final = AppContracts(ORDER_MODELS, ORDER_SCHEMA_PREFIX, "the example order saga")
@@ -135,6 +139,7 @@ def asyncapi_document(
         "servers": _servers(),
         "channels": _channels(app),
         "operations": _operations(),
+        **({"x-sagas": dict(app.sagas)} if app.sagas else {}),
         "components": {
             "messages": _messages(),
             "schemas": _schemas(_COMPONENT_SCHEMAS, app),

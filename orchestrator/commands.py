@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from contracts import names
 from contracts.events import LifecycleEvent, lifecycle_event_adapter
 from contracts.messages import StartSaga
 from orchestrator import demo as demos
 from orchestrator.cli import EXIT_SAGA_FAILED, print_json
+from orchestrator.definition import App
 from orchestrator.engine import Action
 from orchestrator.loader import load_app
 from orchestrator.operations import Applied, Operations, OutboxOnly
@@ -67,15 +70,24 @@ async def schema(args: argparse.Namespace) -> int:
         json_schema_bundle,
     )
 
-    contracts = EXAMPLE_CONTRACTS
     if args.app:
         module = args.app.partition(":")[0]
-        contracts = AppContracts(load_app(args.app).contracts, f"{module}.", f"the app {args.app}")
+        app = load_app(args.app)
+        contracts = AppContracts(app.contracts, f"{module}.", f"the app {args.app}", _flows(app))
+    else:
+        from examples.order_fulfillment import app as example
+
+        contracts = dataclasses.replace(EXAMPLE_CONTRACTS, sagas=_flows(example))
     if args.format == "jsonschema":
         print_json(json_schema_bundle(contracts))
     else:
         print_json(asyncapi_document(version=_package_version(), app=contracts))
     return 0
+
+
+def _flows(app: App) -> dict[str, Any]:
+    """Each definition's stages, parallel groups included, by ``type.vN``."""
+    return {f"{saga.name}.v{saga.version}": saga.flow() for saga in app.sagas}
 
 
 def _package_version() -> str:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -458,6 +459,32 @@ class Saga(_SagaFields):
     def stage_of(self) -> tuple[int, ...]:
         """The stage of each step, by position."""
         return tuple(stage for stage, positions in enumerate(self.stages) for _ in positions)
+
+    def flow(self) -> dict[str, Any]:
+        """The saga's shape for documents (``saga schema``'s ``x-sagas``): its version and
+        stages in order, each a list of the steps dispatched together (one, or a parallel
+        group's members), with their kind, service and command names."""
+        stages = []
+        for positions in self.stages:
+            members = [self.steps[position] for position in positions]
+            stage: dict[str, Any] = {
+                "steps": [
+                    {
+                        "name": step.name,
+                        "kind": step.kind.value,
+                        "service": step.service,
+                        "command": step.command.name(),
+                        "compensation": None
+                        if step.compensation is None
+                        else step.compensation.name(),
+                    }
+                    for step in members
+                ]
+            }
+            if members[0].group is not None:
+                stage["parallel"] = members[0].group
+            stages.append(stage)
+        return {"saga_type": self.name, "version": self.version, "stages": stages}
 
     @cached_property
     def fingerprint(self) -> str:

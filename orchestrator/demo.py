@@ -91,8 +91,7 @@ def render_timeline(state: SagaState, out: TextIO) -> None:
     out.write(f"{state.saga_id}  {state.saga_type}  {state.status.value.upper()}  ({span(took)})\n")
     if state.failure_reason:
         out.write(f"  reason: {state.failure_reason}\n")
-    steps = "  ".join(f"{step.name}={step.status.value}" for step in state.steps)
-    out.write(f"  steps:  {steps}\n")
+    out.write(f"  steps:  {steps_line(state)}\n")
     if state.history_dropped:
         out.write(f"  ({state.history_dropped} older history entries dropped)\n")
     for entry in state.history:
@@ -104,6 +103,24 @@ def render_timeline(state: SagaState, out: TextIO) -> None:
         if entry.detail:
             line += f" {entry.detail}"
         out.write(line.rstrip() + "\n")
+
+
+def steps_line(state: SagaState) -> str:
+    """Each step and its status in order; a parallel group's members in brackets, joined
+    by ``+``: ``[reserve_inventory=completed + authorize_payment=running]  ship=not_started``."""
+    parts: list[str] = []
+    members: list[str] = []
+    for index, step in enumerate(state.steps):
+        shown = f"{step.name}={step.status.value}"
+        if step.group is None:
+            parts.append(shown)
+            continue
+        members.append(shown)
+        following = state.steps[index + 1] if index + 1 < len(state.steps) else None
+        if following is None or following.group != step.group:
+            parts.append("[" + " + ".join(members) + "]")
+            members = []
+    return "  ".join(parts)
 
 
 def span(delta: timedelta) -> str:

@@ -222,7 +222,7 @@ def new_saga(
         saga_type=saga.name,
         status=SagaStatus.STARTED,
         data=clean,
-        steps=tuple(StepState(name=step.name) for step in saga.steps),
+        steps=tuple(StepState(name=step.name, group=step.group) for step in saga.steps),
         created_at=now,
         updated_at=now,
         deadline_at=now + saga.deadline if saga.deadline is not None else None,

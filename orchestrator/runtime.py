@@ -493,7 +493,9 @@ class Orchestrator:
                     "kind, service, command or compensation there"
                 )
         steps = tuple(
-            state.step(step.name) if step.name in started else StepState(name=step.name)
+            replace(state.step(step.name), group=step.group)
+            if step.name in started
+            else StepState(name=step.name, group=step.group)
             for step in target.steps
         )
         moved = replace(

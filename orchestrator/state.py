@@ -99,6 +99,8 @@ class StepState:
 
     name: str
     status: StepStatus = StepStatus.NOT_STARTED
+    group: str | None = None
+    """The parallel group the step runs in (its members share it); None for a step alone."""
     attempt: int = 0
     compensation_attempt: int = 0
     compensation_failures: int = 0
@@ -391,6 +393,7 @@ class SagaState:
         return {
             "name": step.name,
             "status": step.status.value,
+            "group": step.group,
             "attempts": step.attempt,
             "compensation_attempts": step.compensation_attempt,
             "in_doubt": step.in_doubt,

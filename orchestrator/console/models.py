@@ -35,6 +35,7 @@ class StepView(_Body):
 
     name: str
     status: StepStatus
+    group: str | None = Field(description="The parallel group the step runs in, if any.")
     attempts: int
     compensation_attempts: int
     in_doubt: bool = Field(description="An attempt timed out: the participant may have acted.")

@@ -4,9 +4,14 @@ reverse order and, within a group, one member at a time in reverse declaration o
 
 from __future__ import annotations
 
+import io
+from dataclasses import replace
+
 import pytest
 
+from contracts.schema import EXAMPLE_CONTRACTS, asyncapi_document
 from orchestrator.definition import App, Parallel, Saga, Step, StepKind
+from orchestrator.demo import render_timeline, steps_line
 from orchestrator.state import SagaStatus, StepStatus
 from orchestrator.testing import SagaHarness, error, fail, hang, late
 from plumbing.errors import DefinitionError
@@ -171,3 +176,32 @@ def test_groups_are_validated_when_built() -> None:
 def test_groups_change_the_fingerprint() -> None:
     assert saga("a (b c) d").fingerprint != saga("a b c d").fingerprint
     assert saga("a (b c) d").stages == ((0,), (1, 2), (3,))
+
+
+async def test_the_timeline_and_saga_show_mark_a_groups_members() -> None:
+    async with SagaHarness(App([saga("a (b c) d")])) as h:
+        h.participant("svc_c").on("do_c", hang())
+        await h.start("flow", "s", {})
+        state = await h.saga("s")
+    assert [step.group for step in state.steps] == [None, "b+c", "b+c", None]
+    assert steps_line(state) == "a=completed  [b=completed + c=running]  d=not_started"
+    assert [step["group"] for step in state.summary()["steps"]] == [None, "b+c", "b+c", None]
+    out = io.StringIO()
+    render_timeline(state, out)
+    assert "[b=completed + c=running]" in out.getvalue()
+
+
+def test_the_asyncapi_export_lists_each_sagas_stages_with_its_groups() -> None:
+    definition = saga("a (b c) d")
+    flows = {"flow.v1": definition.flow()}
+    document = asyncapi_document(app=replace(EXAMPLE_CONTRACTS, sagas=flows))
+    stages = document["x-sagas"]["flow.v1"]["stages"]
+    assert [[s["name"] for s in stage["steps"]] for stage in stages] == [["a"], ["b", "c"], ["d"]]
+    assert [stage.get("parallel") for stage in stages] == [None, "b+c", None]
+    assert stages[1]["steps"][0] == {
+        "name": "b",
+        "kind": "compensatable",
+        "service": "svc_b",
+        "command": "do_b",
+        "compensation": "undo_b",
+    }

@@ -235,7 +235,7 @@ function stepsTable(saga) {
   return el("table", { "data-testid": "steps" },
     el("thead", {}, el("tr", {}, ...["step", "status", "attempts", "undo attempts", "result", "error"].map((h) => el("th", {}, h)))),
     el("tbody", {}, ...saga.steps.map((step) => el("tr", { "data-testid": "step-" + step.name },
-      el("td", {}, step.name),
+      el("td", {}, step.name, step.group ? ` (parallel: ${step.group})` : ""),
       el("td", {}, step.status, step.in_doubt ? " (in doubt)" : "",
         step.heartbeat_at ? ` · heartbeat ${when(step.heartbeat_at)}${step.heartbeat ? ": " + step.heartbeat : ""}` : ""),
       el("td", {}, String(step.attempts)), el("td", {}, String(step.compensation_attempts)),
