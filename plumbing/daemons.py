@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import importlib.util
 import os
 import signal
@@ -74,9 +75,11 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         )
     if wanted == "asyncio" or not installed:
         return None
-    import uvloop  # optional: imported only when it is installed and wanted
-
-    return uvloop.new_event_loop
+    # Imported by name: an optional dependency, loaded only when it is installed and wanted.
+    factory: Callable[[], asyncio.AbstractEventLoop] = importlib.import_module(
+        "uvloop"
+    ).new_event_loop
+    return factory
 
 
 def rabbit_transport(
