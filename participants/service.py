@@ -120,6 +120,10 @@ DEFAULT_ERROR_MESSAGE_LIMIT: Final = 200
 
 _POLL_FIRST: Final = 0.05  # seconds before asking again about another replica's claim
 _POLL_MAX: Final = 1.0
+_STORE_RETRY_FIRST: Final = 0.5  # seconds before trying an unavailable store again; doubles
+_STORE_RETRY_MAX: Final = 8.0
+STORE_WAIT: Final = 30.0
+"""Seconds a command waits for an unavailable idempotency store before it is requeued."""
 
 
 class NoReply(Exception):
@@ -611,7 +615,11 @@ class Participant:
                 trace_id=tracing.trace_id(envelope.traceparent),
             )
             started = time.perf_counter()
-            reply = await self.handle(envelope, clock, progress)
+            reply = await self._patiently(envelope, clock, progress)
+        except StoreUnavailable as e:
+            # Waited for long enough: give it back (shutdown must not wait for ever).
+            log.warning("command_requeued_store_unavailable", error=str(e))
+            return Disposition.REQUEUE
         except MessageRejected as e:
             # Counted by the transport once the message is parked, not here: a parking that
             # fails is retried, and would be counted twice.
@@ -628,6 +636,29 @@ class Participant:
             return Disposition.REQUEUE
         log.info("command_handled", status=reply.status.value)
         return Disposition.ACK
+
+    async def _patiently(
+        self, envelope: CommandEnvelope, clock: Clock, progress: ProgressSink
+    ) -> Reply | None:
+        """Handle the command, waiting out an idempotency store outage for up to
+        :data:`STORE_WAIT` seconds instead of requeueing at once.
+
+        Every requeue counts toward the queue's delivery limit: requeued at once, a command
+        comes straight back and fails again, and a short outage parks it as poison (the chaos
+        soak saw ten redeliveries in 0.3 s). Holding it keeps it ours, and the full prefetch
+        window stops the broker from sending more.
+        """
+        delay, waited = _STORE_RETRY_FIRST, 0.0
+        while True:
+            try:
+                return await self.handle(envelope, clock, progress)
+            except StoreUnavailable as e:
+                if waited >= STORE_WAIT:
+                    raise
+                log.warning("store_unavailable_waiting", error=str(e), retry_in=delay)
+                await clock.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, _STORE_RETRY_MAX)
 
     def _observe(self, command: str, reply: Reply | None, seconds: float) -> None:
         if self.metrics is None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
+from datetime import datetime, timedelta
 
 import pytest
 from pydantic import BaseModel
@@ -16,9 +17,17 @@ from contracts.messages import (
     idempotency_key,
 )
 from participants import CommandContext, NoReply, Participant
-from plumbing.errors import DefinitionError, MessageRejected, ParticipantError
+from participants.idempotency import ClaimResult, MemoryIdempotency
+from participants.service import STORE_WAIT
+from plumbing.errors import (
+    DefinitionError,
+    MessageRejected,
+    ParticipantError,
+    StoreUnavailable,
+)
 from plumbing.memory import MemoryBroker, VirtualClock
-from plumbing.transport import DeadLetter, Delivery
+from plumbing.topology import QueuePolicy, orchestrator_topology
+from plumbing.transport import DeadLetter, Delivery, Disposition
 
 
 class Charge(Command):
@@ -338,3 +347,54 @@ async def test_transactional_handlers_need_ctx_and_a_store_with_transactions() -
 
     with pytest.raises(ConfigError, match=r"transactional handlers \(refund\)"):
         service.check_store()
+
+
+class Outage(MemoryIdempotency):
+    """An idempotency store that is unreachable for its first ``failures`` claims."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def claim(self, key: str, claimant: str, now: datetime, lease: timedelta) -> ClaimResult:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable(
+                "the idempotency store at postgresql://db/ refused the connection"
+            )
+        return await super().claim(key, claimant, now, lease)
+
+
+async def handled_while_time_passes(
+    p: Payments, clock: VirtualClock, broker: MemoryBroker
+) -> Disposition | DeadLetter:
+    command = envelope(Charge, {"order_id": "o", "amount": 5}, clock=clock, deadline_in=3600)
+    delivery = Delivery(queue="saga.payment.commands", body=command.model_dump_json().encode())
+    task = asyncio.create_task(p.service.on_command(delivery, broker, clock))
+    while not task.done():  # virtual time moves only when told: a second per loop turn
+        await asyncio.sleep(0)
+        clock.set(clock.now() + timedelta(seconds=1))
+    return task.result()
+
+
+async def test_a_store_outage_is_waited_out_not_requeued(clock: VirtualClock) -> None:
+    p = Payments()
+    p.service.idempotency = Outage(failures=3)
+    broker = MemoryBroker(clock)
+    await broker.declare(orchestrator_topology(["payment"], QueuePolicy()))  # the replies queue
+    verdict = await handled_while_time_passes(p, clock, broker)
+    assert verdict is Disposition.ACK  # not requeued: a requeue counts toward the poison limit
+    assert p.calls == ["charge#1"]
+    assert [m.kind for m in broker.published] == ["reply"]
+
+
+async def test_a_long_store_outage_gives_the_command_back_after_a_while(
+    clock: VirtualClock,
+) -> None:
+    p = Payments()
+    p.service.idempotency = Outage(failures=1000)
+    started = clock.now()
+    verdict = await handled_while_time_passes(p, clock, MemoryBroker(clock))
+    assert verdict is Disposition.REQUEUE
+    assert clock.now() - started >= timedelta(seconds=STORE_WAIT)
+    assert p.calls == []
