@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=3.0, help="sagas started a second (3)")
     parser.add_argument("--in-flight", type=int, default=80, help="unfinished sagas at most (80)")
     parser.add_argument("--replicas", type=int, default=2, help="orchestrator replicas (2)")
+    parser.add_argument(
+        "--nodes", type=int, choices=(1, 3), default=1, help="broker nodes: 1, or a cluster of 3"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--postgres",
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         rate=args.rate,
         in_flight=args.in_flight,
         replicas=args.replicas,
+        nodes=args.nodes,
         seed=args.seed,
         pg_admin_url=args.postgres,
         workdir=args.workdir,

@@ -1,6 +1,6 @@
 """One soak run: set up, load and break for ``minutes``, drain, operate, check, report.
 
-The run owns everything it breaks: a private RabbitMQ node (``tests/support/rabbit_nodes``),
+The run owns everything it breaks: a private RabbitMQ node or cluster (:mod:`bench.soak.broker`),
 a PostgreSQL database of its own on the shared server (dropped afterwards unless kept), and
 the saga processes (``saga orchestrator`` replicas and the four ledger services of
 :mod:`bench.soak.services`), each started the way users start them. Every background loop
@@ -30,6 +30,7 @@ import asyncpg
 from bench.daemons import http_get, metric_sum, parse_metrics
 from bench.infra import Servers, fresh_database
 from bench.soak import chaos, checks, scenarios
+from bench.soak.broker import Broker
 from bench.soak.services import LEDGER, LEDGER_SCHEMA
 from contracts import names
 from contracts.messages import StartSaga
@@ -51,7 +52,6 @@ APP = "examples.order_fulfillment:app"
 SERVICES = tuple(f"bench.soak.services:{s}" for s in chaos.SERVICES)
 AT_LEAST_ONCE = frozenset({"notification"})
 """Services whose effect is outside the outcome's transaction (see :mod:`bench.soak.services`)."""
-DEAD_LETTER_STALL = "Cannot forward any dead-letter messages"
 _METRICS = (
     "saga_timers_fired_total",
     "saga_version_conflicts_total",
@@ -72,6 +72,8 @@ class SoakConfig:
     in_flight: int = 80
     """At most this many sagas unfinished at once (a bounded backlog, as a real client's)."""
     replicas: int = 2
+    nodes: int = 1
+    """Broker nodes: 1, or a cluster of 3 (quorum queues replicated on each)."""
     replica_kill_every: tuple[float, float] = (15.0, 30.0)
     participant_kill_every: tuple[float, float] = (45.0, 90.0)
     broker_kill_every: tuple[float, float] = (150.0, 240.0)
@@ -140,28 +142,20 @@ def environment(amqp: str, database: str) -> dict[str, str]:
 
 async def run(config: SoakConfig) -> Report:
     """Run the soak and return its report."""
-    from tests.support.rabbit_nodes import RabbitNodes, rabbitmq_scripts
-
-    scripts = rabbitmq_scripts()
-    if scripts is None:
-        raise ConfigError("rabbitmq-server is not installed (set SAGA_TEST_RABBITMQ_BIN)")
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="saga-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
     (workdir / "rabbit").mkdir(exist_ok=True)
-    group = RabbitNodes(workdir / "rabbit", scripts)
-    node = group.node()
+    broker = await Broker.start(workdir / "rabbit", config.nodes)
     try:
-        await asyncio.to_thread(node.start)
-        servers = Servers(amqp_url=node.url, pg_admin_url=config.pg_admin_url, mongo_url=None)
+        servers = Servers(amqp_url=broker.urls, pg_admin_url=config.pg_admin_url, mongo_url=None)
         async with _database(servers, config.keep) as database:
-            report = await _soak(config, node, database, workdir)
-            stalls = node.log_file.read_text(errors="replace").count(DEAD_LETTER_STALL)
-            report.figures["dead_letter_forwarding_stalls_in_broker_log"] = stalls
+            report = await _soak(config, broker, database, workdir)
+            report.figures["dead_letter_forwarding_stalls_in_broker_logs"] = broker.stalls()
             report.figures["workdir"] = str(workdir)
             return report
     finally:
-        group.close()
+        broker.close()
         if not config.keep:
             shutil.rmtree(workdir / "rabbit", ignore_errors=True)
 
@@ -183,12 +177,12 @@ async def _database(servers: Servers, keep: bool) -> AsyncIterator[str]:
         yield url
 
 
-async def _soak(config: SoakConfig, node: Any, database: str, workdir: Path) -> Report:
+async def _soak(config: SoakConfig, broker: Broker, database: str, workdir: Path) -> Report:
     run_id = os.urandom(3).hex()
     db = await asyncpg.connect(database)
     await db.execute(LEDGER_SCHEMA)
     processes = SagaProcesses(
-        APP, SERVICES, environment(node.url, database), config.replicas, workdir / "logs"
+        APP, SERVICES, environment(broker.urls, database), config.replicas, workdir / "logs"
     )
     for daemon in processes.daemons.values():
         # Small prefetches keep the connection pools small: the PostgreSQL server's hundred
@@ -196,7 +190,7 @@ async def _soak(config: SoakConfig, node: Any, database: str, workdir: Path) -> 
         prefetch = "8" if daemon.args[0] == "orchestrator" else "4"
         daemon.env = {**daemon.env, "SAGA_PREFETCH": prefetch}
     store = open_store(database)
-    transport = RabbitTransport(node.url)
+    transport = RabbitTransport(broker.urls)
     faults = chaos.FaultLog()
     hostile = chaos.HostileLog()
     figures = Figures()
@@ -218,8 +212,8 @@ async def _soak(config: SoakConfig, node: Any, database: str, workdir: Path) -> 
                 )
                 chaos_tasks.create_task(_kill_replicas(config, processes, faults, loading))
                 chaos_tasks.create_task(_kill_participants(config, processes, faults, loading))
-                chaos_tasks.create_task(_kill_broker(config, node, faults, loading))
-                chaos_tasks.create_task(_hostile(config, node.url, figures, hostile, loading))
+                chaos_tasks.create_task(_kill_broker(config, broker, faults, loading))
+                chaos_tasks.create_task(_hostile(config, broker, figures, hostile, loading))
             figures.phases["load_and_faults_s"] = round(clock() - began, 1)
             for daemon in processes.daemons.values():
                 await _ensure_up(daemon, faults)
@@ -229,10 +223,10 @@ async def _soak(config: SoakConfig, node: Any, database: str, workdir: Path) -> 
             stuck = await _resolve_stuck(store, transport, figures)
             await _settle(store, len(figures.sent), {"completed", "failed"})
             began = clock()
-            queues = await _drained(store, node)
+            queues = await _drained(store, broker)
             figures.phases["drain_s"] = round(clock() - began, 1)
             watching.set()
-        parked = await _parked(node.url)
+        parked = await _parked(broker.url())
         codes = await processes.stop()
         states = {s: await _state(store, s) for s in figures.sent}
         rows = await db.fetch(
@@ -312,6 +306,7 @@ def _verdict(
     fig: dict[str, Any] = {
         "minutes": config.minutes,
         "replicas": config.replicas,
+        "broker_nodes": config.nodes,
         "sagas": len(figures.sent),
         "statuses": dict(statuses),
         "by_scenario": checks.by_scenario(figures.sent),
@@ -453,24 +448,21 @@ async def _ensure_up(daemon: Daemon, faults: chaos.FaultLog) -> None:
 
 
 async def _kill_broker(
-    config: SoakConfig, node: Any, faults: chaos.FaultLog, loading: asyncio.Event
+    config: SoakConfig, broker: Broker, faults: chaos.FaultLog, loading: asyncio.Event
 ) -> None:
-    """SIGKILL the run's broker node every few minutes (in a short run: once, at a third of it)."""
+    """SIGKILL a broker node every few minutes (in a short run: once, at a third of it)."""
     rng = random.Random(config.seed + 3)
-    first = min(chaos.interval(rng, config.broker_kill_every), config.minutes * 60 / 3)
-    wait = first
+    wait = min(chaos.interval(rng, config.broker_kill_every), config.minutes * 60 / 3)
     while await _until(loading, wait):
         began = time.monotonic()
-        await asyncio.to_thread(node.kill)
-        await asyncio.sleep(rng.uniform(1, 5))
-        await asyncio.to_thread(node.start)
-        faults.add("kill-broker", "rabbit", None, outage=time.monotonic() - began)
+        name = await broker.kill_next(down=rng.uniform(1, 5))
+        faults.add("kill-broker", name, None, outage=time.monotonic() - began)
         wait = chaos.interval(rng, config.broker_kill_every)
 
 
 async def _hostile(
     config: SoakConfig,
-    url: str,
+    broker: Broker,
     figures: Figures,
     log: chaos.HostileLog,
     loading: asyncio.Event,
@@ -479,7 +471,9 @@ async def _hostile(
     n = 0
     while await _until(loading, config.hostile_every):
         real = figures.sent[-200:]
-        await chaos.send_hostile(url, chaos.hostile_round(n, real, ladder), log, figures.problem)
+        await chaos.send_hostile(
+            broker.url(), chaos.hostile_round(n, real, ladder), log, figures.problem
+        )
         n += 1
 
 
@@ -549,7 +543,7 @@ async def _resolve_stuck(
             resolved.add(item.state.saga_id)
 
 
-async def _drained(store: SagaStore, node: Any) -> dict[str, int]:
+async def _drained(store: SagaStore, broker: Broker) -> dict[str, int]:
     """Wait (up to 5 minutes) until no outbox holds a message and every queue but the parking
     queue is empty (timers of finished sagas still travel the delay ladder for up to a
     minute); the queue depths at the end, with the outbox as ``__outbox__``."""
@@ -559,9 +553,7 @@ async def _drained(store: SagaStore, node: Any) -> dict[str, int]:
             while True:
                 far = datetime.now(UTC) + timedelta(days=1)
                 outbox = len(await store.unpublished(far, 1000))
-                text = await asyncio.to_thread(
-                    node.ctl, "list_queues", "name", "messages", "--formatter", "json"
-                )
+                text = await broker.ctl("list_queues", "name", "messages", "--formatter", "json")
                 depths = {row["name"]: int(row["messages"]) for row in json.loads(text)}
                 depths["__outbox__"] = outbox
                 if not any(n for q, n in depths.items() if q != names.PARKED_QUEUE):
