@@ -288,7 +288,7 @@ async def send_hostile(
     try:
         connection = await aio_pika.connect(url, timeout=10)
     except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as e:
-        on_error(f"no connection for hostile messages: {e}")
+        on_error(f"no connection for hostile messages ({type(e).__name__})")
         return
     async with connection:
         channel = await connection.channel(publisher_confirms=True)

@@ -385,7 +385,8 @@ async def _send_start(
                 await transport.publish(start_message(request, SystemClock().now()))
                 return
             except PublishFailed as e:
-                figures.problems[f"start request not confirmed, sent again: {e}"[:90]] += 1
+                # The kind, without the saga id, so that the report counts them together.
+                figures.problem(f"start request not confirmed, sent again ({type(e).__name__})")
                 await asyncio.sleep(1)
 
 
