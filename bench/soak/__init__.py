@@ -12,5 +12,9 @@ come only from killed processes of at-least-once services, the outbox and the qu
 only the hostile messages were parked (each with a reason), and no timer fired early (with
 its lateness). The exit status is 1 when an invariant broke.
 
-``tests/e2e/test_soak.py`` runs a three-minute variant in CI.
+``--nodes 3`` runs it on a private three-node cluster, killing the nodes in turn.
+``tests/e2e/test_soak.py`` runs a two-minute variant in CI. Modules: :mod:`~bench.soak.run` (the
+run), :mod:`~bench.soak.services` (the ledger participants), :mod:`~bench.soak.scenarios`,
+:mod:`~bench.soak.chaos` (faults and hostile messages), :mod:`~bench.soak.broker` and
+:mod:`~bench.soak.checks` (the invariants).
 """
