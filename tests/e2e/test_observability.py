@@ -161,7 +161,12 @@ async def test_metrics_after_a_small_run(vhost_url: str, store_url: str) -> None
         assert value(o, "saga_in_flight", **kind, status="started") == 0
         assert value(o, "saga_outbox_backlog") == 0
         assert value(o, "saga_consumers_ready") == 1
-        assert value(o, "saga_timers_fired_total", source="broker") >= 2  # timeout + retry
+        # A timeout and a retry fired; which of the broker's delay ladder or the store sweep
+        # (every second here) got there first depends on the machine's load.
+        fired = value(o, "saga_timers_fired_total", source="broker") + value(
+            o, "saga_timers_fired_total", source="sweeper"
+        )
+        assert fired >= 2
         assert value(o, "saga_step_duration_seconds_count", **kind, step="process_payment") == 3
         assert value(o, "saga_duration_seconds_count", **kind, status="failed") == 2
 
