@@ -600,7 +600,17 @@ class RabbitTransport:
             if self._publisher is None:
                 connection = await self.connect()
                 channel = connection.channel(publisher_confirms=True, on_return_raises=True)
-                await channel.initialize()
+                try:
+                    await channel.initialize()
+                except RuntimeError as e:
+                    # aiormq's Connection.channel() raises a bare RuntimeError("<Connection
+                    # ...> closed") when the connection drops just as the channel opens (seen
+                    # in broker restarts under load). Escaping as a RuntimeError, it made the
+                    # outbox relay and the sweep hold sagas for an operator; it is a lost
+                    # connection like any other. Any other RuntimeError is a bug.
+                    if not str(e).endswith(" closed"):
+                        raise
+                    raise ConnectionError(str(e)) from e
                 self._publisher = _Publisher(channel)
             return self._publisher
 

@@ -328,8 +328,13 @@ class PostgresStore:
             await connection.execute(self._sql["mark_published"], saga_id, list(message_ids))
 
     async def mark_published_many(self, published: Mapping[str, Collection[str]]) -> None:
-        """Drop the entries of several sagas in one pipelined round trip."""
-        batch = [(saga_id, list(ids)) for saga_id, ids in published.items() if ids]
+        """Drop the entries of several sagas in one pipelined round trip.
+
+        The batch is one transaction, which locks each row it updates until it commits: rows
+        are taken in saga-id order, so that two replicas' batches over the same sagas queue
+        behind each other instead of deadlocking (each holding a row the other wants).
+        """
+        batch = sorted((saga_id, list(ids)) for saga_id, ids in published.items() if ids)
         if not batch:
             return
         async with self.pool.connection() as connection:

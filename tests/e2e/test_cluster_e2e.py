@@ -20,19 +20,17 @@ import pytest
 from contracts.events import EventName
 from orchestrator.processes import SagaProcesses
 from orchestrator.state import SagaState
-from orchestrator.store import SagaStore
 from orchestrator.stores import open_store
 from plumbing.rabbitmq import RabbitTransport
 from plumbing.topology import QueuePolicy, orchestrator_topology
 from tests.e2e.test_order_saga_e2e import (
     APP,
     SERVICES,
-    Scenario,
     check_outcomes,
     environment,
     orders,
     parked_reasons,
-    send_starts,
+    send_paced,
 )
 from tests.support.rabbit_nodes import RabbitCluster
 
@@ -44,9 +42,7 @@ pytestmark = [
 ]
 
 DEAD_LETTER_STALL = "Cannot forward any dead-letter messages"
-FINISHED = {"completed", "failed", "stuck"}
 IN_FLIGHT = 50
-Work = list[tuple[str, Scenario, dict[str, object]]]
 
 
 def queues_by_members(cluster: RabbitCluster, vhost: str) -> dict[str, tuple[str, list[str]]]:
@@ -57,38 +53,6 @@ def queues_by_members(cluster: RabbitCluster, vhost: str) -> dict[str, tuple[str
         )
     )
     return {row["name"]: (row["type"], sorted(row["members"])) for row in rows}
-
-
-async def finished(store: SagaStore) -> int:
-    """How many sagas have ended (completed, failed or stuck)."""
-    counts = await store.count_by_status()
-    return sum(n for (_, status), n in counts.items() if status in FINISHED)
-
-
-async def send_paced(
-    transport: RabbitTransport, store: SagaStore, work: Work, start: int, stop: int
-) -> None:
-    """Send the start requests of ``work[start:stop]``, keeping at most ``IN_FLIGHT`` sagas
-    unfinished.
-
-    A command carries a deadline of its step timeout and a participant refuses it past that,
-    so the outcome of a saga holds only while no command waits that long in a queue. A burst
-    of hundreds of sagas on three replicating nodes and a loaded two-core machine breaks that
-    (seen: commands over 60 s late); a bounded backlog keeps every outcome independent of
-    the machine's speed.
-    """
-    async with asyncio.timeout(600):
-        for n in range(start, stop):
-            await room_for_one(store, sent=n)
-            await send_starts(transport, work[n : n + 1])
-
-
-async def room_for_one(store: SagaStore, sent: int) -> None:
-    """Wait until fewer than ``IN_FLIGHT`` of the ``sent`` sagas are unfinished."""
-    while True:
-        if sent - await finished(store) < IN_FLIGHT:
-            return
-        await asyncio.sleep(0.2)
 
 
 def completed_twice(state: SagaState) -> list[str]:
@@ -120,11 +84,12 @@ async def test_300_orders_survive_losing_a_node_of_a_three_node_cluster(
         assert queues, "the daemons declared no queue"
         assert {name: q for name, q in queues.items() if q != ("quorum", everywhere)} == {}
 
-        await send_paced(transport, store, work, 0, 120)
+        await send_paced(transport, store, work, 0, 120, in_flight=IN_FLIGHT)
         await asyncio.to_thread(lost.kill)  # mid-run, up to IN_FLIGHT sagas in every state
-        await send_paced(transport, store, work, 120, 200)  # through the surviving nodes
+        # Through the surviving nodes.
+        await send_paced(transport, store, work, 120, 200, in_flight=IN_FLIGHT)
         await asyncio.to_thread(lost.start)  # same data and ports: it rejoins the cluster
-        await send_paced(transport, store, work, 200, len(work))
+        await send_paced(transport, store, work, 200, len(work), in_flight=IN_FLIGHT)
 
         await check_outcomes(store, work)
         duplicated = {}

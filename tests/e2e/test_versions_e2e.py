@@ -29,7 +29,10 @@ pytestmark = [
     pytest.mark.timeout(600),
 ]
 
-SLOW = "slow:4"  # payment takes this long: the daemon is redeployed meanwhile
+# Payment takes this long: the daemon is redeployed meanwhile. It must outlast sending the 20
+# starts, their first steps and a redeploy (1-2 s on an idle machine, 10x that loaded), or a
+# saga could complete on v1 before the redeploy; and stay below the 60 s step timeout.
+SLOW = "slow:30"
 COUNT = 20
 
 

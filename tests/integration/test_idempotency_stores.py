@@ -47,21 +47,14 @@ FAILED = StoredOutcome(
 TOMBSTONE = StoredOutcome(OutcomeKind.TOMBSTONE, stored_at=NOW)
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        "mongomock",
-        "mongo",
-    ]
-)
-async def store(
-    request: pytest.FixtureRequest, unique: str
+@contextlib.asynccontextmanager
+async def _backend(
+    kind: str, request: pytest.FixtureRequest, unique: str
 ) -> AsyncIterator[PostgresIdempotency | MongoIdempotency | MemoryIdempotency]:
-    """Each backend, empty, torn down after the test."""
-    if request.param == "memory":
+    """One backend, empty, torn down afterwards."""
+    if kind == "memory":
         yield MemoryIdempotency()
-    elif request.param == "postgres":
+    elif kind == "postgres":
         postgres = PostgresIdempotency(
             request.getfixturevalue("postgres_url"), table=f"idem_test_{unique}"
         )
@@ -72,7 +65,7 @@ async def store(
         finally:
             await postgres.drop()
             await postgres.close()
-    elif request.param == "mongomock":
+    elif kind == "mongomock":
         mongo = MongoIdempotency(AsyncMongoMockClient()[f"idem_test_{unique}"])  # type: ignore[arg-type]
         await mongo.setup()
         yield mongo
@@ -85,6 +78,33 @@ async def store(
         finally:
             await real.database.client.drop_database(real.database.name)
             await real.close()
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        "mongomock",
+        "mongo",
+    ]
+)
+async def store(
+    request: pytest.FixtureRequest, unique: str
+) -> AsyncIterator[PostgresIdempotency | MongoIdempotency | MemoryIdempotency]:
+    """Each backend, empty, torn down after the test."""
+    async with _backend(request.param, request, unique) as backend:
+        yield backend
+
+
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres), "mongo"])
+async def transactional_store(
+    request: pytest.FixtureRequest, unique: str
+) -> AsyncIterator[PostgresIdempotency | MongoIdempotency]:
+    """Each backend with database transactions on a real server (the in-memory store and
+    mongomock have none to roll an effect back with)."""
+    async with _backend(request.param, request, unique) as backend:
+        assert isinstance(backend, PostgresIdempotency | MongoIdempotency)
+        yield backend
 
 
 async def test_an_outcome_round_trips(store: IdempotencyStore) -> None:
@@ -306,13 +326,10 @@ class Effects:
 
 @pytest.fixture
 async def effects(
-    store: IdempotencyStore, unique: str, request: pytest.FixtureRequest
+    transactional_store: PostgresIdempotency | MongoIdempotency, unique: str
 ) -> AsyncIterator[Effects]:
     """Effects beside each store that has transactions on a real server."""
-    if request.node.callspec.params["store"] in ("memory", "mongomock"):
-        pytest.skip("no database transactions to roll an effect back with")
-    assert isinstance(store, PostgresIdempotency | MongoIdempotency)
-    made = Effects(store, unique)
+    made = Effects(transactional_store, unique)
     await made.setup()
     try:
         yield made
@@ -321,8 +338,9 @@ async def effects(
 
 
 async def test_the_effect_and_its_outcome_commit_together(
-    store: IdempotencyStore, effects: Effects
+    transactional_store: IdempotencyStore, effects: Effects
 ) -> None:
+    store = transactional_store
     assert isinstance(store, TransactionalIdempotency)
     async with store.transaction(KEY, "a", NOW, LEASE) as tx:
         assert tx.claim == Claimed(first=True)
@@ -338,8 +356,9 @@ async def test_the_effect_and_its_outcome_commit_together(
 
 @pytest.mark.parametrize("how", ["abandon", "raise"])
 async def test_an_abandoned_transaction_keeps_neither_effect_nor_claim(
-    store: IdempotencyStore, effects: Effects, how: str
+    transactional_store: IdempotencyStore, effects: Effects, how: str
 ) -> None:
+    store = transactional_store
     assert isinstance(store, TransactionalIdempotency)
     with contextlib.suppress(RuntimeError):
         async with store.transaction(KEY, "a", NOW, LEASE) as tx:
@@ -354,8 +373,9 @@ async def test_an_abandoned_transaction_keeps_neither_effect_nor_claim(
 
 
 async def test_two_transactions_on_one_key_make_one_effect(
-    store: IdempotencyStore, effects: Effects
+    transactional_store: IdempotencyStore, effects: Effects
 ) -> None:
+    store = transactional_store
     assert isinstance(store, TransactionalIdempotency)
     first_in = asyncio.Event()
     let_go = asyncio.Event()

@@ -1312,3 +1312,22 @@ async def test_marks_for_many_sagas_go_at_once(store: SagaStore) -> None:
     assert loaded["many-2"] is not None
     assert loaded["many-2"].outbox == two.outbox[1:]
     assert loaded["many-3"] == three
+
+
+async def test_batches_of_marks_in_opposite_orders_do_not_deadlock(store: SagaStore) -> None:
+    # Two replicas' relays confirm overlapping sagas and mark them in whatever order their
+    # publishes were confirmed. Seen in the chaos soak on PostgreSQL: one batch locked saga A
+    # then B, the other B then A, and the server's deadlock error crashed a daemon.
+    for round_ in range(5):
+        records = [started(f"order-{round_}-{n:02d}") for n in range(40)]
+        await create_all(store, *records)
+        forward = {r.saga_id: [r.outbox[0].message_id] for r in records}
+        backward = {r.saga_id: [r.outbox[-1].message_id] for r in reversed(records)}
+        async with asyncio.timeout(60):
+            await asyncio.gather(
+                store.mark_published_many(forward), store.mark_published_many(backward)
+            )
+        for record in records:
+            loaded = await store.load(record.saga_id)
+            assert loaded is not None
+            assert loaded.outbox == record.outbox[1:-1]
