@@ -57,8 +57,12 @@ class Broker:
         return ",".join(node.url for node in self.nodes)
 
     def url(self) -> str:
-        """One running node's address, for a plain client connection."""
-        return self.running().url
+        """A node's address for a plain client connection: a running one's if any (while a
+        single node is down, its own: the connection attempt fails and is counted)."""
+        for node in self.nodes:
+            if node.running:
+                return node.url
+        return self.nodes[0].url
 
     def running(self) -> RabbitNode:
         """A node whose processes run."""
