@@ -28,6 +28,7 @@ import itertools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -305,16 +306,16 @@ async def test_200_orders_reach_the_right_end_and_garbage_is_parked(
 
 
 async def test_200_orders_survive_a_killed_replica_and_a_broker_restart(
-    private_rabbit: RabbitNode, store_url: str
+    private_rabbit: RabbitNode, store_url: str, tmp_path: Path
 ) -> None:
     work, in_flight = await sized_for(store_url)
     # Timeouts well beyond the outages, so that no step times out because of them and every
     # saga must end exactly as its scenario says. Two orchestrator replicas share the broker
     # and the store; one of them is killed.
     broker_url = private_rabbit.url  # a node of this test's own: the test restarts it
-    processes = SagaProcesses(
-        APP, SERVICES, environment(broker_url, store_url, timeout=60), replicas=2
-    )
+    # At info, so that the logs hold what a broker restart makes everyone say.
+    env = {**environment(broker_url, store_url, timeout=60), "SAGA_LOG_LEVEL": "info"}
+    processes = SagaProcesses(APP, SERVICES, env, replicas=2, log_dir=tmp_path)
     store = open_store(store_url)
     transport = RabbitTransport(broker_url)
     first, second = len(work) * 2 // 5, len(work) * 13 // 20
@@ -343,6 +344,23 @@ async def test_200_orders_survive_a_killed_replica_and_a_broker_restart(
         await processes.stop()
         await transport.close()
         await store.close()
+    records = every_log_line_is_json(tmp_path)
+    # aio-pika's and aiormq's own complaints about the lost connection came through as JSON.
+    assert any(str(r.get("logger", "")).startswith(("aio_pika", "aiormq")) for r in records)
+
+
+def every_log_line_is_json(log_dir: Path) -> list[dict[str, object]]:
+    """Every line every daemon wrote, parsed; fails on the first that is not a JSON object."""
+    records = []
+    for log in sorted(log_dir.glob("*.log")):
+        for number, line in enumerate(log.read_text().splitlines(), start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                pytest.fail(f"{log.name}:{number} is not JSON: {line[:200]!r}")
+            assert isinstance(record, dict), f"{log.name}:{number} is not a JSON object"
+            records.append(record)
+    return records
 
 
 async def some_finished(store: SagaStore, count: int) -> bool:
