@@ -13,11 +13,10 @@ import pytest
 from contracts.events import EVENT_CLASSES, LifecycleEvent, SagaFailed
 from examples.order_fulfillment import app, inventory, notification, payment, shipping
 from orchestrator.client import SagaClient
-from orchestrator.runtime import Orchestrator
 from orchestrator.stores.memory import MemoryStore
 from participants import Observer
 from plumbing.errors import DefinitionError
-from plumbing.rabbitmq import RabbitTransport
+from tests.integration.in_process import running
 from tests.integration.test_cli import saga
 from tests.integration.test_client import order
 
@@ -45,29 +44,9 @@ async def run(vhost_url: str) -> AsyncIterator[Run]:
         seen.append(event)
         arrived.set()
 
-    transports = [RabbitTransport(vhost_url) for _ in range(6)]
-    orchestrator = Orchestrator(app, store, transports[0])
-    async with asyncio.TaskGroup() as group:
-        daemon = group.create_task(orchestrator.run())
-        async with asyncio.timeout(60):
-            await orchestrator.ready.wait()
-        ready = asyncio.Event()
-        tasks = [group.create_task(audit.run(transports[1], ready=ready))]
-        async with asyncio.timeout(60):
-            await ready.wait()
-        for service, transport in zip(
-            (inventory, payment, shipping, notification), transports[2:], strict=True
-        ):
-            tasks.append(group.create_task(service.run(transport)))
-        try:
-            yield Run(vhost_url, store, seen, arrived)
-        finally:
-            orchestrator.stop()
-            await daemon
-            for task in tasks:
-                task.cancel()
-            for transport in transports:
-                await transport.close()
+    services = (audit, inventory, payment, shipping, notification)
+    async with running(vhost_url, app, store, services):
+        yield Run(vhost_url, store, seen, arrived)
 
 
 async def test_an_observer_receives_every_event_exactly_as_published(run: Run) -> None:

@@ -14,11 +14,10 @@ from pydantic import BaseModel
 from contracts.messages import Command
 from orchestrator.client import SagaClient
 from orchestrator.definition import App, Parallel, RetryPolicy, Saga, Step, StepKind
-from orchestrator.runtime import Orchestrator
 from orchestrator.state import StepStatus
 from orchestrator.stores.memory import MemoryStore
 from participants import CommandContext, Participant, ParticipantError
-from plumbing.rabbitmq import RabbitTransport
+from tests.integration.in_process import running
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(600)]
 
@@ -156,28 +155,11 @@ class Run:
 async def run(vhost_url: str) -> AsyncIterator[Run]:
     store = MemoryStore()
     participants, log = services()
-    transports = [RabbitTransport(vhost_url) for _ in range(1 + len(participants))]
-    orchestrator = Orchestrator(APP, store, transports[0])
-    async with asyncio.TaskGroup() as group:
-        daemon = group.create_task(orchestrator.run())
-        async with asyncio.timeout(60):
-            await orchestrator.ready.wait()
-        tasks = []
-        for participant, transport in zip(participants, transports[1:], strict=True):
-            ready = asyncio.Event()
-            tasks.append(group.create_task(participant.run(transport, ready=ready)))
-            async with asyncio.timeout(60):
-                await ready.wait()
-        try:
-            async with SagaClient(vhost_url, app=APP) as client:
-                yield Run(client, store, log)
-        finally:
-            orchestrator.stop()
-            await daemon
-            for task in tasks:
-                task.cancel()
-            for transport in transports:
-                await transport.close()
+    async with (
+        running(vhost_url, APP, store, participants),
+        SagaClient(vhost_url, app=APP) as client,
+    ):
+        yield Run(client, store, log)
 
 
 async def test_a_group_is_dispatched_together_joined_then_followed(run: Run) -> None:
