@@ -46,6 +46,7 @@ from plumbing.codec import start_message
 from plumbing.errors import PublishFailed
 from plumbing.rabbitmq import RabbitTransport
 from plumbing.topology import QueuePolicy, orchestrator_topology
+from tests.integration.test_json_logs import json_lines
 from tests.support.rabbit_nodes import RabbitNode
 
 pytestmark = [
@@ -351,16 +352,7 @@ async def test_200_orders_survive_a_killed_replica_and_a_broker_restart(
 
 def every_log_line_is_json(log_dir: Path) -> list[dict[str, object]]:
     """Every line every daemon wrote, parsed; fails on the first that is not a JSON object."""
-    records = []
-    for log in sorted(log_dir.glob("*.log")):
-        for number, line in enumerate(log.read_text().splitlines(), start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                pytest.fail(f"{log.name}:{number} is not JSON: {line[:200]!r}")
-            assert isinstance(record, dict), f"{log.name}:{number} is not a JSON object"
-            records.append(record)
-    return records
+    return [record for log in sorted(log_dir.glob("*.log")) for record in json_lines(log)]
 
 
 async def some_finished(store: SagaStore, count: int) -> bool:

@@ -17,15 +17,18 @@ from tests.integration.rabbit_support import rabbitmqctl
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def json_lines(text: str) -> list[dict[str, object]]:
-    """Every line of ``text`` parsed as a JSON object; fails on the first line that is not."""
+def json_lines(text: str | Path) -> list[dict[str, object]]:
+    """Every line of ``text`` (or of the file it names) parsed as a JSON object; fails on the
+    first line that is not."""
+    where = f"{text.name}:" if isinstance(text, Path) else "line "
+    lines = text.read_text() if isinstance(text, Path) else text
     parsed = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines.splitlines(), start=1):
         try:
             value = json.loads(line)
         except json.JSONDecodeError:
-            pytest.fail(f"line {number} is not JSON: {line!r}")
-        assert isinstance(value, dict), f"line {number} is not a JSON object: {line!r}"
+            pytest.fail(f"{where}{number} is not JSON: {line[:300]!r}")
+        assert isinstance(value, dict), f"{where}{number} is not a JSON object: {line!r}"
         parsed.append(value)
     return parsed
 
