@@ -127,12 +127,16 @@ async def test_metrics_after_a_small_run(vhost_url: str, store_url: str) -> None
         )
         await wait_until_settled(store, 4, within=600)
         kind = {"saga_type": "order_fulfillment"}
-        # The gauges are read from the store every second: wait until they show the end.
+        # The gauges are read from the store every second: wait until they show the end
+        # (no saga active any more) and the counters have counted every end.
         o = await scrape_until(
             processes.orchestrator.port,
             lambda o: (
-                value(o, "saga_in_flight", **kind, status="completed") == 2
-                and value(o, "saga_in_flight", **kind, status="failed") == 2
+                value(o, "saga_completed_total", **kind) == 2
+                and value(o, "saga_failed_total", **kind) == 2
+                and value(o, "saga_active", **kind, status="started") == 0
+                and value(o, "saga_active", **kind, status="pending") == 0
+                and value(o, "saga_active", **kind, status="compensating") == 0
             ),
         )
         assert value(o, "saga_started_total", **kind) == 4
