@@ -248,19 +248,20 @@ def positive_float(text: str) -> float:
 
 def saga_type(text: str) -> str:
     """An argument that names a saga type."""
-    from orchestrator.definition import NAME_RULE, is_name
-
-    if not is_name(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a saga type name: use {NAME_RULE}")
-    return text
+    return _definition_name(text, "saga type")
 
 
 def step_name(text: str) -> str:
     """An argument that names a step."""
+    return _definition_name(text, "step")
+
+
+def _definition_name(text: str, what: str) -> str:
+    """``text`` if it follows the definitions' naming rule, else a sentence saying the rule."""
     from orchestrator.definition import NAME_RULE, is_name
 
     if not is_name(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a step name: use {NAME_RULE}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {what} name: use {NAME_RULE}")
     return text
 
 

@@ -89,9 +89,17 @@ class Beats:
             details=None if details is None else details[:DETAILS_LIMIT],
             sent_at=now,
         )
-        try:
-            await self._sink(message)
-        except PublishFailed as e:
-            # The handler's work goes on: a lost heartbeat costs at most this attempt, and the
-            # next one (a third of the timeout later) may well get through.
-            log.warning("heartbeat_publish_failed", error=str(e))
+        await send(self._sink, message)
+
+
+async def send(sink: ProgressSink, message: PickedUp | Heartbeat) -> None:
+    """Send a pick-up or a heartbeat; a publish that fails is logged, never raised.
+
+    The command's work goes on regardless: a lost pick-up or heartbeat only makes this service
+    look slow to the orchestrator, whose step policy then decides (and the next heartbeat, a
+    third of the timeout later, may well get through).
+    """
+    try:
+        await sink(message)
+    except PublishFailed as e:
+        log.warning("progress_publish_failed", kind=message.kind, error=str(e))

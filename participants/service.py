@@ -99,6 +99,7 @@ from participants.idempotency import (
 )
 from participants.metrics import CommandOutcome, ParticipantMetrics
 from participants.progress import Beats, ProgressSink, missed_pickup, picked_up
+from participants.progress import send as progress_send
 from plumbing import telemetry, tracing
 from plumbing.clock import Clock, SystemClock
 from plumbing.codec import answer, decode, progress_message, reply_message
@@ -316,7 +317,7 @@ class Participant:
             ) from e
         late = missed_pickup(envelope, clock.now())
         if envelope.pickup_by is not None and not late and progress is not None:
-            await _send_progress(progress, picked_up(envelope, clock.now()))
+            await progress_send(progress, picked_up(envelope, clock.now()))
         call = _Call(envelope, clock, late, Beats(envelope, clock, progress))
         async with self._serialised(envelope.saga_id):
             if envelope.direction is Direction.COMPENSATION:
@@ -752,15 +753,6 @@ class _Call:
     clock: Clock
     late: bool  # picked up after its pick-up deadline: must not start
     beats: Beats
-
-
-async def _send_progress(sink: ProgressSink, message: PickedUp | Heartbeat) -> None:
-    try:
-        await sink(message)
-    except PublishFailed as e:
-        # Not fatal: the orchestrator then reports the step not picked up and its policy
-        # decides, as if this service had been slow; the command still runs here.
-        log.warning("pickup_publish_failed", error=str(e))
 
 
 _CANCELLED = ErrorDetail(
