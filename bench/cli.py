@@ -308,6 +308,8 @@ def render(record: dict[str, Any]) -> str:
         "publishes per step by kind (daemons only; timers = into the delay ladder)",
         report.publishes_table(record["rows"]),
     ]
+    if statements := report.statements_table(record["rows"]):
+        parts += ["", "store statements per step (asyncpg calls by daemon and verb)", statements]
     if "deferred" in record:
         parts += ["", f"deferred timer cost ({record['deferred']['row']})"]
         parts.append(report.deferred_table(record["deferred"]))

@@ -9,6 +9,10 @@ dictionary update per publish; nothing else in the daemon changes.
 Without a management plugin the broker keeps no per-exchange publish counters, and the
 project's metrics count failed publishes only, so this is how the harness measures publishes
 per step (by destination: commands, replies, timers into the delay ladder, lifecycle events).
+
+With ``$BENCH_TRACEMALLOC`` set to a path, the daemon also traces its allocations, and each
+``SIGUSR2`` writes the biggest live allocation sites to ``PATH.N.txt`` (what the RSS phase
+uses to show where memory per saga in flight goes).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import atexit
 import functools
 import json
 import os
+import signal
 import sys
 import threading
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,24 @@ def install() -> None:
 
     Exchange.publish = counted  # type: ignore[method-assign]
 
+    from asyncpg.connection import Connection
+
+    for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+        setattr(Connection, name, _counting_statements(getattr(Connection, name)))
+
+
+def _counting_statements(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """Wrap an asyncpg call to count it as ``pg <first word of the statement>``."""
+
+    @functools.wraps(original)
+    async def counted(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
+        verb = query.split(None, 1)[0].upper() if query.strip() else "?"
+        key = f"pg {verb}"
+        _COUNTS[key] = _COUNTS.get(key, 0) + 1
+        return await original(self, query, *args, **kwargs)
+
+    return counted
+
 
 def dump(path: Path) -> None:
     """Write the counts to ``path`` atomically."""
@@ -54,11 +78,35 @@ def _dump_forever(path: Path, stop: threading.Event) -> None:
         dump(path)
 
 
+def trace_allocations(prefix: str, frames: int = 6, top: int = 30) -> None:
+    """Trace allocations; on each ``SIGUSR2`` write the ``top`` sites to ``prefix.N.txt``."""
+    tracemalloc.start(frames)
+    taken = 0
+
+    def write(_signum: int, _frame: object) -> None:
+        nonlocal taken
+        taken += 1
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)]
+        )
+        stats = snapshot.statistics("traceback")
+        total = sum(stat.size for stat in stats)
+        lines = [f"traced {total / 2**20:.1f} MiB in {len(stats)} sites"]
+        for stat in stats[:top]:
+            lines.append(f"{stat.size / 2**20:9.2f} MiB {stat.count:>9} blocks")
+            lines.extend(f"    {line}" for line in stat.traceback.format(most_recent_first=True))
+        Path(f"{prefix}.{taken}.txt").write_text("\n".join(lines) + "\n")
+
+    signal.signal(signal.SIGUSR2, write)
+
+
 def main() -> int:
     """Install the counter, start the dumper and run the ``saga`` command line."""
     from orchestrator.cli import main as saga_main
 
     install()
+    if prefix := os.environ.get("BENCH_TRACEMALLOC"):
+        trace_allocations(prefix)
     target = os.environ.get("BENCH_PROBE_FILE")
     if target:
         path = Path(target)

@@ -209,11 +209,28 @@ def _xacts(counters: dict[str, int]) -> int:
     return counters.get("xact_commit", 0) + counters.get("xact_rollback", 0)
 
 
+_STATEMENT = "pg "  # bench.probe counts asyncpg calls as "pg <VERB>" beside the exchanges
+
+
+def _delta_statements(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """asyncpg calls of each daemon during the run, by statement verb."""
+    totals: dict[str, dict[str, int]] = {}
+    for name, counts in after["publishes"].items():
+        old = before["publishes"].get(name, {})
+        for key, value in counts.items():
+            if key.startswith(_STATEMENT) and value > old.get(key, 0):
+                verb = key.removeprefix(_STATEMENT)
+                totals.setdefault(name, {})[verb] = value - old.get(key, 0)
+    return totals
+
+
 def _delta_publishes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
     totals: dict[str, int] = {}
     for name, counts in after["publishes"].items():
         old = before["publishes"].get(name, {})
         for exchange, value in counts.items():
+            if exchange.startswith(_STATEMENT):
+                continue
             category = publish_category(exchange)
             totals[category] = totals.get(category, 0) + value - old.get(exchange, 0)
     return totals
@@ -266,6 +283,12 @@ def figures_of(
             queue: _delta_metric(before, after, "saga_messages_total", queue=queue)
             for queue in ("saga.start", "saga.replies", "saga.timers")
         },
+        "statements_per_step": {
+            daemon: {verb: count / steps for verb, count in verbs.items()}
+            for daemon, verbs in _delta_statements(before, after).items()
+        }
+        if steps
+        else {},
         "version_conflicts": _delta_metric(before, after, "saga_version_conflicts_total"),
         "publish_failures": _delta_metric(before, after, "saga_publish_failures_total"),
     }
@@ -419,6 +442,8 @@ async def rss_phase(ctx: Context, store: str) -> dict[str, Any]:
             seconds = time.perf_counter() - started
             await asyncio.sleep(3.0)
             memory = orchestrator.rss()
+            if os.environ.get("BENCH_TRACEMALLOC"):
+                os.kill(orchestrator.pid, signal.SIGUSR2)  # see bench.probe
             points.append(
                 {
                     "target": target,

@@ -136,6 +136,21 @@ def publishes_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def statements_table(rows: dict[str, dict[str, Any]]) -> str:
+    """asyncpg calls per step of each daemon, by statement verb (PostgreSQL rows)."""
+    lines = []
+    for name, row in rows.items():
+        by_daemon = row.get("median", {}).get("statements_per_step")
+        if not by_daemon:
+            continue
+        parts = []
+        for daemon, verbs in sorted(by_daemon.items()):
+            counted = " ".join(f"{verb} {value:.2f}" for verb, value in sorted(verbs.items()))
+            parts.append(f"{daemon}: {counted}")
+        lines.append(f"{name:<22}" + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def deferred_table(deferred: dict[str, Any]) -> str:
     """The deferred timer cost."""
     cpu = deferred["cpu_ms_per_saga"]
