@@ -42,6 +42,8 @@ from plumbing.transport import MessageKind, Outgoing, Transport
 
 log = structlog.get_logger("outbox")
 
+_RELEASE_BATCH = 256  # sagas whose held timers are published at once
+
 
 @dataclass
 class Drops:
@@ -222,8 +224,13 @@ class OutboxPublisher:
                 self._held.pop(saga_id, None)
             if found is not None:  # dropped meanwhile: the saga no longer waits for it
                 by_saga.setdefault(saga_id, []).append(found[0])
-        for saga_id, entries in by_saga.items():
-            await self._send(saga_id, entries)
+        # Sagas' timers go out together, their confirms awaited together: one after another,
+        # a publisher falls behind as soon as timers come due faster than a confirm returns
+        # (many sagas waiting on slow steps), and the held ones pile up in memory.
+        sagas = list(by_saga.items())
+        for start in range(0, len(sagas), _RELEASE_BATCH):
+            chunk = sagas[start : start + _RELEASE_BATCH]
+            await asyncio.gather(*(self._send(saga_id, entries) for saga_id, entries in chunk))
 
     async def _mark_loop(self) -> None:
         while True:

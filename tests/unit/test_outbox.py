@@ -13,7 +13,7 @@ from orchestrator.state import SagaStatus
 from orchestrator.store import SagaRecord
 from orchestrator.stores.memory import MemoryStore
 from orchestrator.testing import SagaHarness, hang, late
-from plumbing.transport import MessageKind
+from plumbing.transport import MessageKind, Outgoing
 from tests.unit.test_harness import ORDER
 
 
@@ -112,3 +112,30 @@ async def test_held_timers_are_published_when_the_daemon_stops(
     assert timers(h, "stop") == ["stop:timer:step_timeout:reserve_inventory:1"]
     assert (await h.record("stop")).outbox == ()
     assert all(m.kind is MessageKind.TIMER for m in h.published("timer"))
+
+
+async def test_held_timers_of_many_sagas_are_published_together(
+    harness: tuple[SagaHarness, CountingStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, _ = harness
+    in_flight, most = 0, 0
+    publish = h.broker.publish
+
+    async def counted(message: Outgoing) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0)  # a confirm takes at least a turn of the loop
+            await publish(message)
+        finally:
+            in_flight -= 1
+
+    h.participant("inventory").on("reserve_inventory", hang())
+    for n in range(20):
+        await h.orchestrator.start("order_fulfillment", f"h-{n}", {**ORDER, "order_id": f"h-{n}"})
+    await h.settle()
+    monkeypatch.setattr(h.broker, "publish", counted)
+    await h.advance(seconds=5)  # past the hold: twenty sagas' timers come due at once
+    assert len(h.published("timer")) == 20
+    assert most == 20  # not one confirm after another: those fall behind a busy daemon
