@@ -57,6 +57,7 @@ from orchestrator.engine import (
 )
 from orchestrator.metrics import Metrics
 from orchestrator.outbox import OutboxPublisher
+from orchestrator.recent import RecentRecords
 from orchestrator.state import SagaState, StepState, StepStatus
 from orchestrator.store import Hold, SagaRecord, SagaStore
 from plumbing import tracing
@@ -138,6 +139,9 @@ class EngineConfig:
     :mod:`orchestrator.outbox`); keep it below ``outbox_grace``."""
     mark_delay: float = 0.2
     """Seconds published messages wait to be marked with a saga's next write."""
+    recent_records: int = 2000
+    """Records of active sagas kept after writing them, so that their next message needs no
+    load (see :mod:`orchestrator.recent`); 0 loads every time."""
 
 
 class Orchestrator:
@@ -166,6 +170,7 @@ class Orchestrator:
             timer_hold=self.config.timer_hold,
             mark_delay=self.config.mark_delay,
         )
+        self.recent = RecentRecords(self.config.recent_records)
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -232,16 +237,15 @@ class Orchestrator:
             tracestate=tracestate if tracing.valid(traceparent) else None,
             watchers=watchers,
         )
-        existing = await self.store.load(saga_id)
-        if existing is not None:
-            return await self._existing(existing, wanted, watchers), False
+        # Create first and read only if the id is taken: a new saga costs one write.
         decision = decide(wanted, Start(), now, saga, history_limit=self.config.history_limit)
         record = SagaRecord(decision.state, 1, self._outbox(decision, now))
         if not await self.store.create(record):
-            raced = await self.store.load(saga_id)
-            if raced is None:  # created and purged in between: vanishingly rare, but honest
+            existing = await self.store.load(saga_id)
+            if existing is None:  # created and purged in between: vanishingly rare, but honest
                 raise SagaNotFound(f"saga {saga_id} disappeared while being started")
-            return await self._existing(raced, wanted, watchers), False
+            return await self._existing(existing, wanted, watchers), False
+        self.recent.remember(record)
         self._observe(decision, now)
         await self.outbox.publish(record)
         return decision.state, True
@@ -299,12 +303,20 @@ class Orchestrator:
 
     async def _apply(self, saga_id: str, event: Event) -> tuple[SagaState, Decision]:
         """:meth:`apply`, also returning the state the winning decision was made from."""
+        # The record this process wrote last is a first guess (an operator's action is always
+        # decided from the store). It may be stale, and only a write finds that out (its
+        # compare-and-set fails), so a guess is acted on only when the decision writes.
+        guess = None if isinstance(event, OperatorAction) else self.recent.get(saga_id)
         for _ in range(self.config.conflict_retries):
-            record = await self.store.load(saga_id)
+            record = guess or await self.store.load(saga_id)
             if record is None:
                 raise SagaNotFound(f"no saga has id {saga_id!r}")
             now = self.clock.now()
             verdict = self._decide(record, event, now)
+            if guess is not None:
+                guess = None
+                if isinstance(verdict, Hold) or not verdict.changed:
+                    continue  # decide again from the stored record
             if isinstance(verdict, Hold):
                 done = await self._hold(record, event, verdict)
             else:
@@ -527,10 +539,18 @@ class Orchestrator:
     async def _save(self, saved: SagaRecord, expected_version: int) -> bool:
         """One compare-and-set that also drops what the outbox publisher is done with."""
         taken = self.outbox.drops(saved.saga_id, saved.state)
-        if await self.store.save(saved, expected_version, drop=taken.ids):
-            return True
-        self.outbox.restore(saved.saga_id, taken)
-        return False
+        try:
+            written = await self.store.save(saved, expected_version, drop=taken.ids)
+        except BaseException:  # written or not, nobody knows: the next write will tell
+            written = False
+            raise
+        finally:
+            if written:
+                self.recent.remember(saved)
+            else:
+                self.recent.forget(saved.saga_id)
+                self.outbox.restore(saved.saga_id, taken)
+        return written
 
     # --- Message handlers -------------------------------------------------------------------
 
@@ -811,6 +831,7 @@ class Orchestrator:
         """Hold a saga that could not be handled, without reading its record."""
         if self.metrics:
             self.metrics.loop_errors.labels("hold").inc()
+        self.recent.forget(saga_id)
         await self.store.hold(saga_id, Hold(reason[:_REASON_LIMIT], self.clock.now()))
         log.warning("saga_held", saga_id=saga_id, reason=reason)
 

@@ -237,7 +237,9 @@ class SagaStore(Protocol):
     async def hold(self, saga_id: str, hold: Hold) -> None:
         """Hold a saga whose record cannot be read or handled, without reading it.
 
-        Neither the version nor the state changes; the sweep and the relay pass it by.
+        The state does not change; the version goes up, so that a writer holding an older
+        copy (a replica, or this process's recent records) loses its compare-and-set and reads
+        the hold. The sweep and the relay pass a held saga by.
         """
         ...
 

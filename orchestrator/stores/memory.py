@@ -92,10 +92,10 @@ class MemoryStore:
         return found[: query.limit]
 
     async def hold(self, saga_id: str, hold: Hold) -> None:
-        """Set the hold, leaving state and version alone."""
+        """Set the hold, leaving the state alone; the version goes up."""
         current = self._records.get(saga_id)
         if current is not None:
-            self._records[saga_id] = replace(current, hold=hold)
+            self._records[saga_id] = replace(current, version=current.version + 1, hold=hold)
 
     async def held(self, waiting_for: Collection[str], limit: int) -> list[str]:
         """Sagas held for one of these definitions, oldest hold first."""

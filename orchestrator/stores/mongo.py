@@ -269,7 +269,7 @@ class MongoStore(MongoCollection):
         ]
 
     async def hold(self, saga_id: str, hold: Hold) -> None:
-        """Set the hold without reading the record; state and version stay."""
+        """Set the hold without reading the record; the state stays, the version goes up."""
         with self._errors():
             await self.collection.update_one(
                 {"_id": saga_id},
@@ -279,7 +279,8 @@ class MongoStore(MongoCollection):
                         "held_since": hold.since,
                         "held_for": hold.waiting_for,
                         "next_due_at": None,
-                    }
+                    },
+                    "$inc": {"version": 1},
                 },
             )
 

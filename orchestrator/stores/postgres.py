@@ -182,7 +182,8 @@ _SQL: Final = {
         FROM "{table}" WHERE saga_id = $1
     """,
     "hold": """
-        UPDATE "{table}" SET held_reason = $2, held_since = $3, held_for = $4, next_due_at = NULL
+        UPDATE "{table}" SET held_reason = $2, held_since = $3, held_for = $4, next_due_at = NULL,
+            version = version + 1
         WHERE saga_id = $1
     """,
     "held": """
@@ -373,7 +374,7 @@ class PostgresStore:
         return [Listed(read_state(row["saga_id"], row["state"]), _hold(row)) for row in rows]
 
     async def hold(self, saga_id: str, hold: Hold) -> None:
-        """Set the hold without reading the record; state and version stay."""
+        """Set the hold without reading the record; the state stays, the version goes up."""
         async with self.pool.connection() as connection:
             await connection.execute(
                 self._sql["hold"], saga_id, hold.reason, hold.since, hold.waiting_for

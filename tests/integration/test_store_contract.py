@@ -1195,7 +1195,9 @@ async def test_holding_an_unreadable_saga_does_not_read_it_and_the_relay_passes_
     assert await store.count_held() == {("order_fulfillment", ""): 1}
     loaded = await store.load("hold-op")
     assert loaded is not None
-    assert loaded.version == record.version  # nothing but the hold changed
+    # Nothing but the hold changed, and the version, so that an older copy cannot overwrite it:
+    assert loaded.version == record.version + 1
+    assert not await store.save(replace(record, version=record.version + 1), record.version)
     assert loaded.state == record.state
     assert loaded.hold == Hold("the sweep failed on it: boom", T0)
 

@@ -194,11 +194,18 @@ async def test_a_store_outage_is_waited_out_not_requeued() -> None:
     class FlakyStore(MemoryStore):
         failures = 0
 
-        async def load(self, saga_id: str):  # type: ignore[no-untyped-def]
+        def fail(self) -> None:
             if self.failures:
                 self.failures -= 1
                 raise StoreUnavailable("the store is restarting")
+
+        async def load(self, saga_id: str):  # type: ignore[no-untyped-def]
+            self.fail()
             return await super().load(saga_id)
+
+        async def save(self, record, expected_version, *, drop=()):  # type: ignore[no-untyped-def]
+            self.fail()
+            return await super().save(record, expected_version, drop=drop)
 
     def step_status() -> StepStatus:
         return store.states()[0].step("process_payment").status
@@ -209,7 +216,7 @@ async def test_a_store_outage_is_waited_out_not_requeued() -> None:
         h.participant("payment").on("process_payment", late(10))
         await h.start("order_fulfillment", "o-1", ORDER)
         store.failures = 3
-        await h.advance(seconds=10)  # the reply arrives; loads fail three times (1 s, 2 s, 4 s)
+        await h.advance(seconds=10)  # the reply comes; the store fails three times (1 s, 2 s, 4 s)
         assert step_status() is StepStatus.RUNNING
         await h.advance(seconds=8)
         assert step_status() is StepStatus.COMPLETED
