@@ -599,16 +599,17 @@ class RabbitTransport:
         async with self._publisher_lock:
             if self._publisher is None:
                 connection = await self.connect()
-                channel = connection.channel(publisher_confirms=True, on_return_raises=True)
                 try:
+                    channel = connection.channel(publisher_confirms=True, on_return_raises=True)
                     await channel.initialize()
                 except RuntimeError as e:
-                    # aiormq's Connection.channel() raises a bare RuntimeError("<Connection
-                    # ...> closed") when the connection drops just as the channel opens (seen
-                    # in broker restarts under load). Escaping as a RuntimeError, it made the
-                    # outbox relay and the sweep hold sagas for an operator; it is a lost
-                    # connection like any other. Any other RuntimeError is a bug.
-                    if not str(e).endswith(" closed"):
+                    # A lost connection surfaces as a bare RuntimeError here (both seen in
+                    # broker restarts under load): aio-pika's "Connection was not opened" while
+                    # it is reconnecting to a broker still down, aiormq's "<Connection ...>
+                    # closed" when the connection drops just as the channel opens. Escaping as
+                    # a RuntimeError, they made the outbox relay and the sweep hold sagas for
+                    # an operator. Any other RuntimeError is a bug.
+                    if not _connection_lost(e):
                         raise
                     raise ConnectionError(str(e)) from e
                 self._publisher = _Publisher(channel)
@@ -988,6 +989,12 @@ def _stale(message: AbstractIncomingMessage) -> bool:
         return message.channel.is_closed
     except ChannelInvalidStateError:
         return True
+
+
+def _connection_lost(error: RuntimeError) -> bool:
+    """Whether aio-pika or aiormq raised ``error`` for a connection that is down."""
+    text = str(error)
+    return text == "Connection was not opened" or text.endswith(" closed")
 
 
 def _being_cancelled() -> bool:

@@ -825,3 +825,22 @@ def unacknowledged(vhost: str, queue: str) -> int:
         if name == queue:
             return int(count)
     return -1
+
+
+async def test_a_publish_while_the_connection_is_reconnecting_fails_as_a_publish(
+    broker_url: str, vhost: str, unique: str
+) -> None:
+    # Seen in a broker restart under load: while aio-pika tries to reconnect to a broker that
+    # is still down, its connection has no transport, and opening the publisher channel raised
+    # a bare RuntimeError("Connection was not opened"); the outbox relay took it for a bug and
+    # held every saga it was relaying for an operator.
+    queue = f"work-{unique}"
+    async with RabbitTransport(broker_url, reconnect_interval=600) as transport:
+        await transport.declare(work_queue(queue))
+        connection = await transport.connect()
+        rabbitmqctl("close_all_connections", "-p", vhost, "integration test")
+        await until(lambda: not transport.connected, within=60)
+        transport._publisher = None  # the channel a failed publish would have dropped
+        connection.transport = None  # what a reconnect attempt to a broker still down leaves
+        with pytest.raises(PublishFailed, match=r"is down.*\[connection\]"):
+            await transport.publish(message(queue, message_id="while-down"))
