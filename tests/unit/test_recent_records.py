@@ -53,6 +53,20 @@ PAID = {"payment_id": "p-1", "amount": "42.00"}
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
+async def reserved_by_another_replica(h: SagaHarness, *hanging: tuple[str, str]) -> ReplyReceived:
+    """Start ``o-1`` here (its record kept) and let another replica apply the reservation:
+    this orchestrator's copy is now one version behind. Returns the reservation's reply."""
+    h.participant("inventory").on("reserve_inventory", hang())
+    for service, command in hanging:
+        h.participant(service).on(command, hang())
+    await h.start("order_fulfillment", "o-1", ORDER)
+    other = Orchestrator(app, h.store, h.broker, clock=h.clock)  # another replica
+    reserved = completed(h, "reserve_inventory", RESERVED)
+    await other.apply("o-1", reserved)
+    assert (await h.record("o-1")).version == 2
+    return reserved
+
+
 async def test_a_saga_run_by_one_orchestrator_is_never_loaded(
     harness: tuple[SagaHarness, CountingStore],
 ) -> None:
@@ -69,13 +83,7 @@ async def test_a_stale_copy_that_would_write_loses_the_version_race_and_the_stor
     harness: tuple[SagaHarness, CountingStore],
 ) -> None:
     h, _ = harness
-    h.participant("inventory").on("reserve_inventory", hang())
-    h.participant("payment").on("process_payment", hang())
-    await h.start("order_fulfillment", "o-1", ORDER)
-    other = Orchestrator(app, h.store, h.broker, clock=h.clock)  # another replica
-    reserved = completed(h, "reserve_inventory", RESERVED)
-    await other.apply("o-1", reserved)
-    assert (await h.record("o-1")).version == 2
+    reserved = await reserved_by_another_replica(h, ("payment", "process_payment"))
 
     # Here the saga still waits for the reservation; the redelivered reply would move it on.
     duplicate = await h.orchestrator.apply("o-1", reserved)
@@ -88,12 +96,9 @@ async def test_a_stale_copy_that_would_ignore_a_reply_is_checked_against_the_sto
     harness: tuple[SagaHarness, CountingStore],
 ) -> None:
     h, _ = harness
-    h.participant("inventory").on("reserve_inventory", hang())
-    h.participant("payment").on("process_payment", hang())
-    h.participant("shipping").on("create_shipment", hang())
-    await h.start("order_fulfillment", "o-1", ORDER)
-    other = Orchestrator(app, h.store, h.broker, clock=h.clock)
-    await other.apply("o-1", completed(h, "reserve_inventory", RESERVED))
+    await reserved_by_another_replica(
+        h, ("payment", "process_payment"), ("shipping", "create_shipment")
+    )
 
     # Here the payment was never asked for: from this copy alone the reply looks unexpected.
     applied = await h.orchestrator.apply("o-1", completed(h, "process_payment", PAID))
@@ -152,11 +157,7 @@ async def test_a_timer_a_stale_copy_does_not_know_is_checked_against_the_store(
     harness: tuple[SagaHarness, CountingStore],
 ) -> None:
     h, _ = harness
-    h.participant("inventory").on("reserve_inventory", hang())
-    h.participant("payment").on("process_payment", hang())
-    await h.start("order_fulfillment", "o-1", ORDER)
-    other = Orchestrator(app, h.store, h.broker, clock=h.clock)
-    await other.apply("o-1", completed(h, "reserve_inventory", RESERVED))
+    await reserved_by_another_replica(h, ("payment", "process_payment"))
 
     # The payment's 60 s timeout comes to this orchestrator, whose copy never saw the payment
     # start (and whose reservation is due only at 120 s): from the copy alone it is a stale
