@@ -539,11 +539,9 @@ class Orchestrator:
     async def _save(self, saved: SagaRecord, expected_version: int) -> bool:
         """One compare-and-set that also drops what the outbox publisher is done with."""
         taken = self.outbox.drops(saved.saga_id, saved.state)
+        written = False  # if the save raises, written or not, nobody knows: the next write tells
         try:
             written = await self.store.save(saved, expected_version, drop=taken.ids)
-        except BaseException:  # written or not, nobody knows: the next write will tell
-            written = False
-            raise
         finally:
             if written:
                 self.recent.remember(saved)
