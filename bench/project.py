@@ -212,27 +212,35 @@ def _xacts(counters: dict[str, int]) -> int:
 _STATEMENT = "pg "  # bench.probe counts asyncpg calls as "pg <VERB>" beside the exchanges
 
 
+def _delta_counts(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """What bench.probe counted in each daemon during the run, by key."""
+    return {
+        name: {
+            key: value - before["publishes"].get(name, {}).get(key, 0)
+            for key, value in counts.items()
+        }
+        for name, counts in after["publishes"].items()
+    }
+
+
 def _delta_statements(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
     """asyncpg calls of each daemon during the run, by statement verb."""
     totals: dict[str, dict[str, int]] = {}
-    for name, counts in after["publishes"].items():
-        old = before["publishes"].get(name, {})
-        for key, value in counts.items():
-            if key.startswith(_STATEMENT) and value > old.get(key, 0):
-                verb = key.removeprefix(_STATEMENT)
-                totals.setdefault(name, {})[verb] = value - old.get(key, 0)
+    for name, counts in _delta_counts(before, after).items():
+        for key, delta in counts.items():
+            if key.startswith(_STATEMENT) and delta > 0:
+                totals.setdefault(name, {})[key.removeprefix(_STATEMENT)] = delta
     return totals
 
 
 def _delta_publishes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
     totals: dict[str, int] = {}
-    for name, counts in after["publishes"].items():
-        old = before["publishes"].get(name, {})
-        for exchange, value in counts.items():
+    for counts in _delta_counts(before, after).values():
+        for exchange, delta in counts.items():
             if exchange.startswith(_STATEMENT):
                 continue
             category = publish_category(exchange)
-            totals[category] = totals.get(category, 0) + value - old.get(exchange, 0)
+            totals[category] = totals.get(category, 0) + delta
     return totals
 
 
