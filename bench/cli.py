@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 from bench import peers, procstat, report
 from bench.ceiling_run import run_ceiling
 from bench.context import ROOT, Context, Options
+from bench.driver import END_EVENTS
 from bench.infra import Servers, server_versions
 from bench.project import RowSpec, latency_phase, rss_phase, run_row, step_timeouts
 
@@ -41,6 +42,7 @@ ALL_ROWS = (
     "postgres",
     "memory",
     "postgres-x2",
+    "postgres-ends",
     "mongo",
     "celery",
     "dbos",
@@ -181,6 +183,10 @@ def project_rows(ctx: Context) -> list[RowSpec]:
         rows.append(RowSpec("memory", "memory"))
     if "postgres-x2" in wanted:
         rows.append(RowSpec("postgres-x2", "postgres", replicas=2))
+    if "postgres-ends" in wanted:
+        # The lifecycle-event lever: only the outcome events a caller waits on are published.
+        ends = ",".join(END_EVENTS)
+        rows.append(RowSpec("postgres-ends", "postgres", env={"SAGA_PUBLISHED_EVENTS": ends}))
     if "mongo" in wanted and ctx.servers.mongo_url:
         rows.append(RowSpec("mongo", "mongo"))
     return rows
@@ -310,6 +316,8 @@ def render(record: dict[str, Any]) -> str:
     ]
     if statements := report.statements_table(record["rows"]):
         parts += ["", "store statements per step (asyncpg calls by daemon and verb)", statements]
+    if collections := report.collections_table(record["rows"]):
+        parts += ["", "garbage collections during the run, by daemon", collections]
     if "deferred" in record:
         parts += ["", f"deferred timer cost ({record['deferred']['row']})"]
         parts.append(report.deferred_table(record["deferred"]))

@@ -4,11 +4,15 @@
 ``participant --app ...``): the daemon runs unchanged. Before it starts, aio-pika's
 ``Exchange.publish`` is wrapped to count each publish by exchange name, and a thread writes
 the counts as JSON to ``$BENCH_PROBE_FILE`` twice a second (and at exit). Counting costs a
-dictionary update per publish; nothing else in the daemon changes.
+dictionary update per publish; nothing else in the daemon changes. The orchestrator's rounds of
+confirms (``OutboxPublisher._send``: a transition's messages published, then their confirms
+awaited together) are counted too, under ``confirm waits``.
 
 Without a management plugin the broker keeps no per-exchange publish counters, and the
 project's metrics count failed publishes only, so this is how the harness measures publishes
 per step (by destination: commands, replies, timers into the delay ladder, lifecycle events).
+
+The garbage collector's runs and pauses are counted by generation (``gc 2 runs``, ...).
 
 With ``$BENCH_TRACEMALLOC`` set to a path, the daemon also traces its allocations, and each
 ``SIGUSR2`` writes the biggest live allocation sites to ``PATH.N.txt`` (what the RSS phase
@@ -19,11 +23,13 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import json
 import os
 import signal
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,6 +37,16 @@ from typing import Any
 
 _COUNTS: dict[str, int] = {}
 _INTERVAL = 0.5
+CONFIRM_WAITS = "confirm waits"
+"""The key of the orchestrator's publish rounds: each publishes a transition's messages and
+awaits their confirms together."""
+GC_PREFIX = "gc "
+STATEMENT_PREFIX = "pg "
+
+
+def is_exchange(key: str) -> bool:
+    """Whether a count is of publishes to an exchange (not statements, rounds or collections)."""
+    return not key.startswith((GC_PREFIX, STATEMENT_PREFIX)) and key != CONFIRM_WAITS
 
 
 def install() -> None:
@@ -51,6 +67,39 @@ def install() -> None:
     for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
         setattr(Connection, name, _counting_statements(getattr(Connection, name)))
 
+    from orchestrator.outbox import OutboxPublisher
+
+    send = OutboxPublisher._send
+
+    @functools.wraps(send)
+    async def waited(self: OutboxPublisher, saga_id: str, entries: list[Any]) -> int:
+        if entries:
+            _COUNTS[CONFIRM_WAITS] = _COUNTS.get(CONFIRM_WAITS, 0) + 1
+        return await send(self, saga_id, entries)
+
+    OutboxPublisher._send = waited  # type: ignore[method-assign]
+
+
+def time_collections() -> None:
+    """Count the garbage collector's runs and their pauses by generation: ``gc N runs``,
+    ``gc N us`` (total microseconds) and ``gc N over 10 ms`` (pauses longer than that)."""
+    started = 0.0
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+            return
+        generation = info["generation"]
+        pause = int((time.perf_counter() - started) * 1e6)
+        prefix = f"{GC_PREFIX}{generation}"
+        runs, total, long = f"{prefix} runs", f"{prefix} us", f"{prefix} over 10 ms"
+        _COUNTS[runs] = _COUNTS.get(runs, 0) + 1
+        _COUNTS[total] = _COUNTS.get(total, 0) + pause
+        _COUNTS[long] = _COUNTS.get(long, 0) + (pause > 10_000)
+
+    gc.callbacks.append(callback)
+
 
 def _counting_statements(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     """Wrap an asyncpg call to count it as ``pg <first word of the statement>``."""
@@ -58,7 +107,7 @@ def _counting_statements(original: Callable[..., Awaitable[Any]]) -> Callable[..
     @functools.wraps(original)
     async def counted(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
         verb = query.split(None, 1)[0].upper() if query.strip() else "?"
-        key = f"pg {verb}"
+        key = f"{STATEMENT_PREFIX}{verb}"
         _COUNTS[key] = _COUNTS.get(key, 0) + 1
         return await original(self, query, *args, **kwargs)
 
@@ -105,6 +154,7 @@ def main() -> int:
     from orchestrator.cli import main as saga_main
 
     install()
+    time_collections()
     if prefix := os.environ.get("BENCH_TRACEMALLOC"):
         trace_allocations(prefix)
     target = os.environ.get("BENCH_PROBE_FILE")

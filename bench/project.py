@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import procstat
+from bench import probe, procstat
 from bench.context import ROOT, Context
 from bench.daemons import SagaCluster, metric_sum
 from bench.driver import Driver, RunResult, TapRecord
@@ -209,9 +209,6 @@ def _xacts(counters: dict[str, int]) -> int:
     return counters.get("xact_commit", 0) + counters.get("xact_rollback", 0)
 
 
-_STATEMENT = "pg "  # bench.probe counts asyncpg calls as "pg <VERB>" beside the exchanges
-
-
 def _delta_counts(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
     """What bench.probe counted in each daemon during the run, by key."""
     return {
@@ -228,16 +225,36 @@ def _delta_statements(before: dict[str, Any], after: dict[str, Any]) -> dict[str
     totals: dict[str, dict[str, int]] = {}
     for name, counts in _delta_counts(before, after).items():
         for key, delta in counts.items():
-            if key.startswith(_STATEMENT) and delta > 0:
-                totals.setdefault(name, {})[key.removeprefix(_STATEMENT)] = delta
+            if key.startswith(probe.STATEMENT_PREFIX) and delta > 0:
+                totals.setdefault(name, {})[key.removeprefix(probe.STATEMENT_PREFIX)] = delta
     return totals
+
+
+def _delta_collections(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Each daemon's garbage collections during the run: runs, microseconds and pauses over
+    10 ms, by generation."""
+    found: dict[str, dict[str, int]] = {}
+    for name, counts in _delta_counts(before, after).items():
+        for key, delta in counts.items():
+            if key.startswith(probe.GC_PREFIX):
+                found.setdefault(name, {})[key.removeprefix(probe.GC_PREFIX)] = delta
+    return found
+
+
+def _delta_confirm_waits(before: dict[str, Any], after: dict[str, Any]) -> int:
+    """The orchestrators' rounds of confirms during the run (see :data:`probe.CONFIRM_WAITS`)."""
+    return sum(
+        counts.get(probe.CONFIRM_WAITS, 0)
+        for name, counts in _delta_counts(before, after).items()
+        if name.startswith("orchestrator")
+    )
 
 
 def _delta_publishes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
     totals: dict[str, int] = {}
     for counts in _delta_counts(before, after).values():
         for exchange, delta in counts.items():
-            if exchange.startswith(_STATEMENT):
+            if not probe.is_exchange(exchange):
                 continue
             category = publish_category(exchange)
             totals[category] = totals.get(category, 0) + delta
@@ -287,6 +304,8 @@ def figures_of(
         "publishes": publishes,
         "publishes_per_step": sum(publishes.values()) / steps if steps else None,
         "publishes_per_step_by_kind": {k: v / steps for k, v in publishes.items()} if steps else {},
+        "confirm_waits_per_step": _delta_confirm_waits(before, after) / steps if steps else None,
+        "collections": _delta_collections(before, after),
         "orchestrator_messages": {
             queue: _delta_metric(before, after, "saga_messages_total", queue=queue)
             for queue in ("saga.start", "saga.replies", "saga.timers")

@@ -42,6 +42,8 @@ How each figure is measured
   pub/step    AMQP publishes of the daemons (counted per exchange by bench.probe, a wrapper
               around aio-pika's Exchange.publish) / steps; the client's starts are not
               included. Ceiling rows: requests + timers + replies / round trips.
+  orch waits  the orchestrator's rounds of confirms / steps: a transition publishes all its
+              messages, then awaits their confirms together (counted by bench.probe).
   deferred    the timer row only: after the run, CPU until every step timer has come back
               through the delay ladder and been handled as stale, minus idle rates, / sagas.
   latency     open-loop Poisson arrivals at half the PostgreSQL row's median sagas/s. Tap
@@ -121,7 +123,11 @@ def main_table(rows: dict[str, dict[str, Any]]) -> str:
 def publishes_table(rows: dict[str, dict[str, Any]]) -> str:
     """Publishes per step by kind for the project rows."""
     kinds = ("commands", "replies", "timers", "events", "dead_letters")
-    lines = [f"{'row':<22}" + "".join(f"{kind:>13}" for kind in kinds) + f"{'timers fired':>14}"]
+    lines = [
+        f"{'row':<22}"
+        + "".join(f"{kind:>13}" for kind in kinds)
+        + f"{'timers fired':>14}{'orch waits':>12}"
+    ]
     for name, row in rows.items():
         median = row.get("median", {})
         by_kind = median.get("publishes_per_step_by_kind")
@@ -132,6 +138,7 @@ def publishes_table(rows: dict[str, dict[str, Any]]) -> str:
             f"{name:<22}"
             + "".join(f"{_fmt(by_kind.get(kind), 2):>13}" for kind in kinds)
             + f"{_fmt(fired, 0):>14}"
+            + f"{_fmt(median.get('confirm_waits_per_step'), 2):>12}"
         )
     return "\n".join(lines)
 
@@ -147,6 +154,24 @@ def statements_table(rows: dict[str, dict[str, Any]]) -> str:
         for daemon, verbs in sorted(by_daemon.items()):
             counted = " ".join(f"{verb} {value:.2f}" for verb, value in sorted(verbs.items()))
             parts.append(f"{daemon}: {counted}")
+        lines.append(f"{name:<22}" + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def collections_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The garbage collector's runs in each daemon during the run: full (generation 2) runs
+    and their pause, and pauses of any generation over 10 ms."""
+    lines = []
+    for name, row in rows.items():
+        by_daemon = row.get("median", {}).get("collections")
+        if not by_daemon:
+            continue
+        parts = []
+        for daemon, counts in sorted(by_daemon.items()):
+            runs = counts.get("2 runs", 0)
+            total = counts.get("2 us", 0) / 1000
+            long = sum(counts.get(f"{generation} over 10 ms", 0) for generation in range(3))
+            parts.append(f"{daemon} {runs:.0f} full, {total:.0f} ms; {long:.0f} over 10 ms")
         lines.append(f"{name:<22}" + "; ".join(parts))
     return "\n".join(lines)
 
