@@ -21,6 +21,7 @@ from orchestrator.stores import open_store
 from plumbing.daemons import (
     ORCHESTRATOR_PORT,
     first_saga_error,
+    freeze_startup_objects,
     on_signals,
     rabbit_transport,
     refuse_memory_store,
@@ -80,6 +81,7 @@ async def run_orchestrator(app: App, settings: Settings) -> None:
             )
             if not reached:
                 return
+        freeze_startup_objects()
         with first_saga_error():
             await orchestrator.run()
     finally:

@@ -22,6 +22,7 @@ from participants.service import Participant
 from participants.settings import ParticipantSettings
 from plumbing.daemons import (
     first_saga_error,
+    freeze_startup_objects,
     on_signals,
     rabbit_transport,
     refuse_memory_store,
@@ -88,6 +89,7 @@ async def run_participant(participant: Participant, settings: ParticipantSetting
             )
             if not reached:
                 return
+        freeze_startup_objects()
         with first_saga_error():
             await _serve(
                 participant,

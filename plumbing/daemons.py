@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import importlib.util
 import os
@@ -80,6 +81,20 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         "uvloop"
     ).new_event_loop
     return factory
+
+
+def freeze_startup_objects() -> None:
+    """Leave what start-up allocated (modules, pydantic's validators, the app, the clients)
+    out of every later garbage collection.
+
+    A full collection walks every object the collector tracks, and the event loop waits for
+    it: start-up leaves tens of thousands of them that live as long as the process, and the
+    bench measured full collections of the orchestrator pausing it up to 59 ms, the tail of
+    its reply-to-command latency. Frozen objects are never walked again; what the daemon
+    allocates afterwards is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def rabbit_transport(

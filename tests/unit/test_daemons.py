@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 from structlog.testing import capture_logs
@@ -10,6 +11,7 @@ from structlog.testing import capture_logs
 from plumbing.daemons import (
     event_loop_factory,
     first_saga_error,
+    freeze_startup_objects,
     refuse_memory_store,
     wait_until_reachable,
 )
@@ -154,3 +156,23 @@ def test_an_unknown_event_loop_is_refused_with_a_sentence(monkeypatch: pytest.Mo
     monkeypatch.setenv("SAGA_EVENT_LOOP", "trio")
     with pytest.raises(ConfigError, match="use uvloop or asyncio"):
         event_loop_factory()
+
+
+class _Cycle:
+    """An object in a reference cycle: only the garbage collector ever frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_what_start_up_allocated_is_left_out_of_later_collections() -> None:
+    kept = _Cycle()
+    frozen_before = gc.get_freeze_count()
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > frozen_before
+        assert not gc.is_tracked(kept) or all(o is not kept for o in gc.get_objects())
+        made_after = _Cycle()
+        assert any(o is made_after for o in gc.get_objects())
+    finally:
+        gc.unfreeze()
