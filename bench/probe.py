@@ -64,7 +64,7 @@ def install() -> None:
 
     from asyncpg.connection import Connection
 
-    for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+    for name in ("execute", "executemany", "fetch", "fetchmany", "fetchrow", "fetchval"):
         setattr(Connection, name, _counting_statements(getattr(Connection, name)))
 
     from orchestrator.outbox import OutboxPublisher

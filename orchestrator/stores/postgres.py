@@ -28,6 +28,7 @@ start together migrate once.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -42,6 +43,8 @@ from orchestrator.store import (
     read_record,
     read_state,
 )
+from plumbing.batches import BatchCut, Batcher
+from plumbing.errors import StoreUnavailable
 from plumbing.postgres import PostgresPool, table_name
 
 DEFAULT_TABLE: Final = "saga_instances"
@@ -168,7 +171,7 @@ def _save_statement(*, dropping: bool) -> str:
     return f"""
         UPDATE "{{table}}" SET {", ".join(assignments)}
         WHERE saga_id = $1 AND version = $2
-        RETURNING version
+        RETURNING saga_id
     """  # noqa: S608 - only our own column names are spliced in
 
 
@@ -252,6 +255,18 @@ _SQL: Final = {
 }
 
 
+@dataclass(frozen=True)
+class _Save:
+    """One compare-and-set waiting to be written: its statement and arguments."""
+
+    statement: str
+    arguments: tuple[object, ...]
+
+    @property
+    def saga_id(self) -> str:
+        return str(self.arguments[0])
+
+
 class PostgresStore:
     """Saga records in PostgreSQL; see the module docstring for the schema.
 
@@ -286,6 +301,7 @@ class PostgresStore:
             name: template.format(table=self.table, active=_ACTIVE, where="{where}")
             for name, template in _SQL.items()
         }
+        self._saves: Batcher[_Save, bool] = Batcher(self._write, key=lambda save: save.saga_id)
 
     async def setup(self) -> None:
         """Connect, and create or migrate the table and its indexes; idempotent."""
@@ -309,17 +325,47 @@ class PostgresStore:
         self, record: SagaRecord, expected_version: int, *, drop: Collection[str] = ()
     ) -> bool:
         """Replace the state, drop ``drop`` from the outbox and append ``record.outbox``, if
-        the version is ``expected_version``; one statement either way."""
+        the version is ``expected_version``.
+
+        One compare-and-set statement; saves made while another is being written go together
+        in the next round trip and transaction (see :meth:`_write`).
+        """
         if record.version != expected_version + 1:
             raise ValueError("record.version must be expected_version + 1")
-        arguments = [record.saga_id, expected_version, *self._values(record)]
-        statement = self._sql["save"]
+        arguments = (record.saga_id, expected_version, *self._values(record))
+        save = _Save("save", arguments)
         if drop:
-            statement = self._sql["save_dropping"]
-            arguments.append(list(drop))
+            save = _Save("save_dropping", (*arguments, list(drop)))
+        try:
+            return await self._saves.submit(save)
+        except BatchCut as e:
+            raise StoreUnavailable(
+                f"the save of saga {record.saga_id} was cut short; it may have been written"
+            ) from e
+
+    async def _write(self, saves: list[_Save]) -> list[bool]:
+        """Write a batch of saves: one statement, or one pipelined round trip for several.
+
+        Several run in one transaction, which locks each row it updates until it commits:
+        rows are taken in saga-id order, so that two replicas' batches over the same sagas
+        queue behind each other instead of deadlocking. A compare-and-set that fails writes
+        nothing and returns no row; the others still commit.
+        """
         async with self.pool.connection() as connection:
-            saved = await connection.fetchval(statement, *arguments)
-        return saved is not None
+            if len(saves) == 1:
+                (save,) = saves
+                saved = await connection.fetchval(self._sql[save.statement], *save.arguments)
+                return [saved is not None]
+            written: set[str] = set()
+            for statement in ("save", "save_dropping"):
+                batch = sorted(
+                    (save.arguments for save in saves if save.statement == statement),
+                    key=lambda arguments: str(arguments[0]),
+                )
+                if batch:
+                    rows = await connection.fetchmany(self._sql[statement], batch)
+                    written.update(row["saga_id"] for row in rows)
+        return [save.saga_id in written for save in saves]
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
         """Drop these messages from the saga's outbox; the version does not change."""

@@ -386,6 +386,35 @@ async def test_fifty_concurrent_writers_lose_no_update(store: SagaStore) -> None
     assert conflicts > 0, "the writers never raced, so the test proved nothing"
 
 
+async def test_saves_of_many_sagas_at_once_each_get_their_own_answer(store: SagaStore) -> None:
+    """Fresh and stale saves, with and without entries to drop, all at once (the PostgreSQL
+    store writes what arrives together in one transaction): each is refused or kept alone."""
+    later = T0 + timedelta(seconds=30)
+    records = [started(f"many-{n:02}") for n in range(30)]
+    for record in records:
+        await store.create(record)
+    saves = []
+    for n, record in enumerate(records):
+        saved = apply(record, answer(record, OK, later), later)
+        stale = n % 3 == 0  # a third lost a race they do not know of yet
+        drop = ids(record.outbox) if n % 2 else []
+        if stale:
+            saved = SagaRecord(saved.state, 3, saved.outbox)  # written as if version 2 were
+        saves.append(store.save(saved, saved.version - 1, drop=drop))
+    written = await asyncio.gather(*saves)
+
+    assert written == [n % 3 != 0 for n in range(30)]
+    for n, record in enumerate(records):
+        saved = apply(record, answer(record, OK, later), later)
+        kept = [] if n % 2 else ids(record.outbox)
+        expected = SagaRecord(saved.state, 2, saved.outbox) if n % 3 else record
+        found = await store.load(record.saga_id)
+        assert found is not None
+        assert found.version == expected.version
+        assert found.state == expected.state
+        assert ids(found.outbox) == (kept + ids(saved.outbox) if n % 3 else ids(record.outbox))
+
+
 async def test_saves_and_marks_racing_leave_the_relay_the_unpublished_entries(
     store: SagaStore,
 ) -> None:
@@ -833,6 +862,44 @@ async def test_postgres_appends_to_the_outbox_as_it_is_when_the_save_gets_the_lo
 
         assert await store.load("sv-1") == saved
         assert await store.outbox_backlog() == (len(saved.outbox), later)
+    finally:
+        await store.drop()
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_writes_saves_that_arrive_together_in_one_round_trip(
+    postgres_url: str, unique: str
+) -> None:
+    store = PostgresStore(postgres_url, table=f"saga_test_{unique}")
+    await store.setup()
+    try:
+        records = [started(f"gc-{n:02}") for n in range(40)]
+        for record in records:
+            await store.create(record)
+        connections = 0
+        lend = store.pool.connection
+
+        @contextlib.asynccontextmanager
+        async def counted() -> AsyncIterator[Any]:
+            nonlocal connections
+            connections += 1
+            async with lend() as connection:
+                yield connection
+
+        store.pool.connection = counted  # type: ignore[method-assign]
+        later = T0 + timedelta(seconds=30)
+        written = await asyncio.gather(
+            *(store.save(apply(r, answer(r, OK, later), later), 1) for r in records)
+        )
+
+        assert all(written)
+        # The first save goes alone; the others arrive while it is written and go together.
+        assert connections < len(records) // 4, f"{connections} round trips for 40 saves"
+        for record in records:
+            found = await store.load(record.saga_id)
+            assert found is not None
+            assert found.version == 2
     finally:
         await store.drop()
         await store.close()
