@@ -135,7 +135,7 @@ def _insert_statement() -> str:
     return f"""
         INSERT INTO "{{table}}" ({columns}) VALUES ({parameters})
         ON CONFLICT (saga_id) DO NOTHING
-        RETURNING version
+        RETURNING saga_id
     """  # noqa: S608
 
 
@@ -256,8 +256,8 @@ _SQL: Final = {
 
 
 @dataclass(frozen=True)
-class _Save:
-    """One compare-and-set waiting to be written: its statement and arguments."""
+class _Write:
+    """One create or compare-and-set waiting to be written: its statement and arguments."""
 
     statement: str
     arguments: tuple[object, ...]
@@ -265,6 +265,10 @@ class _Save:
     @property
     def saga_id(self) -> str:
         return str(self.arguments[0])
+
+    def key(self) -> str:
+        """Writes of one saga never share a batch (see :class:`~plumbing.batches.Batcher`)."""
+        return self.saga_id
 
 
 class PostgresStore:
@@ -301,19 +305,27 @@ class PostgresStore:
             name: template.format(table=self.table, active=_ACTIVE, where="{where}")
             for name, template in _SQL.items()
         }
-        self._saves: Batcher[_Save, bool] = Batcher(self._write, key=lambda save: save.saga_id)
+        self._creates: Batcher[_Write, bool] = Batcher(self._write, key=_Write.key)
+        self._saves: Batcher[_Write, bool] = Batcher(self._write, key=_Write.key)
 
     async def setup(self) -> None:
         """Connect, and create or migrate the table and its indexes; idempotent."""
         await self.pool.migrate(self.table, _MIGRATIONS, active=_ACTIVE)
 
     async def create(self, record: SagaRecord) -> bool:
-        """Insert a new saga; ``False`` (and nothing written) if the id exists."""
-        async with self.pool.connection() as connection:
-            inserted = await connection.fetchval(
-                self._sql["insert"], record.saga_id, *self._values(record)
+        """Insert a new saga; ``False`` (and nothing written) if the id exists.
+
+        Creates that arrive while another is written go together in the next round trip, as
+        saves do (see :meth:`_write`).
+        """
+        try:
+            return await self._creates.submit(
+                _Write("insert", (record.saga_id, *self._values(record)))
             )
-        return inserted is not None
+        except BatchCut as e:
+            raise StoreUnavailable(
+                f"the creation of saga {record.saga_id} was cut short; it may have been written"
+            ) from e
 
     async def load(self, saga_id: str) -> SagaRecord | None:
         """The saga's record, or ``None``."""
@@ -333,9 +345,9 @@ class PostgresStore:
         if record.version != expected_version + 1:
             raise ValueError("record.version must be expected_version + 1")
         arguments = (record.saga_id, expected_version, *self._values(record))
-        save = _Save("save", arguments)
+        save = _Write("save", arguments)
         if drop:
-            save = _Save("save_dropping", (*arguments, list(drop)))
+            save = _Write("save_dropping", (*arguments, list(drop)))
         try:
             return await self._saves.submit(save)
         except BatchCut as e:
@@ -343,29 +355,28 @@ class PostgresStore:
                 f"the save of saga {record.saga_id} was cut short; it may have been written"
             ) from e
 
-    async def _write(self, saves: list[_Save]) -> list[bool]:
-        """Write a batch of saves: one statement, or one pipelined round trip for several.
+    async def _write(self, writes: list[_Write]) -> list[bool]:
+        """Write a batch of creates or saves: one statement, or one pipelined round trip.
 
-        Several run in one transaction, which locks each row it updates until it commits:
-        rows are taken in saga-id order, so that two replicas' batches over the same sagas
-        queue behind each other instead of deadlocking. A compare-and-set that fails writes
-        nothing and returns no row; the others still commit.
+        Several run in one transaction, which locks each row it writes until it commits: rows
+        are taken in saga-id order, so that two replicas' batches over the same sagas queue
+        behind each other instead of deadlocking. A write refused (the id is taken, or the
+        version moved on) writes nothing and returns no row; the others still commit.
         """
         async with self.pool.connection() as connection:
-            if len(saves) == 1:
-                (save,) = saves
-                saved = await connection.fetchval(self._sql[save.statement], *save.arguments)
-                return [saved is not None]
+            if len(writes) == 1:
+                (write,) = writes
+                done = await connection.fetchval(self._sql[write.statement], *write.arguments)
+                return [done is not None]
             written: set[str] = set()
-            for statement in ("save", "save_dropping"):
+            for statement in sorted({write.statement for write in writes}):
                 batch = sorted(
-                    (save.arguments for save in saves if save.statement == statement),
+                    (write.arguments for write in writes if write.statement == statement),
                     key=lambda arguments: str(arguments[0]),
                 )
-                if batch:
-                    rows = await connection.fetchmany(self._sql[statement], batch)
-                    written.update(row["saga_id"] for row in rows)
-        return [save.saga_id in written for save in saves]
+                rows = await connection.fetchmany(self._sql[statement], batch)
+                written.update(row["saga_id"] for row in rows)
+        return [write.saga_id in written for write in writes]
 
     async def mark_published(self, saga_id: str, message_ids: Collection[str]) -> None:
         """Drop these messages from the saga's outbox; the version does not change."""

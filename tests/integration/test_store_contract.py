@@ -415,6 +415,25 @@ async def test_saves_of_many_sagas_at_once_each_get_their_own_answer(store: Saga
         assert ids(found.outbox) == (kept + ids(saved.outbox) if n % 3 else ids(record.outbox))
 
 
+async def test_creates_of_many_sagas_at_once_each_get_their_own_answer(store: SagaStore) -> None:
+    """New and taken ids at once, one id twice: each create is refused or kept alone."""
+    taken = started("many-00")
+    await store.create(taken)
+    records = [started(f"many-{n:02}", T0 + timedelta(seconds=n)) for n in range(12)]
+    twice = started("many-05", T0 + timedelta(hours=1))
+
+    created = await asyncio.gather(*(store.create(r) for r in [*records, twice]))
+
+    assert created[0] is False  # taken before
+    assert await store.load("many-00") == taken
+    # One id created twice at once: exactly one of them is, whichever got there first.
+    assert created[5] != created[12]
+    assert await store.load("many-05") == (records[5] if created[5] else twice)
+    assert created[1:5] + created[6:12] == [True] * 10
+    for record in records[1:5] + records[6:]:
+        assert await store.load(record.saga_id) == record
+
+
 async def test_saves_and_marks_racing_leave_the_relay_the_unpublished_entries(
     store: SagaStore,
 ) -> None:
@@ -868,7 +887,7 @@ async def test_postgres_appends_to_the_outbox_as_it_is_when_the_save_gets_the_lo
 
 
 @pytest.mark.postgres
-async def test_postgres_writes_saves_that_arrive_together_in_one_round_trip(
+async def test_postgres_writes_what_arrives_together_in_one_round_trip(
     postgres_url: str, unique: str
 ) -> None:
     store = PostgresStore(postgres_url, table=f"saga_test_{unique}")
@@ -896,6 +915,10 @@ async def test_postgres_writes_saves_that_arrive_together_in_one_round_trip(
         assert all(written)
         # The first save goes alone; the others arrive while it is written and go together.
         assert connections < len(records) // 4, f"{connections} round trips for 40 saves"
+        connections = 0
+        fresh = [started(f"gc-new-{n:02}") for n in range(40)]
+        assert all(await asyncio.gather(*(store.create(r) for r in fresh)))
+        assert connections < len(fresh) // 4, f"{connections} round trips for 40 creates"
         for record in records:
             found = await store.load(record.saga_id)
             assert found is not None
