@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry import trace
@@ -114,3 +117,17 @@ async def test_participant_handlers_are_spans_of_the_sagas_trace(
     replies = [m for m in h.published("reply") if m.message_id.startswith("reply:")]
     assert replies
     assert {Reply.model_validate_json(m.body).tracestate for m in replies} == {"vendor=abc"}
+
+
+def test_no_span_is_built_until_the_application_sets_a_tracer_provider() -> None:
+    """The API alone records nothing: building its spans would be work for nothing."""
+    check = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from plumbing import telemetry\n"
+        "assert not telemetry.enabled()\n"
+        "trace.set_tracer_provider(TracerProvider())\n"
+        "assert telemetry.enabled()\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=root, timeout=60)
