@@ -195,6 +195,9 @@ async def request(url: str, count: int, in_flight: int, warmup: int, timer: bool
     seconds = await requester.run(count, in_flight)
     result = {"sagas": count, "seconds": seconds, "publishes": requester.publishes}
     print(json.dumps(result), flush=True)
+    # The last replies' handlers may still be acking: let them end before the channel does.
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=10)
     await connection.close()
 
 
