@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 CEILING = "ceiling+timer"
@@ -143,37 +143,40 @@ def publishes_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def statements_table(rows: dict[str, dict[str, Any]]) -> str:
-    """asyncpg calls per step of each daemon, by statement verb (PostgreSQL rows)."""
+def _per_daemon(
+    rows: dict[str, dict[str, Any]], figure: str, describe: Callable[[str, Any], str]
+) -> str:
+    """A line per row that has ``figure`` (a dict by daemon): each daemon ``describe``d."""
     lines = []
     for name, row in rows.items():
-        by_daemon = row.get("median", {}).get("statements_per_step")
-        if not by_daemon:
-            continue
-        parts = []
-        for daemon, verbs in sorted(by_daemon.items()):
-            counted = " ".join(f"{verb} {value:.2f}" for verb, value in sorted(verbs.items()))
-            parts.append(f"{daemon}: {counted}")
-        lines.append(f"{name:<22}" + "; ".join(parts))
+        by_daemon = row.get("median", {}).get(figure)
+        if by_daemon:
+            parts = [describe(daemon, value) for daemon, value in sorted(by_daemon.items())]
+            lines.append(f"{name:<22}" + "; ".join(parts))
     return "\n".join(lines)
+
+
+def statements_table(rows: dict[str, dict[str, Any]]) -> str:
+    """asyncpg calls per step of each daemon, by statement verb (PostgreSQL rows)."""
+
+    def describe(daemon: str, verbs: dict[str, float]) -> str:
+        counted = " ".join(f"{verb} {value:.2f}" for verb, value in sorted(verbs.items()))
+        return f"{daemon}: {counted}"
+
+    return _per_daemon(rows, "statements_per_step", describe)
 
 
 def collections_table(rows: dict[str, dict[str, Any]]) -> str:
     """The garbage collector's runs in each daemon during the run: full (generation 2) runs
     and their pause, and pauses of any generation over 10 ms."""
-    lines = []
-    for name, row in rows.items():
-        by_daemon = row.get("median", {}).get("collections")
-        if not by_daemon:
-            continue
-        parts = []
-        for daemon, counts in sorted(by_daemon.items()):
-            runs = counts.get("2 runs", 0)
-            total = counts.get("2 us", 0) / 1000
-            long = sum(counts.get(f"{generation} over 10 ms", 0) for generation in range(3))
-            parts.append(f"{daemon} {runs:.0f} full, {total:.0f} ms; {long:.0f} over 10 ms")
-        lines.append(f"{name:<22}" + "; ".join(parts))
-    return "\n".join(lines)
+
+    def describe(daemon: str, counts: dict[str, float]) -> str:
+        runs = counts.get("2 runs", 0)
+        total = counts.get("2 us", 0) / 1000
+        long = sum(counts.get(f"{generation} over 10 ms", 0) for generation in range(3))
+        return f"{daemon} {runs:.0f} full, {total:.0f} ms; {long:.0f} over 10 ms"
+
+    return _per_daemon(rows, "collections", describe)
 
 
 def deferred_table(deferred: dict[str, Any]) -> str:

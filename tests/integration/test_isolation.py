@@ -29,6 +29,7 @@ from orchestrator.store import SagaRecord
 from orchestrator.stores.postgres import PostgresStore
 from plumbing.memory import MemoryBroker, VirtualClock
 from plumbing.transport import Delivery, Disposition
+from tests.support.stores import own_table
 
 pytestmark = pytest.mark.postgres
 
@@ -62,13 +63,8 @@ class FlakyStore(PostgresStore):
 
 @pytest.fixture
 async def store(postgres_url: str, unique: str) -> AsyncIterator[FlakyStore]:
-    store = FlakyStore(postgres_url, table=f"saga_isolation_{unique}")
-    await store.setup()
-    try:
+    async with own_table(FlakyStore(postgres_url, table=f"saga_isolation_{unique}")) as store:
         yield store
-    finally:
-        await store.drop()
-        await store.close()
 
 
 async def insert_raw(store: PostgresStore, saga_id: str, state: object, outbox: object) -> None:

@@ -55,6 +55,7 @@ from tests.support.mongomock_async import (
     AsyncMongoMockCursor,
     AsyncMongoMockDatabase,
 )
+from tests.support.stores import own_table
 
 T0 = datetime.now(UTC).replace(microsecond=0)
 ORDER = {
@@ -886,46 +887,48 @@ async def test_postgres_appends_to_the_outbox_as_it_is_when_the_save_gets_the_lo
         await store.close()
 
 
+@pytest.fixture
+async def own_postgres_store(postgres_url: str, unique: str) -> AsyncIterator[PostgresStore]:
+    """A PostgreSQL store on a table of its own (for what only PostgreSQL does)."""
+    async with own_table(PostgresStore(postgres_url, table=f"saga_test_{unique}")) as store:
+        yield store
+
+
 @pytest.mark.postgres
 async def test_postgres_writes_what_arrives_together_in_one_round_trip(
-    postgres_url: str, unique: str
+    own_postgres_store: PostgresStore,
 ) -> None:
-    store = PostgresStore(postgres_url, table=f"saga_test_{unique}")
-    await store.setup()
-    try:
-        records = [started(f"gc-{n:02}") for n in range(40)]
-        for record in records:
-            await store.create(record)
-        connections = 0
-        lend = store.pool.connection
+    store = own_postgres_store
+    records = [started(f"gc-{n:02}") for n in range(40)]
+    for record in records:
+        await store.create(record)
+    connections = 0
+    lend = store.pool.connection
 
-        @contextlib.asynccontextmanager
-        async def counted() -> AsyncIterator[Any]:
-            nonlocal connections
-            connections += 1
-            async with lend() as connection:
-                yield connection
+    @contextlib.asynccontextmanager
+    async def counted() -> AsyncIterator[Any]:
+        nonlocal connections
+        connections += 1
+        async with lend() as connection:
+            yield connection
 
-        store.pool.connection = counted  # type: ignore[method-assign]
-        later = T0 + timedelta(seconds=30)
-        written = await asyncio.gather(
-            *(store.save(apply(r, answer(r, OK, later), later), 1) for r in records)
-        )
+    store.pool.connection = counted  # type: ignore[method-assign]
+    later = T0 + timedelta(seconds=30)
+    written = await asyncio.gather(
+        *(store.save(apply(r, answer(r, OK, later), later), 1) for r in records)
+    )
 
-        assert all(written)
-        # The first save goes alone; the others arrive while it is written and go together.
-        assert connections < len(records) // 4, f"{connections} round trips for 40 saves"
-        connections = 0
-        fresh = [started(f"gc-new-{n:02}") for n in range(40)]
-        assert all(await asyncio.gather(*(store.create(r) for r in fresh)))
-        assert connections < len(fresh) // 4, f"{connections} round trips for 40 creates"
-        for record in records:
-            found = await store.load(record.saga_id)
-            assert found is not None
-            assert found.version == 2
-    finally:
-        await store.drop()
-        await store.close()
+    assert all(written)
+    # The first save goes alone; the others arrive while it is written and go together.
+    assert connections < len(records) // 4, f"{connections} round trips for 40 saves"
+    connections = 0
+    fresh = [started(f"gc-new-{n:02}") for n in range(40)]
+    assert all(await asyncio.gather(*(store.create(r) for r in fresh)))
+    assert connections < len(fresh) // 4, f"{connections} round trips for 40 creates"
+    for record in records:
+        found = await store.load(record.saga_id)
+        assert found is not None
+        assert found.version == 2
 
 
 @pytest.mark.postgres

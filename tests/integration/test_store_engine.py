@@ -23,6 +23,7 @@ from orchestrator.store import SagaRecord
 from orchestrator.stores.postgres import PostgresStore
 from orchestrator.testing import SagaHarness, hang
 from plumbing.transport import Delivery, Disposition, Outgoing
+from tests.support.stores import own_table
 
 pytestmark = pytest.mark.postgres
 
@@ -59,13 +60,8 @@ def first_sends(commands: list[str]) -> list[str]:
 @pytest.fixture
 async def store(postgres_url: str, unique: str) -> AsyncIterator[PostgresStore]:
     """A PostgreSQL store on a table of its own, dropped afterwards."""
-    store = PostgresStore(postgres_url, table=f"saga_engine_{unique}")
-    await store.setup()
-    try:
+    async with own_table(PostgresStore(postgres_url, table=f"saga_engine_{unique}")) as store:
         yield store
-    finally:
-        await store.drop()
-        await store.close()
 
 
 async def test_a_saga_completes(store: PostgresStore) -> None:

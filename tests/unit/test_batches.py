@@ -38,6 +38,19 @@ def by_row(item: str) -> str:
     return item.split(":", maxsplit=1)[0]
 
 
+async def behind_a_flush(
+    writes: Writes, first: str, *others: str
+) -> tuple[Batcher[str, str], asyncio.Future[str], list[asyncio.Future[str]]]:
+    """``first`` being written (held), and ``others`` submitted meanwhile."""
+    batcher: Batcher[str, str] = Batcher(writes, key=by_row)
+    writes.hold()
+    flushing = asyncio.ensure_future(batcher.submit(first))
+    await asyncio.wait_for(writes.started.wait(), 10)
+    waiting = [asyncio.ensure_future(batcher.submit(item)) for item in others]
+    await asyncio.sleep(0)  # let them queue up behind the flush in flight
+    return batcher, flushing, waiting
+
+
 async def test_a_lone_write_is_flushed_at_once_and_gets_its_own_result() -> None:
     writes = Writes()
     batcher: Batcher[str, str] = Batcher(writes, key=by_row)
@@ -47,12 +60,7 @@ async def test_a_lone_write_is_flushed_at_once_and_gets_its_own_result() -> None
 
 async def test_writes_that_arrive_during_a_flush_go_together_in_the_next() -> None:
     writes = Writes()
-    batcher: Batcher[str, str] = Batcher(writes, key=by_row)
-    writes.hold()
-    first = asyncio.ensure_future(batcher.submit("a"))
-    await asyncio.wait_for(writes.started.wait(), 10)
-    others = [asyncio.ensure_future(batcher.submit(item)) for item in ("b", "c", "d")]
-    await asyncio.sleep(0)  # let them queue up behind the flush in flight
+    _, first, others = await behind_a_flush(writes, "a", "b", "c", "d")
     writes.release.set()
     results = await asyncio.wait_for(asyncio.gather(first, *others), 10)
     assert results == ["A", "B", "C", "D"]
@@ -61,12 +69,7 @@ async def test_writes_that_arrive_during_a_flush_go_together_in_the_next() -> No
 
 async def test_one_row_is_never_named_twice_in_a_batch() -> None:
     writes = Writes()
-    batcher: Batcher[str, str] = Batcher(writes, key=by_row)
-    writes.hold()
-    first = asyncio.ensure_future(batcher.submit("x:1"))
-    await asyncio.wait_for(writes.started.wait(), 10)
-    others = [asyncio.ensure_future(batcher.submit(item)) for item in ("x:2", "y:1", "x:3")]
-    await asyncio.sleep(0)
+    _, first, others = await behind_a_flush(writes, "x:1", "x:2", "y:1", "x:3")
     writes.release.set()
     await asyncio.wait_for(asyncio.gather(first, *others), 10)
     assert writes.batches == [["x:1"], ["x:2", "y:1"], ["x:3"]]
@@ -74,12 +77,7 @@ async def test_one_row_is_never_named_twice_in_a_batch() -> None:
 
 async def test_a_failed_flush_fails_its_batch_only() -> None:
     writes = Writes(fail_on="b")
-    batcher: Batcher[str, str] = Batcher(writes, key=by_row)
-    writes.hold()
-    first = asyncio.ensure_future(batcher.submit("a"))
-    await asyncio.wait_for(writes.started.wait(), 10)
-    failing = [asyncio.ensure_future(batcher.submit(item)) for item in ("b", "c")]
-    await asyncio.sleep(0)
+    batcher, first, failing = await behind_a_flush(writes, "a", "b", "c")
     writes.release.set()
     assert await asyncio.wait_for(first, 10) == "A"
     for task in failing:
@@ -90,13 +88,7 @@ async def test_a_failed_flush_fails_its_batch_only() -> None:
 
 async def test_a_waiter_cancelled_while_waiting_is_left_out() -> None:
     writes = Writes()
-    batcher: Batcher[str, str] = Batcher(writes, key=by_row)
-    writes.hold()
-    first = asyncio.ensure_future(batcher.submit("a"))
-    await asyncio.wait_for(writes.started.wait(), 10)
-    quitter = asyncio.ensure_future(batcher.submit("b"))
-    stayer = asyncio.ensure_future(batcher.submit("c"))
-    await asyncio.sleep(0)
+    _, first, (quitter, stayer) = await behind_a_flush(writes, "a", "b", "c")
     quitter.cancel()
     writes.release.set()
     assert await asyncio.wait_for(first, 10) == "A"
