@@ -89,9 +89,9 @@ def freeze_startup_objects() -> None:
 
     A full collection walks every object the collector tracks, and the event loop waits for
     it: start-up leaves tens of thousands of them that live as long as the process, and the
-    bench measured full collections of the orchestrator pausing it up to 59 ms, the tail of
-    its reply-to-command latency. Frozen objects are never walked again; what the daemon
-    allocates afterwards is collected as before.
+    bench measured the orchestrator's full collections pausing it for up to 59 ms (209 ms in
+    all over a 1,000-saga run; 31 ms once frozen). Frozen objects are never walked again;
+    what the daemon allocates afterwards is collected as before.
     """
     gc.collect()
     gc.freeze()

@@ -358,10 +358,11 @@ class PostgresStore:
     async def _write(self, writes: list[_Write]) -> list[bool]:
         """Write a batch of creates or saves: one statement, or one pipelined round trip.
 
-        Several run in one transaction, which locks each row it writes until it commits: rows
-        are taken in saga-id order, so that two replicas' batches over the same sagas queue
-        behind each other instead of deadlocking. A write refused (the id is taken, or the
-        version moved on) writes nothing and returns no row; the others still commit.
+        Several writes of one statement run in one transaction (saves with and without
+        entries to drop are two), which locks each row it writes until it commits: rows are
+        taken in saga-id order, so that two replicas' batches over the same sagas queue behind
+        each other instead of deadlocking. A write refused (the id is taken, or the version
+        moved on) writes nothing and returns no row; the others still commit.
         """
         async with self.pool.connection() as connection:
             if len(writes) == 1:
