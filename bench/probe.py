@@ -44,6 +44,10 @@ GC_PREFIX = "gc "
 STATEMENT_PREFIX = "pg "
 
 
+def _count(key: str, by: int = 1) -> None:
+    _COUNTS[key] = _COUNTS.get(key, 0) + by
+
+
 def is_exchange(key: str) -> bool:
     """Whether a count is of publishes to an exchange (not statements, rounds or collections)."""
     return not key.startswith((GC_PREFIX, STATEMENT_PREFIX)) and key != CONFIRM_WAITS
@@ -57,7 +61,7 @@ def install() -> None:
 
     @functools.wraps(original)
     async def counted(self: Exchange, *args: Any, **kwargs: Any) -> Any:
-        _COUNTS[self.name] = _COUNTS.get(self.name, 0) + 1
+        _count(self.name)
         return await original(self, *args, **kwargs)
 
     Exchange.publish = counted  # type: ignore[method-assign]
@@ -74,7 +78,7 @@ def install() -> None:
     @functools.wraps(send)
     async def waited(self: OutboxPublisher, saga_id: str, entries: list[Any]) -> int:
         if entries:
-            _COUNTS[CONFIRM_WAITS] = _COUNTS.get(CONFIRM_WAITS, 0) + 1
+            _count(CONFIRM_WAITS)
         return await send(self, saga_id, entries)
 
     OutboxPublisher._send = waited  # type: ignore[method-assign]
@@ -93,10 +97,9 @@ def time_collections() -> None:
         generation = info["generation"]
         pause = int((time.perf_counter() - started) * 1e6)
         prefix = f"{GC_PREFIX}{generation}"
-        runs, total, long = f"{prefix} runs", f"{prefix} us", f"{prefix} over 10 ms"
-        _COUNTS[runs] = _COUNTS.get(runs, 0) + 1
-        _COUNTS[total] = _COUNTS.get(total, 0) + pause
-        _COUNTS[long] = _COUNTS.get(long, 0) + (pause > 10_000)
+        _count(f"{prefix} runs")
+        _count(f"{prefix} us", pause)
+        _count(f"{prefix} over 10 ms", pause > 10_000)
 
     gc.callbacks.append(callback)
 
@@ -107,8 +110,7 @@ def _counting_statements(original: Callable[..., Awaitable[Any]]) -> Callable[..
     @functools.wraps(original)
     async def counted(self: Any, query: str, *args: Any, **kwargs: Any) -> Any:
         verb = query.split(None, 1)[0].upper() if query.strip() else "?"
-        key = f"{STATEMENT_PREFIX}{verb}"
-        _COUNTS[key] = _COUNTS.get(key, 0) + 1
+        _count(f"{STATEMENT_PREFIX}{verb}")
         return await original(self, query, *args, **kwargs)
 
     return counted

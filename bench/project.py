@@ -220,25 +220,28 @@ def _delta_counts(before: dict[str, Any], after: dict[str, Any]) -> dict[str, di
     }
 
 
-def _delta_statements(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """asyncpg calls of each daemon during the run, by statement verb."""
-    totals: dict[str, dict[str, int]] = {}
+def _delta_prefixed(
+    before: dict[str, Any], after: dict[str, Any], prefix: str
+) -> dict[str, dict[str, int]]:
+    """Each daemon's counts under ``prefix`` during the run, by the rest of their key; a daemon
+    with none of them counted is left out."""
+    found: dict[str, dict[str, int]] = {}
     for name, counts in _delta_counts(before, after).items():
         for key, delta in counts.items():
-            if key.startswith(probe.STATEMENT_PREFIX) and delta > 0:
-                totals.setdefault(name, {})[key.removeprefix(probe.STATEMENT_PREFIX)] = delta
-    return totals
+            if key.startswith(prefix) and delta > 0:
+                found.setdefault(name, {})[key.removeprefix(prefix)] = delta
+    return found
+
+
+def _delta_statements(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """asyncpg calls of each daemon during the run, by statement verb."""
+    return _delta_prefixed(before, after, probe.STATEMENT_PREFIX)
 
 
 def _delta_collections(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
     """Each daemon's garbage collections during the run: runs, microseconds and pauses over
     10 ms, by generation."""
-    found: dict[str, dict[str, int]] = {}
-    for name, counts in _delta_counts(before, after).items():
-        for key, delta in counts.items():
-            if key.startswith(probe.GC_PREFIX):
-                found.setdefault(name, {})[key.removeprefix(probe.GC_PREFIX)] = delta
-    return found
+    return _delta_prefixed(before, after, probe.GC_PREFIX)
 
 
 def _delta_confirm_waits(before: dict[str, Any], after: dict[str, Any]) -> int:
