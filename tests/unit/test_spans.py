@@ -19,6 +19,7 @@ from examples.order_fulfillment import app, inventory, notification, payment, sh
 from orchestrator.testing import SagaHarness, errors_then, fail, succeed
 from tests.unit.test_harness import ORDER
 
+CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 EXPORTER = InMemorySpanExporter()
 _provider = TracerProvider()
 _provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
@@ -35,7 +36,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 async def test_each_saga_is_one_trace_of_its_attempts_and_compensations(
     spans: InMemorySpanExporter,
 ) -> None:
-    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    caller = CALLER
     async with SagaHarness(app) as h:
         h.participant("payment").on("process_payment", *errors_then(1, succeed()))
         h.participant("shipping").on("create_shipment", fail("no address"))
@@ -82,7 +83,7 @@ async def test_each_saga_is_one_trace_of_its_attempts_and_compensations(
 async def test_participant_handlers_are_spans_of_the_sagas_trace(
     spans: InMemorySpanExporter,
 ) -> None:
-    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    caller = CALLER
     inside: list[int] = []
 
     async with SagaHarness(app).mount(inventory, payment, shipping, notification) as h:
@@ -120,14 +121,25 @@ async def test_participant_handlers_are_spans_of_the_sagas_trace(
 
 
 def test_no_span_is_built_until_the_application_sets_a_tracer_provider() -> None:
-    """The API alone records nothing: building its spans would be work for nothing."""
+    """The API alone records nothing: building its spans would be work for nothing, but a
+    handler still runs in the command's trace context."""
     check = (
         "from opentelemetry import trace\n"
         "from opentelemetry.sdk.trace import TracerProvider\n"
         "from plumbing import telemetry\n"
+        f"parent = {CALLER!r}\n"
+        "def handled() -> tuple[bool, int]:\n"
+        "    with telemetry.live_span('h', traceparent=parent, tracestate=None, attributes={}):\n"
+        "        span = trace.get_current_span()\n"
+        "        return span.is_recording(), span.get_span_context().trace_id\n"
+        "caller_trace = int(parent.split('-')[1], 16)\n"
         "assert not telemetry.enabled()\n"
+        "# no span, but the handler's own calls still carry the command's trace\n"
+        "assert handled() == (False, caller_trace)\n"
+        "assert not trace.get_current_span().get_span_context().is_valid\n"
         "trace.set_tracer_provider(TracerProvider())\n"
         "assert telemetry.enabled()\n"
+        "assert handled() == (True, caller_trace)\n"
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", check], check=True, cwd=root, timeout=60)
