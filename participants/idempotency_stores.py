@@ -11,6 +11,11 @@ expiry, how many claims so far) or an outcome, and implement the protocol of
 * ``put`` (complete): the same upsert guarded by "no outcome yet": first writer wins.
 * ``tombstone``: ``put`` that also respects a live claim.
 
+In PostgreSQL, claims (and outcomes) made while a batch of them is being written go together
+in the next round trip, one transaction for all (group commit, :mod:`plumbing.batches`): a busy
+service shares each commit among the commands that arrived during the one before. MongoDB
+writes each alone: ``find_one_and_update`` has no batch form that answers per document.
+
 Both also run a handler's effect in the transaction that records its outcome
 (:class:`~participants.idempotency.TransactionalIdempotency`):
 
@@ -37,7 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -57,6 +63,7 @@ from participants.idempotency import (
     Stored,
     StoredOutcome,
 )
+from plumbing.batches import BatchCut, Batcher
 from plumbing.clock import Clock, SystemClock, utc
 from plumbing.errors import StoreUnavailable
 from plumbing.mongo import Document, MongoCollection
@@ -106,11 +113,11 @@ _SQL: Final = {
                 WHERE t.kind IS NULL AND (t.lease_until IS NULL OR t.lease_until <= $3)
             RETURNING claims
         )
-        SELECT true, claims, NULL::text, NULL::jsonb, NULL::jsonb, NULL::timestamptz,
-               NULL::timestamptz
+        SELECT $1::text, true, claims, NULL::text, NULL::jsonb, NULL::jsonb,
+               NULL::timestamptz, NULL::timestamptz
         FROM claimed
         UNION ALL
-        SELECT false, claims, {found} FROM "{table}"
+        SELECT key, false, claims, {found} FROM "{table}"
         WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)
     """,
     "put": """
@@ -120,7 +127,7 @@ _SQL: Final = {
             SET kind = EXCLUDED.kind, result = EXCLUDED.result, error = EXCLUDED.error,
                 stored_at = EXCLUDED.stored_at, claimant = NULL, lease_until = NULL
             WHERE t.kind IS NULL
-        RETURNING stored_at
+        RETURNING key
     """,
     "tombstone": """
         INSERT INTO "{table}" AS t (key, kind, stored_at) VALUES ($1, 'tombstone', $2)
@@ -180,6 +187,50 @@ def _vanished(key: str) -> StoreUnavailable:
     return StoreUnavailable(f"idempotency key {key!r} kept changing before it could be read")
 
 
+def _cut(what: str, key: str, cut: BatchCut) -> StoreUnavailable:
+    return StoreUnavailable(f"the {what} of idempotency key {key!r} was cut short: {cut}")
+
+
+@dataclass(frozen=True)
+class _ClaimWrite:
+    """A claim waiting for its batch: the arguments of the ``claim`` statement."""
+
+    key: str
+    claimant: str
+    now: datetime
+    until: datetime
+
+    def arguments(self) -> tuple[object, ...]:
+        return (self.key, self.claimant, self.now, self.until)
+
+
+@dataclass(frozen=True)
+class _PutWrite:
+    """An outcome waiting for its batch: the arguments of the ``put`` statement."""
+
+    key: str
+    kind: str
+    result: Any
+    error: Document | None
+    stored_at: datetime
+
+    def arguments(self) -> tuple[object, ...]:
+        return (self.key, self.kind, self.result, self.error, self.stored_at)
+
+
+def _claim_found(row: Sequence[Any] | None, now: datetime) -> ClaimResult | None:
+    """What one ``claim`` row says; None when it must be asked again (no row, or a claim that
+    lapsed between the refused write and the read)."""
+    if row is None:
+        # The conflicting entry was committed after this statement's snapshot (it waited for
+        # that transaction); the next statement sees it.
+        return None
+    _, mine, claims, *found = row
+    if mine:
+        return Claimed(first=claims == 1)
+    return _found(*found) if _settled(found, now) else None
+
+
 class PostgresIdempotency:
     """Claims and outcomes in a PostgreSQL table, one row per key.
 
@@ -213,6 +264,14 @@ class PostgresIdempotency:
         # after connect_timeout): a busy service queues its transactional commands.
         self._open_transactions = asyncio.Semaphore(max(1, pool_size - 2))
         self._sql = {name: sql.format(table=self.table, found=_FOUND) for name, sql in _SQL.items()}
+        # Claims and outcomes made while one batch of them is written go together in the next
+        # (group commit; see plumbing.batches): one round trip and one commit for all of them.
+        self._claims: Batcher[_ClaimWrite, ClaimResult | None] = Batcher(
+            self._write_claims, key=lambda write: write.key
+        )
+        self._puts: Batcher[_PutWrite, bool] = Batcher(
+            self._write_puts, key=lambda write: write.key
+        )
 
     async def setup(self) -> None:
         """Connect, and create or migrate the table; idempotent."""
@@ -225,28 +284,55 @@ class PostgresIdempotency:
         return None if row is None else _outcome(*row)
 
     async def claim(self, key: str, claimant: str, now: datetime, lease: timedelta) -> ClaimResult:
-        """The stored outcome, else the claim, else who holds it; one statement."""
-        async with self.pool.connection() as connection:
+        """The stored outcome, else the claim, else who holds it; one statement.
+
+        Claims made while another batch of claims is being written go together in the next
+        round trip (each its own statement, all in one transaction).
+        """
+        try:
+            found = await self._claims.submit(_ClaimWrite(key, claimant, now, now + lease))
+        except BatchCut as e:
+            raise _cut("claim", key, e) from e
+        if found is not None:
+            return found
+        async with self.pool.connection() as connection:  # ask again, alone
             return await self._claim(connection, key, claimant, now, lease)
+
+    async def _write_claims(self, writes: list[_ClaimWrite]) -> list[ClaimResult | None]:
+        """Write a batch of claims: one statement, or one pipelined round trip.
+
+        The batch is one transaction, which locks each row it writes until it commits: rows
+        are taken in key order, so two replicas' batches over the same keys queue behind each
+        other instead of deadlocking. Only claims of handlers that are not transactional come
+        here: none of their keys is held by a long transaction (a transactional claim takes
+        its own connection, see :meth:`transaction`), so one claim does not hold up the batch.
+        """
+        async with self.pool.connection() as connection:
+            if len(writes) == 1:
+                (write,) = writes
+                row = await connection.fetchrow(
+                    self._sql["claim"], *write.arguments(), timeout=_CLAIM_WAIT
+                )
+                return [_claim_found(row, write.now)]
+            rows = await connection.fetchmany(
+                self._sql["claim"],
+                sorted(write.arguments() for write in writes),
+                timeout=_CLAIM_WAIT,
+            )
+        by_key = {row[0]: row for row in rows}
+        return [_claim_found(by_key.get(write.key), write.now) for write in writes]
 
     async def _claim(
         self, connection: Any, key: str, claimant: str, now: datetime, lease: timedelta
     ) -> ClaimResult:
         for _ in range(_ATTEMPTS):
-            # No row: the conflicting entry was committed after this statement's snapshot
-            # (it waited for that transaction); the next statement sees it. The wait lasts as
-            # long as the other claimant's handler, so it is not held to the pool's statement
-            # timeout.
+            # The wait lasts as long as the other claimant's handler, so it is not held to
+            # the pool's statement timeout.
             row = await connection.fetchrow(
                 self._sql["claim"], key, claimant, now, now + lease, timeout=_CLAIM_WAIT
             )
-            if row is None:
-                continue
-            mine, claims, *found = row
-            if mine:
-                return Claimed(first=claims == 1)
-            if _settled(found, now):
-                return _found(*found)
+            if (found := _claim_found(row, now)) is not None:
+                return found
         raise _vanished(key)
 
     async def renew(self, key: str, claimant: str, until: datetime) -> bool:
@@ -256,18 +342,42 @@ class PostgresIdempotency:
         return row_count(status) == 1
 
     async def put(self, key: str, outcome: StoredOutcome) -> StoredOutcome:
-        """Store ``outcome`` unless an outcome is stored already; returns what is stored now."""
+        """Store ``outcome`` unless an outcome is stored already; returns what is stored now.
+
+        Outcomes stored while another batch of them is being written go together in the
+        next round trip (each its own statement, all in one transaction).
+        """
         stored_at = outcome.stored_at or self.clock.now()
-        arguments = (key, outcome.kind.value, outcome.result, _error_json(outcome), stored_at)
+        write = _PutWrite(key, outcome.kind.value, outcome.result, _error_json(outcome), stored_at)
+        try:
+            if await self._puts.submit(write):
+                return StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
+        except BatchCut as e:
+            raise _cut("outcome", key, e) from e
         async with self.pool.connection() as connection:
             for _ in range(_ATTEMPTS):
-                if await connection.fetchval(self._sql["put"], *arguments) is not None:
-                    return StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
                 # Another writer won; a fresh statement sees its committed row.
                 row = await connection.fetchrow(self._sql["get"], key)
                 if row is not None:
                     return _outcome(*row)
+                if await connection.fetchval(self._sql["put"], *write.arguments()) is not None:
+                    return StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
         raise _vanished(key)
+
+    async def _write_puts(self, writes: list[_PutWrite]) -> list[bool]:
+        """Write a batch of outcomes; whether each was written (False: one was there already).
+
+        One transaction, rows in key order, as for claims (:meth:`_write_claims`).
+        """
+        async with self.pool.connection() as connection:
+            if len(writes) == 1:
+                (write,) = writes
+                return [await connection.fetchval(self._sql["put"], *write.arguments()) is not None]
+            rows = await connection.fetchmany(
+                self._sql["put"], sorted(write.arguments() for write in writes)
+            )
+        written = {row[0] for row in rows}
+        return [write.key in written for write in writes]
 
     async def release(self, key: str, claimant: str) -> None:
         """Drop ``claimant``'s claim without an outcome."""

@@ -288,6 +288,67 @@ async def test_a_claim_round_trips_through_purge(store: IdempotencyStore) -> Non
     assert await store.claim(KEY, "b", NOW, LEASE) == Claimed(first=True)
 
 
+async def test_claims_and_outcomes_of_many_commands_at_once_each_get_their_own_answer(
+    store: IdempotencyStore,
+) -> None:
+    """What a busy service does: many claims at once, then many outcomes at once (the
+    PostgreSQL store writes those that arrive together in one round trip)."""
+    keys = [f"fwd:many-{n:02}:pay" for n in range(30)]
+    await store.put(keys[0], COMPLETED)  # answered before
+    await store.claim(keys[1], "other-replica", NOW, LEASE)  # running elsewhere
+    await store.claim(keys[2], "crashed", NOW - 2 * LEASE, LEASE)  # its lease ran out
+
+    claims = await asyncio.gather(*(store.claim(key, "me", NOW, LEASE) for key in keys))
+
+    assert claims[0] == Stored(COMPLETED)
+    assert isinstance(claims[1], Busy)
+    assert claims[2] == Claimed(first=False)
+    assert claims[3:] == [Claimed(first=True)] * (len(keys) - 3)
+    outcomes = [
+        StoredOutcome(OutcomeKind.COMPLETED, result={"n": n}, stored_at=NOW)
+        for n in range(len(keys))
+    ]
+
+    stored = await asyncio.gather(*(store.put(k, o) for k, o in zip(keys, outcomes, strict=True)))
+
+    assert stored[0] == COMPLETED  # the first writer wins
+    assert stored[1:] == outcomes[1:]
+    for key, outcome in zip(keys[1:], outcomes[1:], strict=True):
+        assert await store.get(key) == outcome
+
+
+@pytest.mark.postgres
+async def test_postgres_writes_claims_and_outcomes_that_arrive_together_in_one_round_trip(
+    postgres_url: str, unique: str
+) -> None:
+    store = PostgresIdempotency(postgres_url, table=f"idem_test_{unique}")
+    await store.setup()
+    connections = 0
+    lend = store.pool.connection
+
+    @contextlib.asynccontextmanager
+    async def counted() -> AsyncIterator[Any]:
+        nonlocal connections
+        connections += 1
+        async with lend() as connection:
+            yield connection
+
+    store.pool.connection = counted  # type: ignore[method-assign]
+    keys = [f"fwd:gc-{n:02}:pay" for n in range(40)]
+    try:
+        claims = await asyncio.gather(*(store.claim(key, "me", NOW, LEASE) for key in keys))
+        assert claims == [Claimed(first=True)] * len(keys)
+        # The first claim goes alone; the others arrive while it is written and go together.
+        assert connections < len(keys) // 4, f"{connections} round trips for 40 claims"
+        connections = 0
+        stored = await asyncio.gather(*(store.put(key, COMPLETED) for key in keys))
+        assert stored == [COMPLETED] * len(keys)
+        assert connections < len(keys) // 4, f"{connections} round trips for 40 outcomes"
+    finally:
+        await store.drop()
+        await store.close()
+
+
 # --- the outcome in the effect's transaction ----------------------------------------------------
 
 
