@@ -29,16 +29,20 @@ What it promises, and how:
   deliveries, each handled in its own task. The handler's verdict is applied after it returns:
   ack, requeue, or dead-letter: a copy of the raw body goes to ``saga.dead-letter`` with the
   reason and source queue in headers (and no ``x-`` headers), with confirms, and only then is
-  the original acked; if the copy fails, the original is requeued after a backoff (0.1 s,
-  doubling to 2 s), so nothing is lost and nothing spins. A handler that raises is a bug: it is
-  logged with its traceback and the delivery is requeued (the queue's delivery limit parks it
-  eventually). A delivery redelivered ``poison_threshold`` times, or whose body is over
-  ``max_body`` bytes, is parked before its handler runs. A parked message is reported to
-  ``on_dead_lettered`` once its copy is confirmed, so the metric counts messages, not attempts.
-  After a reconnect, deliveries from the old channel cannot be acked any more; that is logged
-  and tolerated, the broker redelivers them. aio-pika restores channels one by one in no fixed
-  order, so a handler waits (up to ``publish_timeout``) for the publisher channel to be back
-  before it runs: its reply would fail otherwise.
+  the original acked; if the copy fails, the original is requeued, so nothing is lost. A
+  handler that raises is a bug: it is logged with its traceback and the delivery is requeued
+  (the queue's delivery limit parks it eventually). Every requeue comes after a backoff that
+  doubles with the redeliveries RabbitMQ reports (0.1 s up to 2 s), so nothing spins: requeued
+  at once, a delivery comes straight back, whatever made its handler give it back (a reply
+  refused while a cluster fails over, a parking that failed) fails it again within
+  milliseconds, and it reaches the poison threshold before the cause has gone. A delivery
+  redelivered ``poison_threshold`` times, or whose body is over ``max_body`` bytes, is parked
+  before its handler runs. A parked message is reported to ``on_dead_lettered`` once its copy
+  is confirmed, so the metric counts messages, not attempts. After a reconnect, deliveries
+  from the old channel cannot be acked any more; that is logged and tolerated, the broker
+  redelivers them. aio-pika restores channels one by one in no fixed order, so a handler waits
+  (up to ``publish_timeout``) for the publisher channel to be back before it runs: its reply
+  would fail otherwise.
 * **Shutdown.** Cancelling ``consume`` cancels the consumer at the broker, lets in-flight
   handlers finish and settles them, requeues deliveries that were not started, then re-raises
   the cancellation. ``close`` stops every consumer and closes the connection.
@@ -104,7 +108,7 @@ _CLOSE_TIMEOUT: Final = 5.0
 DEFAULT_MAX_BODY: Final = 1024 * 1024
 """The largest message body handed to a handler, in bytes; larger ones are parked unread."""
 _REASON_LIMIT: Final = 2000  # headers travel in one frame; a reason is a sentence, not a dump
-_PARKING_BACKOFF_CAP: Final = 2.0  # held this long at most: shutdown waits for held deliveries
+_REQUEUE_BACKOFF_CAP: Final = 2.0  # held this long at most: shutdown waits for held deliveries
 _ARGUMENT_HINTS: Final = {
     "x-queue-type": "the queue type (SAGA_QUEUE_TYPE)",
     "x-delivery-limit": "the delivery limit (SAGA_DELIVERY_LIMIT)",
@@ -202,7 +206,8 @@ class RabbitTransport:
         on_dead_lettered: called with the queue and the label of every labelled
             :class:`DeadLetter` (and ``poison``, ``oversize``) once its parked copy is
             confirmed: each message parked is counted once.
-        clock: tells the time ``deliver_at`` is measured against.
+        clock: tells the time ``deliver_at`` is measured against, and waits out the backoff
+            before a requeue.
 
     Raises:
         ConfigError: a setting is out of range, or a delayed queue name cannot be routed.
@@ -843,7 +848,18 @@ class RabbitTransport:
         elif verdict is Disposition.ACK:
             await _acknowledge(message, delivery.queue, requeue=None)
         else:
-            await _acknowledge(message, delivery.queue, requeue=True)
+            await self._requeue(message, delivery)
+
+    async def _requeue(self, message: AbstractIncomingMessage, delivery: Delivery) -> None:
+        """Give a delivery back to its queue, after a backoff.
+
+        Requeued at once, the delivery would come straight back (its prefetch slot is free
+        again) and fail again, many times a second: every requeue counts toward the poison
+        threshold, so a cause that lasts a second (a broker failover refusing replies) would
+        park it as poison. Holding it also keeps its slot, so the broker sends no more meanwhile.
+        """
+        await self.clock.sleep(_requeue_backoff(delivery))
+        await _acknowledge(message, delivery.queue, requeue=True)
 
     def _count_parked(self, queue: str, label: str | None) -> None:
         if label is None or self.on_dead_lettered is None:
@@ -891,10 +907,8 @@ class RabbitTransport:
                 message_id=delivery.message_id,
                 error=str(e),
             )
-            # Requeued at once, the delivery would come straight back and fail again, many
-            # times a second, until the poison threshold parks it under the wrong reason.
-            await asyncio.sleep(_parking_backoff(delivery))
-            await _acknowledge(message, delivery.queue, requeue=True)
+            # Requeued after a backoff: parked as poison instead, it would carry the wrong reason.
+            await self._requeue(message, delivery)
             return False
         log.debug("delivery_dead_lettered", queue=delivery.queue, message_id=delivery.message_id)
         await _acknowledge(message, delivery.queue, requeue=None)
@@ -904,15 +918,16 @@ class RabbitTransport:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _parking_backoff(delivery: Delivery) -> float:
-    """How long to hold a delivery whose parking failed before requeueing it.
+def _requeue_backoff(delivery: Delivery) -> float:
+    """How long to hold a delivery before requeueing it.
 
     Doubles with each redelivery RabbitMQ reports (quorum queues count them), from 0.1 s up to
-    ``_PARKING_BACKOFF_CAP``: long enough that a missing dead-letter exchange does not spin.
+    ``_REQUEUE_BACKOFF_CAP``: 13.1 s of holding before the tenth redelivery, where at once
+    it took a fraction of a second, and a missing dead-letter exchange does not spin.
     """
     count = delivery.headers.get("x-delivery-count")
     attempts = count if isinstance(count, int) and count >= 0 else int(delivery.redelivered)
-    return float(min(_PARKING_BACKOFF_CAP, 0.1 * 2 ** min(attempts, 10)))
+    return float(min(_REQUEUE_BACKOFF_CAP, 0.1 * 2 ** min(attempts, 10)))
 
 
 def broker_url(url: str, heartbeat: int) -> URL:
