@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -66,13 +67,16 @@ async def test_300_orders_survive_losing_a_node_of_a_three_node_cluster(
     cluster_vhost: str,
     database_url: str,
     request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     lost, survivor, _ = rabbit_cluster.nodes
     broker_urls = rabbit_cluster.urls(cluster_vhost)  # all three nodes, the lost one first
     # Step timeouts well beyond the fail-over, so that every saga must end as its scenario says.
-    processes = SagaProcesses(
-        APP, SERVICES, environment(broker_urls, database_url, timeout=60), replicas=2
-    )
+    # Info logs kept in the test's directory: a failure names the parked message, and the
+    # daemons' logs show how it got there.
+    env = {**environment(broker_urls, database_url, timeout=60), "SAGA_LOG_LEVEL": "info"}
+    processes = SagaProcesses(APP, SERVICES, env, replicas=2, log_dir=tmp_path)
+    request.node.user_properties.append(("daemon_logs", str(tmp_path)))
     store = open_store(database_url)
     transport = RabbitTransport(broker_urls)
     work = orders(300)

@@ -371,13 +371,19 @@ async def publish_garbage_reply(url: str) -> None:
 
 
 async def parked_reasons(url: str) -> list[str]:
-    """The dead-letter reasons of every message in the parking queue."""
+    """The dead-letter reason of every message in the parking queue, each followed by the
+    queue it was parked from and its message id (what a failure needs to find it in logs)."""
     reasons = []
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()
         queue = await channel.get_queue(names.PARKED_QUEUE)
         while (message := await queue.get(fail=False)) is not None:
-            reasons.append(str(message.headers.get(names.HEADER_DEAD_LETTER_REASON, "")))
+            headers = message.headers
+            reasons.append(
+                f"{headers.get(names.HEADER_DEAD_LETTER_REASON, '')} "
+                f"[from {headers.get(names.HEADER_DEAD_LETTER_QUEUE, '?')}, "
+                f"message {headers.get(names.HEADER_MESSAGE_ID, message.message_id)}]"
+            )
             await message.ack()
     return reasons
