@@ -1,8 +1,8 @@
 """Run a ``saga`` daemon with its AMQP publishes counted: ``python -m bench.probe ARGS``.
 
 ``ARGS`` are those of ``python -m orchestrator.cli`` (``orchestrator --app ...`` or
-``participant --app ...``): the daemon runs unchanged. Before it starts, aio-pika's
-``Exchange.publish`` is wrapped to count each publish by exchange name, and a thread writes
+``participant --app ...``): the daemon runs unchanged. Before it starts, aiormq's
+``Channel.basic_publish`` is wrapped to count each publish by exchange name, and a thread writes
 the counts as JSON to ``$BENCH_PROBE_FILE`` twice a second (and at exit). Counting costs a
 dictionary update per publish; nothing else in the daemon changes. The orchestrator's rounds of
 confirms (``OutboxPublisher._send``: a transition's messages published, then their confirms
@@ -54,17 +54,18 @@ def is_exchange(key: str) -> bool:
 
 
 def install() -> None:
-    """Wrap ``aio_pika.exchange.Exchange.publish`` to count publishes by exchange name."""
-    from aio_pika.exchange import Exchange
+    """Wrap ``aiormq.channel.Channel.basic_publish`` (what every publish goes through, aio-pika's
+    and the transport's own) to count publishes by exchange name."""
+    from aiormq.channel import Channel
 
-    original: Callable[..., Awaitable[Any]] = Exchange.publish
+    original: Callable[..., Awaitable[Any]] = Channel.basic_publish
 
     @functools.wraps(original)
-    async def counted(self: Exchange, *args: Any, **kwargs: Any) -> Any:
-        _count(self.name)
+    async def counted(self: Channel, *args: Any, **kwargs: Any) -> Any:
+        _count(kwargs.get("exchange", ""))
         return await original(self, *args, **kwargs)
 
-    Exchange.publish = counted  # type: ignore[method-assign]
+    Channel.basic_publish = counted  # type: ignore[method-assign]
 
     from asyncpg.connection import Connection
 

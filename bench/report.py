@@ -40,7 +40,7 @@ How each figure is measured
               pg_stat_statements is not loaded on the shared server, so statements are not
               counted separately.
   pub/step    AMQP publishes of the daemons (counted per exchange by bench.probe, a wrapper
-              around aio-pika's Exchange.publish) / steps; the client's starts are not
+              around aiormq's Channel.basic_publish) / steps; the client's starts are not
               included. Ceiling rows: requests + timers + replies / round trips.
   orch waits  the orchestrator's rounds of confirms / steps: a transition publishes all its
               messages, then awaits their confirms together (counted by bench.probe).

@@ -58,16 +58,15 @@ import asyncio
 import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import Any, Final, Literal, Self, cast
 
 import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -162,19 +161,34 @@ class _FailoverConnection(aio_pika.RobustConnection):
 
 @dataclass
 class _Publisher:
-    """The publisher channel and the exchange handles made on it."""
+    """The publisher channel."""
 
     channel: AbstractRobustChannel
-    exchanges: dict[str, AbstractExchange] = field(default_factory=dict)
 
-    async def exchange(self, name: str) -> AbstractExchange:
-        if name == "":
-            return self.channel.default_exchange
-        if name not in self.exchanges:
-            # No broker round trip: the exchange is declared by ``declare`` (a publish to a
-            # missing one fails with a channel error, reported as such).
-            self.exchanges[name] = await self.channel.get_exchange(name, ensure=False)
-        return self.exchanges[name]
+    async def publish(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, *, mandatory: bool
+    ) -> None:
+        """Publish on the channel and await the broker's confirm.
+
+        Straight to aiormq with ``wait=False``: aio-pika's ``Exchange.publish`` holds the
+        channel's lock until the writer task has written the frame and drained the socket, so
+        the publishes of every saga queue one behind another, each for a few turns of the event
+        loop. Without the wait the lock is held only to number the message and queue its frame;
+        the confirm is still awaited, and what waits to be written is bounded by the prefetch
+        of the queues being handled.
+        """
+        if self.channel.is_closed:
+            raise ChannelInvalidStateError(f"{self.channel!r} is closed")
+        # aiormq's Channel: its abstract base does not declare ``wait``.
+        channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+        await channel.basic_publish(
+            message.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=message.properties,
+            mandatory=mandatory,
+            wait=False,
+        )
 
 
 class RabbitTransport:
@@ -557,8 +571,7 @@ class RabbitTransport:
         try:
             async with asyncio.timeout(self.publish_timeout):
                 publisher = await self._get_publisher()
-                exchange = await publisher.exchange(exchange_name)
-                await exchange.publish(message, routing_key, mandatory=mandatory)
+                await publisher.publish(exchange_name, routing_key, message, mandatory=mandatory)
         except BrokerUnavailable as e:  # could not (re)connect: still a publish that failed
             raise self._failed("connection", f"{target}: {e}") from e
         except PublishError as e:

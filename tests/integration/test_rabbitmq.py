@@ -248,11 +248,10 @@ async def test_a_publish_without_a_confirm_times_out_and_replaces_the_channel(
         await transport.declare(base_topology(POLICY))
         publisher = await transport._get_publisher()
 
-        class Wedged:
-            async def publish(self, *args: object, **kwargs: object) -> None:
-                await asyncio.Event().wait()  # the confirm that never comes (aio-pika #689)
+        async def wedged(*args: object, **kwargs: object) -> None:
+            await asyncio.Event().wait()  # the confirm that never comes (aio-pika #689)
 
-        publisher.exchanges[names.COMMANDS_EXCHANGE] = Wedged()  # type: ignore[assignment]
+        publisher.publish = wedged  # type: ignore[method-assign]
         with pytest.raises(PublishFailed, match=r"not confirmed within 0.3 s \[timeout\]"):
             await transport.publish(message("svc", exchange=names.COMMANDS_EXCHANGE))
         assert reasons == ["timeout"]
