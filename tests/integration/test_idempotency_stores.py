@@ -33,6 +33,7 @@ from participants.idempotency_stores import (
 from plumbing.errors import ConfigError
 from tests.conftest import with_database
 from tests.support.mongomock_async import AsyncMongoMockClient
+from tests.support.stores import RoundTrips
 
 NOW = datetime.now(UTC).replace(microsecond=0)  # TTL indexes expire entries by the wall clock
 
@@ -319,34 +320,20 @@ async def test_claims_and_outcomes_of_many_commands_at_once_each_get_their_own_a
 
 @pytest.mark.postgres
 async def test_postgres_writes_claims_and_outcomes_that_arrive_together_in_one_round_trip(
-    postgres_url: str, unique: str
+    request: pytest.FixtureRequest, unique: str
 ) -> None:
-    store = PostgresIdempotency(postgres_url, table=f"idem_test_{unique}")
-    await store.setup()
-    connections = 0
-    lend = store.pool.connection
-
-    @contextlib.asynccontextmanager
-    async def counted() -> AsyncIterator[Any]:
-        nonlocal connections
-        connections += 1
-        async with lend() as connection:
-            yield connection
-
-    store.pool.connection = counted  # type: ignore[method-assign]
-    keys = [f"fwd:gc-{n:02}:pay" for n in range(40)]
-    try:
+    async with _backend("postgres", request, unique) as store:
+        assert isinstance(store, PostgresIdempotency)
+        trips = RoundTrips(store.pool)
+        keys = [f"fwd:gc-{n:02}:pay" for n in range(40)]
         claims = await asyncio.gather(*(store.claim(key, "me", NOW, LEASE) for key in keys))
         assert claims == [Claimed(first=True)] * len(keys)
         # The first claim goes alone; the others arrive while it is written and go together.
-        assert connections < len(keys) // 4, f"{connections} round trips for 40 claims"
-        connections = 0
+        assert trips.count < len(keys) // 4, f"{trips.count} round trips for 40 claims"
+        trips.count = 0
         stored = await asyncio.gather(*(store.put(key, COMPLETED) for key in keys))
         assert stored == [COMPLETED] * len(keys)
-        assert connections < len(keys) // 4, f"{connections} round trips for 40 outcomes"
-    finally:
-        await store.drop()
-        await store.close()
+        assert trips.count < len(keys) // 4, f"{trips.count} round trips for 40 outcomes"
 
 
 # --- the outcome in the effect's transaction ----------------------------------------------------

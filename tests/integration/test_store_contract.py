@@ -55,7 +55,7 @@ from tests.support.mongomock_async import (
     AsyncMongoMockCursor,
     AsyncMongoMockDatabase,
 )
-from tests.support.stores import own_table
+from tests.support.stores import RoundTrips, own_table
 
 T0 = datetime.now(UTC).replace(microsecond=0)
 ORDER = {
@@ -902,17 +902,7 @@ async def test_postgres_writes_what_arrives_together_in_one_round_trip(
     records = [started(f"gc-{n:02}") for n in range(40)]
     for record in records:
         await store.create(record)
-    connections = 0
-    lend = store.pool.connection
-
-    @contextlib.asynccontextmanager
-    async def counted() -> AsyncIterator[Any]:
-        nonlocal connections
-        connections += 1
-        async with lend() as connection:
-            yield connection
-
-    store.pool.connection = counted  # type: ignore[method-assign]
+    trips = RoundTrips(store.pool)
     later = T0 + timedelta(seconds=30)
     written = await asyncio.gather(
         *(store.save(apply(r, answer(r, OK, later), later), 1) for r in records)
@@ -920,11 +910,11 @@ async def test_postgres_writes_what_arrives_together_in_one_round_trip(
 
     assert all(written)
     # The first save goes alone; the others arrive while it is written and go together.
-    assert connections < len(records) // 4, f"{connections} round trips for 40 saves"
-    connections = 0
+    assert trips.count < len(records) // 4, f"{trips.count} round trips for 40 saves"
+    trips.count = 0
     fresh = [started(f"gc-new-{n:02}") for n in range(40)]
     assert all(await asyncio.gather(*(store.create(r) for r in fresh)))
-    assert connections < len(fresh) // 4, f"{connections} round trips for 40 creates"
+    assert trips.count < len(fresh) // 4, f"{trips.count} round trips for 40 creates"
     for record in records:
         found = await store.load(record.saga_id)
         assert found is not None
