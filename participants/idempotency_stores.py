@@ -307,20 +307,24 @@ class PostgresIdempotency:
         here: none of their keys is held by a long transaction (a transactional claim takes
         its own connection, see :meth:`transaction`), so one claim does not hold up the batch.
         """
+        rows = await self._write_rows(
+            self._sql["claim"], [write.arguments() for write in writes], wait=_CLAIM_WAIT
+        )
+        return [_claim_found(rows.get(write.key), write.now) for write in writes]
+
+    async def _write_rows(
+        self, statement: str, batch: list[tuple[object, ...]], wait: float | None = None
+    ) -> dict[str, Any]:
+        """Run ``statement`` once per argument tuple (the key first) and return its rows by
+        key (their first column): alone, or all in one pipelined round trip and transaction,
+        in key order. ``wait``: seconds a statement may take (the pool's default if None)."""
         async with self.pool.connection() as connection:
-            if len(writes) == 1:
-                (write,) = writes
-                row = await connection.fetchrow(
-                    self._sql["claim"], *write.arguments(), timeout=_CLAIM_WAIT
-                )
-                return [_claim_found(row, write.now)]
-            rows = await connection.fetchmany(
-                self._sql["claim"],
-                sorted(write.arguments() for write in writes),
-                timeout=_CLAIM_WAIT,
-            )
-        by_key = {row[0]: row for row in rows}
-        return [_claim_found(by_key.get(write.key), write.now) for write in writes]
+            if len(batch) == 1:
+                row = await connection.fetchrow(statement, *batch[0], timeout=wait)
+                rows = [] if row is None else [row]
+            else:
+                rows = await connection.fetchmany(statement, sorted(batch), timeout=wait)
+        return {row[0]: row for row in rows}
 
     async def _claim(
         self, connection: Any, key: str, claimant: str, now: datetime, lease: timedelta
@@ -369,15 +373,8 @@ class PostgresIdempotency:
 
         One transaction, rows in key order, as for claims (:meth:`_write_claims`).
         """
-        async with self.pool.connection() as connection:
-            if len(writes) == 1:
-                (write,) = writes
-                return [await connection.fetchval(self._sql["put"], *write.arguments()) is not None]
-            rows = await connection.fetchmany(
-                self._sql["put"], sorted(write.arguments() for write in writes)
-            )
-        written = {row[0] for row in rows}
-        return [write.key in written for write in writes]
+        rows = await self._write_rows(self._sql["put"], [write.arguments() for write in writes])
+        return [write.key in rows for write in writes]
 
     async def release(self, key: str, claimant: str) -> None:
         """Drop ``claimant``'s claim without an outcome."""
