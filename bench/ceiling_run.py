@@ -88,5 +88,8 @@ async def run_ceiling(ctx: Context, timer: bool) -> dict[str, Any]:
         "idle": {"broker_cpu_per_s": idle_rate},
         # The requester's requests (and timers) plus one reply per step from the responders.
         "publishes_per_step": (result["publishes"] + sagas * STEPS) / (sagas * STEPS),
+        "write_calls_per_step": {
+            name: count / (sagas * STEPS) for name, count in meter.write_calls().items()
+        },
         "in_flight": options.in_flight,
     }

@@ -316,6 +316,8 @@ def render(record: dict[str, Any]) -> str:
     ]
     if statements := report.statements_table(record["rows"]):
         parts += ["", "store statements per step (asyncpg calls by daemon and verb)", statements]
+    if writes := report.write_calls_table(record["rows"]):
+        parts += ["", "write system calls per step, by process (/proc/<pid>/io syscw)", writes]
     if collections := report.collections_table(record["rows"]):
         parts += ["", "garbage collections during the run, by daemon", collections]
     if "deferred" in record:

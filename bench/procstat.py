@@ -27,6 +27,20 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def write_calls(pid: int) -> int | None:
+    """Write system calls ``pid`` has made so far (``syscw`` of ``/proc/<pid>/io``: socket
+    sends and file writes alike), or ``None`` if it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/io").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key == "syscw":
+            return int(value)
+    return None
+
+
 def rss_kib(pid: int) -> dict[str, int]:
     """``VmRSS`` and ``VmHWM`` (peak) of ``pid`` in KiB; empty if it is gone."""
     found: dict[str, int] = {}
@@ -114,14 +128,15 @@ def load_average() -> tuple[float, float, float]:
 
 @dataclass
 class CpuMeter:
-    """CPU seconds of a set of named processes between :meth:`start` and :meth:`stop`.
+    """CPU seconds and write system calls of a set of named processes between :meth:`start`
+    and :meth:`stop`.
 
     A process that appears after :meth:`start` is counted from zero (it started meanwhile);
     one that disappears before :meth:`stop` keeps its last reading.
     """
 
-    before: dict[str, dict[int, float]]
-    last: dict[str, dict[int, float]]
+    before: dict[str, dict[int, tuple[float, int]]]
+    last: dict[str, dict[int, tuple[float, int]]]
 
     @classmethod
     def start(cls, groups: Mapping[str, Iterable[int]]) -> CpuMeter:
@@ -137,17 +152,26 @@ class CpuMeter:
 
     def seconds(self) -> dict[str, float]:
         """CPU seconds spent per group since :meth:`start`."""
+        return self._spent(0)
+
+    def write_calls(self) -> dict[str, float]:
+        """Write system calls made per group since :meth:`start`."""
+        return self._spent(1)
+
+    def _spent(self, field: int) -> dict[str, float]:
         spent: dict[str, float] = {}
         for name, values in self.last.items():
             base = self.before.get(name, {})
-            spent[name] = sum(value - base.get(pid, 0.0) for pid, value in values.items())
+            spent[name] = sum(
+                value[field] - base.get(pid, (0.0, 0))[field] for pid, value in values.items()
+            )
         return spent
 
 
-def _read(pids: Iterable[int]) -> dict[int, float]:
-    values: dict[int, float] = {}
+def _read(pids: Iterable[int]) -> dict[int, tuple[float, int]]:
+    values: dict[int, tuple[float, int]] = {}
     for pid in pids:
         seconds = cpu_seconds(pid)
         if seconds is not None:
-            values[pid] = seconds
+            values[pid] = (seconds, write_calls(pid) or 0)
     return values

@@ -195,7 +195,13 @@ async def run_row(ctx: Context, spec: RowSpec, repeat: int, *, profile: bool) ->
         await asyncio.sleep(options.settle)
         after = await w.snapshot()
         figures = figures_of(
-            result, cpu=meter.seconds(), before=before, after=after, idle=idle, ended_at=ended_at
+            result,
+            cpu=meter.seconds(),
+            writes=meter.write_calls(),
+            before=before,
+            after=after,
+            idle=idle,
+            ended_at=ended_at,
         )
         figures["in_flight"] = options.in_flight
         if profile_summary is not None:
@@ -277,6 +283,7 @@ def figures_of(
     result: RunResult,
     *,
     cpu: dict[str, float],
+    writes: dict[str, float],
     before: dict[str, Any],
     after: dict[str, Any],
     idle: dict[str, float],
@@ -317,6 +324,9 @@ def figures_of(
             daemon: {verb: count / steps for verb, count in verbs.items()}
             for daemon, verbs in _delta_statements(before, after).items()
         }
+        if steps
+        else {},
+        "write_calls_per_step": {name: count / steps for name, count in writes.items()}
         if steps
         else {},
         "version_conflicts": _delta_metric(before, after, "saga_version_conflicts_total"),

@@ -44,6 +44,8 @@ How each figure is measured
               included. Ceiling rows: requests + timers + replies / round trips.
   orch waits  the orchestrator's rounds of confirms / steps: a transition publishes all its
               messages, then awaits their confirms together (counted by bench.probe).
+  writes      write system calls per step by process (syscw of /proc/<pid>/io): each socket
+              send is one (the broker's include its disk writes). Ceiling rows: per round trip.
   deferred    the timer row only: after the run, CPU until every step timer has come back
               through the delay ladder and been handled as stale, minus idle rates, / sagas.
   latency     open-loop Poisson arrivals at half the PostgreSQL row's median sagas/s. Tap
@@ -166,15 +168,30 @@ def statements_table(rows: dict[str, dict[str, Any]]) -> str:
     return _per_daemon(rows, "statements_per_step", describe)
 
 
+def write_calls_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Write system calls per step of each process: every socket send is one."""
+
+    def describe(process: str, count: float) -> str:
+        return f"{process} {count:.2f}"
+
+    return _per_daemon(rows, "write_calls_per_step", describe)
+
+
 def collections_table(rows: dict[str, dict[str, Any]]) -> str:
-    """The garbage collector's runs in each daemon during the run: full (generation 2) runs
-    and their pause, and pauses of any generation over 10 ms."""
+    """The garbage collector's runs in each daemon during the run: runs of any generation and
+    the CPU they took, full (generation 2) runs and their pause, and pauses of any generation
+    over 10 ms."""
 
     def describe(daemon: str, counts: dict[str, float]) -> str:
+        every = sum(counts.get(f"{generation} runs", 0) for generation in range(3))
+        cpu = sum(counts.get(f"{generation} cpu us", 0) for generation in range(3)) / 1000
         runs = counts.get("2 runs", 0)
         total = counts.get("2 us", 0) / 1000
         long = sum(counts.get(f"{generation} over 10 ms", 0) for generation in range(3))
-        return f"{daemon} {runs:.0f} full, {total:.0f} ms; {long:.0f} over 10 ms"
+        return (
+            f"{daemon} {every:.0f} runs, {cpu:.0f} ms CPU; {runs:.0f} full, {total:.0f} ms;"
+            f" {long:.0f} over 10 ms"
+        )
 
     return _per_daemon(rows, "collections", describe)
 
