@@ -21,11 +21,11 @@ from orchestrator.stores import open_store
 from plumbing.daemons import (
     ORCHESTRATOR_PORT,
     first_saga_error,
-    freeze_startup_objects,
     on_signals,
     rabbit_transport,
     refuse_memory_store,
     start_probes,
+    tune_garbage_collector,
     wait_until_reachable,
 )
 from plumbing.http import ProbeServer
@@ -81,7 +81,7 @@ async def run_orchestrator(app: App, settings: Settings) -> None:
             )
             if not reached:
                 return
-        freeze_startup_objects()
+        tune_garbage_collector()
         with first_saga_error():
             await orchestrator.run()
     finally:

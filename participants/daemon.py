@@ -22,11 +22,11 @@ from participants.service import Participant
 from participants.settings import ParticipantSettings
 from plumbing.daemons import (
     first_saga_error,
-    freeze_startup_objects,
     on_signals,
     rabbit_transport,
     refuse_memory_store,
     start_probes,
+    tune_garbage_collector,
     until_set_or_done,
     wait_until_reachable,
 )
@@ -89,7 +89,7 @@ async def run_participant(participant: Participant, settings: ParticipantSetting
             )
             if not reached:
                 return
-        freeze_startup_objects()
+        tune_garbage_collector()
         with first_saga_error():
             await _serve(
                 participant,

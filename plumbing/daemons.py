@@ -83,18 +83,35 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def freeze_startup_objects() -> None:
-    """Leave what start-up allocated (modules, pydantic's validators, the app, the clients)
-    out of every later garbage collection.
+YOUNG_COLLECTION_THRESHOLD: Final = 10_000
+"""Net allocations of tracked objects between two young-generation collections (CPython's
+default is 700)."""
+
+
+def tune_garbage_collector() -> None:
+    """Leave what start-up allocated out of every later garbage collection, and collect the
+    young generation every :data:`YOUNG_COLLECTION_THRESHOLD` net allocations instead of 700.
 
     A full collection walks every object the collector tracks, and the event loop waits for
     it: start-up leaves tens of thousands of them that live as long as the process, and the
     bench measured the orchestrator's full collections pausing it for up to 59 ms (209 ms in
     all over a 1,000-saga run; 31 ms once frozen). Frozen objects are never walked again;
     what the daemon allocates afterwards is collected as before.
+
+    A young collection walks what was allocated since the last one and is still alive. With
+    100 sagas in flight that is the working set of their pending operations (coroutines,
+    contexts, timeouts: 2,000-4,000 objects), whatever the threshold, so every collection
+    cost the orchestrator about 1 ms of CPU and it ran one every 2.5 sagas: 0.85-0.94 ms of
+    CPU per saga, 7% of the orchestrator's, and 13-24 pauses over 10 ms in a 1,000-saga run.
+    At 10,000 most of what a message allocates is freed by reference counting before the
+    count is reached: 5-7 young collections in the same run, 0.05-0.08 ms per saga. The
+    collector finds no reference cycles in either daemon's steady state, so nothing waits
+    longer to be freed.
     """
     gc.collect()
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
 
 
 def rabbit_transport(

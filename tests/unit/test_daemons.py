@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 
 import pytest
 from structlog.testing import capture_logs
 
 from plumbing.daemons import (
+    YOUNG_COLLECTION_THRESHOLD,
     event_loop_factory,
     first_saga_error,
-    freeze_startup_objects,
     refuse_memory_store,
+    tune_garbage_collector,
     wait_until_reachable,
 )
 from plumbing.errors import BrokerUnavailable, ConfigError, StoreUnavailable
@@ -168,11 +170,30 @@ class _Cycle:
 def test_what_start_up_allocated_is_left_out_of_later_collections() -> None:
     kept = _Cycle()
     frozen_before = gc.get_freeze_count()
+    thresholds = gc.get_threshold()
     try:
-        freeze_startup_objects()
+        tune_garbage_collector()
         assert gc.get_freeze_count() > frozen_before
         assert not gc.is_tracked(kept) or all(o is not kept for o in gc.get_objects())
         made_after = _Cycle()
         assert any(o is made_after for o in gc.get_objects())
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+def test_the_young_generation_is_collected_less_often_and_cycles_are_still_freed() -> None:
+    thresholds = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, *thresholds[1:])
+        assert thresholds[0] < YOUNG_COLLECTION_THRESHOLD
+
+        # Cycles made after start-up are found by the next young collection, as before.
+        cycle = weakref.ref(_Cycle())
+        assert cycle() is not None
+        gc.collect(0)
+        assert cycle() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
