@@ -27,32 +27,28 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def _fields(path: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """The values of ``keys`` in a ``/proc`` file of ``key: value`` lines; empty if the
+    process is gone."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return {}
+    pairs = (line.partition(":") for line in lines)
+    return {key: value.strip() for key, _, value in pairs if key in keys}
+
+
 def write_calls(pid: int) -> int | None:
     """Write system calls ``pid`` has made so far (``syscw`` of ``/proc/<pid>/io``: socket
     sends and file writes alike), or ``None`` if it is gone."""
-    try:
-        lines = Path(f"/proc/{pid}/io").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key == "syscw":
-            return int(value)
-    return None
+    found = _fields(f"/proc/{pid}/io", ("syscw",))
+    return int(found["syscw"]) if "syscw" in found else None
 
 
 def rss_kib(pid: int) -> dict[str, int]:
     """``VmRSS`` and ``VmHWM`` (peak) of ``pid`` in KiB; empty if it is gone."""
-    found: dict[str, int] = {}
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return found
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0])
-    return found
+    found = _fields(f"/proc/{pid}/status", ("VmRSS", "VmHWM"))
+    return {key: int(value.split()[0]) for key, value in found.items()}
 
 
 def comm(pid: int) -> str:
