@@ -125,7 +125,7 @@ def load_average() -> tuple[float, float, float]:
 @dataclass
 class CpuMeter:
     """CPU seconds and write system calls of a set of named processes between :meth:`start`
-    and :meth:`stop`.
+    and the last :meth:`sample`.
 
     A process that appears after :meth:`start` is counted from zero (it started meanwhile);
     one that disappears before :meth:`stop` keeps its last reading.
@@ -168,6 +168,8 @@ def _read(pids: Iterable[int]) -> dict[int, tuple[float, int]]:
     values: dict[int, tuple[float, int]] = {}
     for pid in pids:
         seconds = cpu_seconds(pid)
-        if seconds is not None:
-            values[pid] = (seconds, write_calls(pid) or 0)
+        writes = write_calls(pid)
+        # Gone between the two reads: keep its last reading rather than count writes from 0.
+        if seconds is not None and writes is not None:
+            values[pid] = (seconds, writes)
     return values
