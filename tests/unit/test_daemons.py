@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import Iterator
 
 import pytest
 from structlog.testing import capture_logs
@@ -167,33 +168,38 @@ class _Cycle:
         self.me = self
 
 
+@pytest.fixture
+def collector_thresholds() -> Iterator[tuple[int, int, int]]:
+    """The collector's thresholds before the test; they are put back, and what the test froze
+    is unfrozen, afterwards."""
+    thresholds = gc.get_threshold()
+    try:
+        yield thresholds
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+@pytest.mark.usefixtures("collector_thresholds")
 def test_what_start_up_allocated_is_left_out_of_later_collections() -> None:
     kept = _Cycle()
     frozen_before = gc.get_freeze_count()
-    thresholds = gc.get_threshold()
-    try:
-        tune_garbage_collector()
-        assert gc.get_freeze_count() > frozen_before
-        assert not gc.is_tracked(kept) or all(o is not kept for o in gc.get_objects())
-        made_after = _Cycle()
-        assert any(o is made_after for o in gc.get_objects())
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
+    tune_garbage_collector()
+    assert gc.get_freeze_count() > frozen_before
+    assert not gc.is_tracked(kept) or all(o is not kept for o in gc.get_objects())
+    made_after = _Cycle()
+    assert any(o is made_after for o in gc.get_objects())
 
 
-def test_the_young_generation_is_collected_less_often_and_cycles_are_still_freed() -> None:
-    thresholds = gc.get_threshold()
-    try:
-        tune_garbage_collector()
-        assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, *thresholds[1:])
-        assert thresholds[0] < YOUNG_COLLECTION_THRESHOLD
+def test_the_young_generation_is_collected_less_often_and_cycles_are_still_freed(
+    collector_thresholds: tuple[int, int, int],
+) -> None:
+    tune_garbage_collector()
+    assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, *collector_thresholds[1:])
+    assert collector_thresholds[0] < YOUNG_COLLECTION_THRESHOLD
 
-        # Cycles made after start-up are found by the next young collection, as before.
-        cycle = weakref.ref(_Cycle())
-        assert cycle() is not None
-        gc.collect(0)
-        assert cycle() is None
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
+    # Cycles made after start-up are found by the next young collection, as before.
+    cycle = weakref.ref(_Cycle())
+    assert cycle() is not None
+    gc.collect(0)
+    assert cycle() is None
