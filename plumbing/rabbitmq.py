@@ -10,6 +10,8 @@ What it promises, and how:
   one line that names the URL (password hidden): a malformed URL, refused credentials or an
   unknown virtual host raise :class:`ConfigError`; no address answering raises
   :class:`BrokerUnavailable`.
+* **Writes.** Frames queued during one turn of the event loop go out in one send, and an ack
+  waits up to 20 ms to go out with the next frame (:mod:`plumbing.amqp_writes`).
 * **Publishing.** One long-lived publisher channel with publisher confirms and
   ``on_return_raises``; a publish returns once the broker has taken responsibility for the
   message. Messages are persistent, JSON, carry the saga id as correlation id and our
@@ -88,6 +90,7 @@ from aiormq.exceptions import ChannelAccessRefused
 from yarl import URL
 
 from contracts import names
+from plumbing.amqp_writes import CoalescingTransportFactory
 from plumbing.clock import Clock, SystemClock
 from plumbing.delays import DelayLadder
 from plumbing.errors import BrokerUnavailable, ConfigError, PublishFailed, QueueNotFound
@@ -131,6 +134,9 @@ class _FailoverConnection(aio_pika.RobustConnection):
         self, urls: Sequence[URL], shown: Sequence[str], start: int, *, reconnect_interval: float
     ) -> None:
         super().__init__(urls[start], reconnect_interval=reconnect_interval)
+        # aio-pika hands its ``kwargs`` to aiormq's connection on every (re)connect, but keeps
+        # only the parameters it knows from the constructor's.
+        self.kwargs["transport_factory"] = CoalescingTransportFactory()
         self.urls = tuple(urls)
         self.shown = tuple(shown)
         """The addresses with their passwords hidden, for logs."""
