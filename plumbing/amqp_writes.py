@@ -23,9 +23,12 @@ import aiormq
 from aiormq.exceptions import AMQPConnectionError
 from yarl import URL
 
+FRAME_QUEUE_BOUND: Final = 65_536
+"""Frames aiormq may hold for its writer task per connection (aiormq's default is 10)."""
+
 ACK_HOLD: Final = 0.02
-"""How long an ack may wait for company, in seconds. A hundred times less than the smallest
-step timeout, and about the gap between two commands to one service at 50 a second."""
+"""How long an ack may wait for company, in seconds: far below any timeout or heartbeat, and
+about the gap between two commands to one service at 50 a second."""
 
 _READ_LIMIT: Final = 2**16  # asyncio.open_connection's default buffer limit
 
@@ -34,6 +37,23 @@ _READ_LIMIT: Final = 2**16  # asyncio.open_connection's default buffer limit
 _ACK_SIZE: Final = 21
 _ACK_HEAD: Final = b"\x00\x00\x00\x0d\x00\x3c\x00\x50"  # size, class, method: octets 3-10
 _METHOD_FRAME: Final = 1
+
+
+def raise_frame_queue_bound() -> None:
+    """Let aiormq queue up to :data:`FRAME_QUEUE_BOUND` frames for its writer, not 10.
+
+    A publish holds its channel's lock while it puts its frame in that queue, and waits there
+    while the queue is full. Under load the queue filled, and each publish then took the lock
+    on a later turn of the loop, one at a time: a busy orchestrator wrote one frame per send
+    (3.4 sends per saga step, against 0.4 once the queue was large enough), and its publishes
+    waited on each other. The bound held nothing back anyway: the writer moves frames on to
+    the socket's buffer, which has no bound, as fast as they come; what is in flight is bounded
+    by the prefetch of the queues being handled. aiormq reads the bound from its class, so this
+    applies to every aiormq connection in the process.
+    """
+    aiormq.Connection.FRAME_BUFFER_SIZE = max(
+        aiormq.Connection.FRAME_BUFFER_SIZE, FRAME_QUEUE_BOUND
+    )
 
 
 def is_ack(frame: bytes) -> bool:

@@ -10,8 +10,9 @@ What it promises, and how:
   one line that names the URL (password hidden): a malformed URL, refused credentials or an
   unknown virtual host raise :class:`ConfigError`; no address answering raises
   :class:`BrokerUnavailable`.
-* **Writes.** Frames queued during one turn of the event loop go out in one send, and an ack
-  waits up to 20 ms to go out with the next frame (:mod:`plumbing.amqp_writes`).
+* **Writes.** Frames queued during one turn of the event loop go out in one send, an ack
+  waits up to 20 ms to go out with the next frame, and aiormq's queue of frames is large
+  enough that publishes never wait on each other for room in it (:mod:`plumbing.amqp_writes`).
 * **Publishing.** One long-lived publisher channel with publisher confirms and
   ``on_return_raises``; a publish returns once the broker has taken responsibility for the
   message. Messages are persistent, JSON, carry the saga id as correlation id and our
@@ -91,7 +92,7 @@ from aiormq.exceptions import ChannelAccessRefused
 from yarl import URL
 
 from contracts import names
-from plumbing.amqp_writes import CoalescingTransportFactory
+from plumbing.amqp_writes import CoalescingTransportFactory, raise_frame_queue_bound
 from plumbing.clock import Clock, SystemClock
 from plumbing.delays import DelayLadder
 from plumbing.errors import BrokerUnavailable, ConfigError, PublishFailed, QueueNotFound
@@ -138,6 +139,7 @@ class _FailoverConnection(aio_pika.RobustConnection):
         # aio-pika hands its ``kwargs`` to aiormq's connection on every (re)connect, but keeps
         # only the parameters it knows from the constructor's.
         self.kwargs["transport_factory"] = CoalescingTransportFactory()
+        raise_frame_queue_bound()
         self.urls = tuple(urls)
         self.shown = tuple(shown)
         """The addresses with their passwords hidden, for logs."""
@@ -621,6 +623,12 @@ class RabbitTransport:
             log.exception("publish_failure_callback_failed", reason=reason)
 
     async def _get_publisher(self) -> _Publisher:
+        # Without the lock when the channel exists: under load the lock's hand-over takes a
+        # turn of the loop per publish, so a transition's publishes would reach the socket
+        # one turn (and one send) apart instead of together.
+        publisher = self._publisher
+        if publisher is not None:
+            return publisher
         async with self._publisher_lock:
             if self._publisher is None:
                 connection = await self.connect()

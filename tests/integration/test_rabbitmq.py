@@ -507,6 +507,30 @@ async def test_at_most_prefetch_handlers_run_at_once(
     assert most == 8
 
 
+async def test_publishes_started_together_reach_the_socket_together(
+    transport: RabbitTransport, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With aiormq's default queue of 10 frames, the eleventh publish waited for room while
+    # holding its channel's lock, and the rest then took the lock one turn of the loop at a
+    # time: about one send per publish. Sends are counted where the batching writer hands its
+    # bytes to the socket.
+    queue = f"work-{unique}"
+    await transport.declare(work_queue(queue))
+    await transport.publish(message(queue, message_id="first"))  # the channel is open
+    sends: list[int] = []
+    real_write = asyncio.StreamWriter.write
+
+    def counted(self: asyncio.StreamWriter, data: Any) -> None:
+        sends.append(len(data))
+        real_write(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counted)
+    await asyncio.gather(
+        *(transport.publish(message(queue, message_id=f"m-{n}")) for n in range(40))
+    )
+    assert 1 <= len(sends) <= 4, sends
+
+
 async def test_an_ack_held_for_company_leaves_on_its_own(broker_url: str, unique: str) -> None:
     # With one delivery in flight, the broker sends the next only once the ack arrived, and
     # no other frame is written meanwhile: each ack has to leave after its hold, alone.
