@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from bench import peers, procstat, report
 from bench.ceiling_run import run_ceiling
-from bench.context import ROOT, Context, Options
+from bench.context import DEFAULT_AMQP_URL, ROOT, Context, Options
 from bench.driver import END_EVENTS
 from bench.infra import Servers, server_versions
 from bench.project import RowSpec, latency_phase, rss_phase, run_row, step_timeouts
@@ -118,10 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-profile", action="store_true", help="do not profile the daemon with py-spy"
     )
     parser.add_argument("--profile-seconds", type=float, help="py-spy sampling time (30)")
-    parser.add_argument(
-        "--amqp-url",
-        default=os.environ.get("SAGA_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-    )
+    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     parser.add_argument(
         "--pg-url",
         default=os.environ.get("SAGA_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"),

@@ -11,6 +11,9 @@ from bench.infra import Servers
 ROOT = Path(__file__).resolve().parent.parent
 """The repository root: daemons run from here so that ``python -m bench.probe`` resolves."""
 
+DEFAULT_AMQP_URL = os.environ.get("SAGA_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+"""The broker the benchmarks use unless told otherwise (``SAGA_BENCH_AMQP_URL``)."""
+
 
 @dataclass(frozen=True)
 class Options:

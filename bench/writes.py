@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import uuid
@@ -27,19 +26,19 @@ import aio_pika
 import aiormq.connection
 
 from bench import procstat
-from bench.context import ROOT
+from bench.context import DEFAULT_AMQP_URL, ROOT
 
-_URL = "amqp://guest:guest@127.0.0.1:5672/"
 _QUORUM = {"x-queue-type": "quorum"}
 
 
 async def responder(url: str, requests: str, replies: str, count: int, plain: bool) -> None:
-    """Answer ``count`` requests, then print one JSON line and exit."""
+    """Print ``ready`` once consuming, answer ``count`` requests, then return."""
     from plumbing import rabbitmq
     from plumbing.transport import Delivery, Disposition, MessageKind, Outgoing
 
     if plain:  # aiormq's own TCP transport: one send per frame
-        rabbitmq.CoalescingTransportFactory = _PlainFactory  # type: ignore[misc,assignment]
+        one_send_per_frame = aiormq.connection.TCPTransportFactory
+        rabbitmq.CoalescingTransportFactory = one_send_per_frame  # type: ignore[misc,assignment]
     handled = 0
     done = asyncio.Event()
     async with rabbitmq.RabbitTransport(url, prefetch=32) as transport:
@@ -71,11 +70,6 @@ async def responder(url: str, requests: str, replies: str, count: int, plain: bo
             print("ready", flush=True)
             await done.wait()
             consumer.cancel()
-
-
-class _PlainFactory(aiormq.connection.TCPTransportFactory):
-    def __init__(self, **_: Any) -> None:
-        super().__init__()
 
 
 async def _spawn_responder(
@@ -212,7 +206,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6, help="interleaved pairs of runs (6)")
     parser.add_argument("--messages", type=int, default=4000, help="measured per run (4000)")
     parser.add_argument("--in-flight", type=int, default=32, help="requests outstanding (32)")
-    parser.add_argument("--url", default=os.environ.get("SAGA_BENCH_AMQP_URL", _URL))
+    parser.add_argument("--url", default=DEFAULT_AMQP_URL)
     parser.add_argument("--json", help="write the runs to this file")
     parser.add_argument("--responder", nargs=3, metavar=("REQUESTS", "REPLIES", "COUNT"))
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
