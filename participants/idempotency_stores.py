@@ -11,10 +11,11 @@ expiry, how many claims so far) or an outcome, and implement the protocol of
 * ``put`` (complete): the same upsert guarded by "no outcome yet": first writer wins.
 * ``tombstone``: ``put`` that also respects a live claim.
 
-In PostgreSQL, claims (and outcomes) made while a batch of them is being written go together
-in the next round trip, one transaction for all (group commit, :mod:`plumbing.batches`): a busy
-service shares each commit among the commands that arrived during the one before. MongoDB
-writes each alone: ``find_one_and_update`` has no batch form that answers per document.
+In PostgreSQL, claims and outcomes made while a batch of them is being written go together in
+the next round trip, one statement over arrays and one transaction for all (group commit,
+:mod:`plumbing.batches`): a busy service's claims of new commands share a commit with the
+outcomes of finished ones, and a refused write reads the entry back in the same statement.
+MongoDB writes each alone: ``find_one_and_update`` has no batch form that answers per document.
 
 Both also run a handler's effect in the transaction that records its outcome
 (:class:`~participants.idempotency.TransactionalIdempotency`):
@@ -102,6 +103,30 @@ _MIGRATIONS: Final = (
 _FOUND: Final = "kind, result, error, stored_at, lease_until"
 
 _SQL: Final = {
+    # A batch of claims and outcomes in one statement (one row per key, in key order). An
+    # outcome replaces a claim; a claim replaces only one whose lease ran out; neither replaces
+    # an outcome. The keys it did not write are read back with "found_many" (a read-back in
+    # the same statement, a CTE, cost PostgreSQL twice the CPU to plan on every call).
+    "write": """
+        INSERT INTO "{table}" AS t
+            (key, kind, result, error, stored_at, claimant, lease_until, claims)
+        SELECT key, kind, result, error, stored_at, claimant, lease_until,
+               CASE WHEN kind IS NULL THEN 1 ELSE 0 END
+        FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[],
+                    $5::timestamptz[], $6::text[], $7::timestamptz[])
+            AS i(key, kind, result, error, stored_at, claimant, lease_until)
+        ORDER BY key
+        ON CONFLICT (key) DO UPDATE
+            SET kind = EXCLUDED.kind, result = EXCLUDED.result, error = EXCLUDED.error,
+                stored_at = CASE WHEN EXCLUDED.kind IS NULL THEN t.stored_at
+                                 ELSE EXCLUDED.stored_at END,
+                claimant = EXCLUDED.claimant, lease_until = EXCLUDED.lease_until,
+                claims = t.claims + EXCLUDED.claims
+            WHERE t.kind IS NULL AND (EXCLUDED.kind IS NOT NULL OR t.lease_until IS NULL
+                                      OR t.lease_until <= EXCLUDED.stored_at)
+        RETURNING key, true, claims
+    """,
+    "found_many": 'SELECT key, false, claims, {found} FROM "{table}" WHERE key = ANY($1)',
     "claim": """
         WITH claimed AS (
             INSERT INTO "{table}" AS t (key, stored_at, claimant, lease_until, claims)
@@ -192,30 +217,17 @@ def _cut(what: str, key: str, cut: BatchCut) -> StoreUnavailable:
 
 
 @dataclass(frozen=True)
-class _ClaimWrite:
-    """A claim waiting for its batch: the arguments of the ``claim`` statement."""
+class _Write:
+    """A claim or an outcome waiting for its batch: a claim has a claimant and no kind, an
+    outcome a kind and no claimant. ``stored_at`` is a claim's "now"."""
 
     key: str
-    claimant: str
-    now: datetime
-    until: datetime
-
-    def arguments(self) -> tuple[object, ...]:
-        return (self.key, self.claimant, self.now, self.until)
-
-
-@dataclass(frozen=True)
-class _PutWrite:
-    """An outcome waiting for its batch: the arguments of the ``put`` statement."""
-
-    key: str
-    kind: str
-    result: Any
-    error: Document | None
     stored_at: datetime
-
-    def arguments(self) -> tuple[object, ...]:
-        return (self.key, self.kind, self.result, self.error, self.stored_at)
+    kind: str | None = None
+    result: Any = None
+    error: Document | None = None
+    claimant: str | None = None
+    lease_until: datetime | None = None
 
 
 def _claim_found(row: Sequence[Any] | None, now: datetime) -> ClaimResult | None:
@@ -223,7 +235,7 @@ def _claim_found(row: Sequence[Any] | None, now: datetime) -> ClaimResult | None
     lapsed between the refused write and the read)."""
     if row is None:
         # The conflicting entry was committed after this statement's snapshot (it waited for
-        # that transaction); the next statement sees it.
+        # that transaction), or went before it was read back; the next statement sees it.
         return None
     _, mine, claims, *found = row
     if mine:
@@ -265,12 +277,11 @@ class PostgresIdempotency:
         self._open_transactions = asyncio.Semaphore(max(1, pool_size - 2))
         self._sql = {name: sql.format(table=self.table, found=_FOUND) for name, sql in _SQL.items()}
         # Claims and outcomes made while one batch of them is written go together in the next
-        # (group commit; see plumbing.batches): one round trip and one commit for all of them.
-        self._claims: Batcher[_ClaimWrite, ClaimResult | None] = Batcher(
-            self._write_claims, key=lambda write: write.key
-        )
-        self._puts: Batcher[_PutWrite, bool] = Batcher(
-            self._write_puts, key=lambda write: write.key
+        # (group commit; see plumbing.batches): one statement, one round trip and one commit
+        # for all of them. A busy service's claims of new commands ride with the outcomes of
+        # finished ones.
+        self._writes: Batcher[_Write, Sequence[Any] | None] = Batcher(
+            self._write, key=lambda write: write.key
         )
 
     async def setup(self) -> None:
@@ -286,45 +297,53 @@ class PostgresIdempotency:
     async def claim(self, key: str, claimant: str, now: datetime, lease: timedelta) -> ClaimResult:
         """The stored outcome, else the claim, else who holds it; one statement.
 
-        Claims made while another batch of claims is being written go together in the next
-        round trip (each its own statement, all in one transaction).
+        Claims and outcomes submitted while another batch is being written go together in the
+        next round trip (one statement, one transaction).
         """
-        try:
-            found = await self._claims.submit(_ClaimWrite(key, claimant, now, now + lease))
-        except BatchCut as e:
-            raise _cut("claim", key, e) from e
-        if found is not None:
+        write = _Write(key, now, claimant=claimant, lease_until=now + lease)
+        if (found := _claim_found(await self._submit("claim", write), now)) is not None:
             return found
         async with self.pool.connection() as connection:  # ask again, alone
             return await self._claim(connection, key, claimant, now, lease)
 
-    async def _write_claims(self, writes: list[_ClaimWrite]) -> list[ClaimResult | None]:
-        """Write a batch of claims: one statement, or one pipelined round trip.
+    async def _submit(self, what: str, write: _Write) -> Sequence[Any] | None:
+        try:
+            return await self._writes.submit(write)
+        except BatchCut as e:
+            raise _cut(what, write.key, e) from e
 
-        The batch is one transaction, which locks each row it writes until it commits: rows
-        are taken in key order, so two replicas' batches over the same keys queue behind each
-        other instead of deadlocking. Only claims of handlers that are not transactional come
-        here: none of their keys is held by a long transaction (a transactional claim takes
-        its own connection, see :meth:`transaction`), so one claim does not hold up the batch.
+    async def _write(self, writes: list[_Write]) -> list[Sequence[Any] | None]:
+        """Write a batch of claims and outcomes in one statement; each key's row: the one
+        written, or the entry that refused the write, read back (None when it vanished).
+
+        The statement is one transaction, which locks each row it writes until it commits:
+        rows are taken in key order, so two replicas' batches over the same keys queue behind
+        each other instead of deadlocking. Only claims of handlers that are not transactional
+        come here: none of their keys is held by a long transaction (a transactional claim
+        takes its own connection, see :meth:`transaction`), so one claim does not hold up the
+        batch; the wait is not held to the pool's statement timeout all the same.
         """
-        rows = await self._write_rows(
-            self._sql["claim"], [write.arguments() for write in writes], wait=_CLAIM_WAIT
-        )
-        return [_claim_found(rows.get(write.key), write.now) for write in writes]
-
-    async def _write_rows(
-        self, statement: str, batch: list[tuple[object, ...]], wait: float | None = None
-    ) -> dict[str, Any]:
-        """Run ``statement`` once per argument tuple (the key first) and return its rows by
-        key (their first column): alone, or all in one pipelined round trip and transaction,
-        in key order. ``wait``: seconds a statement may take (the pool's default if None)."""
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
+        for write in writes:
+            values = (
+                write.key,
+                write.kind,
+                write.result,
+                write.error,
+                write.stored_at,
+                write.claimant,
+                write.lease_until,
+            )
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
         async with self.pool.connection() as connection:
-            if len(batch) == 1:
-                row = await connection.fetchrow(statement, *batch[0], timeout=wait)
-                rows = [] if row is None else [row]
-            else:
-                rows = await connection.fetchmany(statement, sorted(batch), timeout=wait)
-        return {row[0]: row for row in rows}
+            rows = await connection.fetch(self._sql["write"], *columns, timeout=_CLAIM_WAIT)
+            by_key: dict[str, Sequence[Any]] = {row[0]: row for row in rows}
+            if refused := [write.key for write in writes if write.key not in by_key]:
+                # Duplicates and busy keys: rare, so their read-back is a second round trip.
+                for row in await connection.fetch(self._sql["found_many"], refused):
+                    by_key[row[0]] = row
+        return [by_key.get(write.key) for write in writes]
 
     async def _claim(
         self, connection: Any, key: str, claimant: str, now: datetime, lease: timedelta
@@ -348,33 +367,29 @@ class PostgresIdempotency:
     async def put(self, key: str, outcome: StoredOutcome) -> StoredOutcome:
         """Store ``outcome`` unless an outcome is stored already; returns what is stored now.
 
-        Outcomes stored while another batch of them is being written go together in the
-        next round trip (each its own statement, all in one transaction).
+        Written in the next batch of claims and outcomes, like :meth:`claim`.
         """
         stored_at = outcome.stored_at or self.clock.now()
-        write = _PutWrite(key, outcome.kind.value, outcome.result, _error_json(outcome), stored_at)
-        try:
-            if await self._puts.submit(write):
-                return StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
-        except BatchCut as e:
-            raise _cut("outcome", key, e) from e
+        kind, error = outcome.kind.value, _error_json(outcome)
+        written = StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
+        write = _Write(key, stored_at, kind=kind, result=outcome.result, error=error)
+        row = await self._submit("outcome", write)
+        if row is not None:
+            _, mine, _, *found = row
+            if mine:
+                return written
+            if found[0] is not None:
+                return _outcome(*found[:4])  # another writer won
         async with self.pool.connection() as connection:
             for _ in range(_ATTEMPTS):
-                # Another writer won; a fresh statement sees its committed row.
-                row = await connection.fetchrow(self._sql["get"], key)
-                if row is not None:
-                    return _outcome(*row)
-                if await connection.fetchval(self._sql["put"], *write.arguments()) is not None:
-                    return StoredOutcome(outcome.kind, outcome.result, outcome.error, stored_at)
+                # Another writer won after the statement's snapshot; a fresh one sees its row.
+                found_row = await connection.fetchrow(self._sql["get"], key)
+                if found_row is not None:
+                    return _outcome(*found_row)
+                arguments = (key, kind, outcome.result, error, stored_at)
+                if await connection.fetchval(self._sql["put"], *arguments) is not None:
+                    return written
         raise _vanished(key)
-
-    async def _write_puts(self, writes: list[_PutWrite]) -> list[bool]:
-        """Write a batch of outcomes; whether each was written (False: one was there already).
-
-        One transaction, rows in key order, as for claims (:meth:`_write_claims`).
-        """
-        rows = await self._write_rows(self._sql["put"], [write.arguments() for write in writes])
-        return [write.key in rows for write in writes]
 
     async def release(self, key: str, claimant: str) -> None:
         """Drop ``claimant``'s claim without an outcome."""

@@ -336,6 +336,33 @@ async def test_postgres_writes_claims_and_outcomes_that_arrive_together_in_one_r
         assert trips.count < len(keys) // 4, f"{trips.count} round trips for 40 outcomes"
 
 
+@pytest.mark.postgres
+async def test_postgres_writes_claims_and_outcomes_that_arrive_together_in_one_batch(
+    request: pytest.FixtureRequest, unique: str
+) -> None:
+    """A busy service claims new commands while it stores the outcomes of finished ones: they
+    share round trips, and a refused outcome is answered with the one that won."""
+    async with _backend("postgres", request, unique) as store:
+        assert isinstance(store, PostgresIdempotency)
+        finished = [f"fwd:done-{n:02}:pay" for n in range(20)]
+        await asyncio.gather(*(store.claim(key, "me", NOW, LEASE) for key in finished))
+        await store.put(finished[0], FAILED)  # a duplicate delivery's outcome won already
+        trips = RoundTrips(store.pool)
+        new = [f"fwd:new-{n:02}:pay" for n in range(20)]
+
+        claims, stored = await asyncio.gather(
+            asyncio.gather(*(store.claim(key, "me", NOW, LEASE) for key in new)),
+            asyncio.gather(*(store.put(key, COMPLETED) for key in finished)),
+        )
+
+        assert claims == [Claimed(first=True)] * len(new)
+        assert stored == [FAILED] + [COMPLETED] * (len(finished) - 1)
+        # The first write goes alone; the other 39 arrive while it is written and go together.
+        assert trips.count <= 2, f"{trips.count} round trips for 20 claims and 20 outcomes"
+        assert await store.get(finished[0]) == FAILED
+        assert await store.claim(new[0], "other", NOW, LEASE) == Busy(NOW + LEASE)
+
+
 # --- the outcome in the effect's transaction ----------------------------------------------------
 
 
