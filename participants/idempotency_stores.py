@@ -14,7 +14,8 @@ expiry, how many claims so far) or an outcome, and implement the protocol of
 In PostgreSQL, claims and outcomes made while a batch of them is being written go together in
 the next round trip, one statement over arrays and one transaction for all (group commit,
 :mod:`plumbing.batches`): a busy service's claims of new commands share a commit with the
-outcomes of finished ones, and a refused write reads the entry back in the same statement.
+outcomes of finished ones; the keys a batch refused are read back right after it, on the same
+connection.
 MongoDB writes each alone: ``find_one_and_update`` has no batch form that answers per document.
 
 Both also run a handler's effect in the transaction that records its outcome
@@ -323,19 +324,11 @@ class PostgresIdempotency:
         takes its own connection, see :meth:`transaction`), so one claim does not hold up the
         batch; the wait is not held to the pool's statement timeout all the same.
         """
-        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
-        for write in writes:
-            values = (
-                write.key,
-                write.kind,
-                write.result,
-                write.error,
-                write.stored_at,
-                write.claimant,
-                write.lease_until,
-            )
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
+        rows_in = [
+            (w.key, w.kind, w.result, w.error, w.stored_at, w.claimant, w.lease_until)
+            for w in writes
+        ]
+        columns = [list(column) for column in zip(*rows_in, strict=True)]
         async with self.pool.connection() as connection:
             rows = await connection.fetch(self._sql["write"], *columns, timeout=_CLAIM_WAIT)
             by_key: dict[str, Sequence[Any]] = {row[0]: row for row in rows}
