@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-_SERVICES = ("inventory", "payment", "shipping", "notification")
+from bench.daemons import SERVICES
 
 
 def _run(checkout: Path, rows: str, sagas: int) -> dict[str, Any]:
@@ -45,18 +45,19 @@ def _figures(row: dict[str, Any]) -> dict[str, float]:
     cpu = row["cpu_ms_per_saga"]
     statements = row.get("statements_per_step", {})
     writes = row.get("write_calls_per_step", {})
+    services = sum(cpu.get(service, 0.0) for service in SERVICES)
     return {
         "sagas/s": row["sagas_per_s"],
-        "cpu ms/saga": sum(cpu.get(k, 0.0) for k in ("orchestrator", "broker", "postgres"))
-        + sum(cpu.get(service, 0.0) for service in _SERVICES),
+        "cpu ms/saga": services
+        + sum(cpu.get(k, 0.0) for k in ("orchestrator", "broker", "postgres")),
         "cpu orch": cpu.get("orchestrator", 0.0),
-        "cpu services": sum(cpu.get(service, 0.0) for service in _SERVICES),
+        "cpu services": services,
         "cpu broker": cpu.get("broker", 0.0),
         "cpu pg": cpu.get("postgres", 0.0),
         "xact/step": row.get("xact_per_step") or 0.0,
-        "svc stmts/step": sum(sum(statements.get(s, {}).values()) for s in _SERVICES),
+        "svc stmts/step": sum(sum(statements.get(s, {}).values()) for s in SERVICES),
         "orch writes/step": writes.get("orchestrator", 0.0),
-        "svc writes/step": sum(writes.get(service, 0.0) for service in _SERVICES),
+        "svc writes/step": sum(writes.get(service, 0.0) for service in SERVICES),
         "broker writes/step": writes.get("broker", 0.0),
     }
 
