@@ -9,6 +9,12 @@ reply's handler publishes the next request, then acks. With ``--timer``, each re
 followed by one confirmed publish into a TTL quorum queue (what a step timeout costs the
 project's hot path, minus the delay ladder's later hops).
 
+With ``--rate``, the requester runs open loop instead (sagas start at Poisson arrivals for
+``--seconds``) and measures reply -> next request: each request carries the send time of the
+reply that caused it, the responder that receives it reports the gap in its own reply. That is
+the floor of the project's reply -> next command latency on this machine: one broker hop to the
+requester, its handler, one hop to the next consumer, with no store in between.
+
 Run by the harness as ``python -m bench.ceiling responder|requester ...``; the requester
 prints its result as one JSON line.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
 from typing import Any
@@ -98,7 +105,12 @@ async def respond(url: str, index: int) -> None:
 
     async def handle(message: AbstractIncomingMessage) -> None:
         request = json.loads(message.body)
-        reply = json.dumps({**request, "status": "completed", "by": index}).encode()
+        caused_by = request.pop("reply_sent_at", None)
+        answer = {**request, "status": "completed", "by": index}
+        if caused_by is not None:
+            answer["gap_ms"] = (time.time() - caused_by) * 1000
+        answer["sent_at"] = time.time()  # just before publishing, as a participant stamps it
+        reply = json.dumps(answer).encode()
         await default.publish(
             _message(reply, message.correlation_id or ""), message.reply_to or REPLIES_QUEUE
         )
@@ -126,10 +138,15 @@ class Requester:
         self.running = 0
         self.done = asyncio.Event()
         self.counter = 0
+        self.open_loop = False
+        self.gaps_ms: list[float] = []
 
-    async def send(self, saga: str, step: int) -> None:
+    async def send(self, saga: str, step: int, reply_sent_at: float | None = None) -> None:
         """Publish the request of ``step`` (and its timer), each with a confirm."""
-        body = json.dumps({"saga": saga, "step": step}).encode()
+        request: dict[str, Any] = {"saga": saga, "step": step}
+        if reply_sent_at is not None:
+            request["reply_sent_at"] = reply_sent_at
+        body = json.dumps(request).encode()
         await self.requests.publish(
             _message(body, f"{saga}:{step}", REPLIES_QUEUE), responder_queue(step)
         )
@@ -150,13 +167,16 @@ class Requester:
     async def on_reply(self, message: AbstractIncomingMessage) -> None:
         """Publish the next request (or start a new saga), then ack."""
         reply = json.loads(message.body)
+        if "gap_ms" in reply:
+            self.gaps_ms.append(float(reply["gap_ms"]))
         step = int(reply["step"]) + 1
         if step < STEPS:
-            await self.send(str(reply["saga"]), step)
+            await self.send(str(reply["saga"]), step, reply.get("sent_at"))
         else:
             self.running -= 1
-            await self.begin()
-            if self.running == 0:
+            if not self.open_loop:
+                await self.begin()
+            if self.running == 0 and self.remaining <= 0:
                 self.done.set()
         await message.ack()
 
@@ -169,9 +189,45 @@ class Requester:
         await self.done.wait()
         return time.perf_counter() - started
 
+    async def run_open(self, rate: float, seconds: float) -> int:
+        """Start sagas at Poisson arrivals of ``rate`` a second for ``seconds``; wait for the
+        last to end; return how many started."""
+        self.open_loop = True
+        self.done.clear()
+        self.remaining = int(rate * seconds) + 1  # the last saga cannot set done too early
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        started = 0
+        starts: set[asyncio.Task[None]] = set()
+        next_at = loop.time()
+        while (next_at := next_at + random.expovariate(rate)) < end:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            self.remaining -= 1
+            self.running += 1
+            self.counter += 1
+            started += 1
+            task = asyncio.create_task(self.send(f"s{self.counter}", 0))
+            starts.add(task)
+            task.add_done_callback(starts.discard)
+        self.remaining = 0
+        if starts:
+            await asyncio.wait(set(starts))
+        if self.running:
+            await self.done.wait()
+        return started
 
-async def request(url: str, count: int, in_flight: int, warmup: int, timer: bool) -> None:
-    """Run the ceiling and print ``{"sagas", "seconds", "publishes"}`` as JSON."""
+
+async def request(  # noqa: PLR0917  # the command line's arguments, one by one
+    url: str,
+    count: int,
+    in_flight: int,
+    warmup: int,
+    timer: bool,
+    rate: float | None = None,
+    seconds: float = 30.0,
+) -> None:
+    """Run the ceiling and print ``{"sagas", "seconds", "publishes"}`` as JSON; open loop at
+    ``rate`` sagas/s for ``seconds`` when a rate is given (``"gaps_ms"`` added)."""
     connection = await aio_pika.connect_robust(url)
     publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
     requests = await publisher.get_exchange(REQUESTS_EXCHANGE, ensure=True)
@@ -192,8 +248,15 @@ async def request(url: str, count: int, in_flight: int, warmup: int, timer: bool
     requester.publishes = 0
     print("warm", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-    seconds = await requester.run(count, in_flight)
-    result = {"sagas": count, "seconds": seconds, "publishes": requester.publishes}
+    result: dict[str, Any]
+    if rate is None:
+        took = await requester.run(count, in_flight)
+        result = {"sagas": count, "seconds": took, "publishes": requester.publishes}
+    else:
+        requester.gaps_ms.clear()
+        started = await requester.run_open(rate, seconds)
+        result = {"sagas": started, "seconds": seconds, "publishes": requester.publishes}
+        result["gaps_ms"] = requester.gaps_ms
     print(json.dumps(result), flush=True)
     # The last replies' handlers may still be acking: let them end before the channel does.
     if tasks:
@@ -223,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     requester.add_argument("--in-flight", type=int, required=True)
     requester.add_argument("--warmup", type=int, default=0)
     requester.add_argument("--timer", action="store_true")
+    requester.add_argument("--rate", type=float, help="open loop: sagas started a second")
+    requester.add_argument("--seconds", type=float, default=30.0, help="open loop: how long")
     args = parser.parse_args(argv)
     # The same event loop as the daemons (uvloop when installed): the ceiling is what aio-pika
     # can do on it, so the ratio measures the project, not the loop.
@@ -232,7 +297,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.role == "responder":
             runner.run(respond(args.url, args.index))
         else:
-            runner.run(request(args.url, args.sagas, args.in_flight, args.warmup, args.timer))
+            runner.run(
+                request(
+                    args.url,
+                    args.sagas,
+                    args.in_flight,
+                    args.warmup,
+                    args.timer,
+                    args.rate,
+                    args.seconds,
+                )
+            )
     return 0
 
 

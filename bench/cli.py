@@ -30,11 +30,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench import peers, procstat, report
-from bench.ceiling_run import run_ceiling
+from bench.ceiling_run import ceiling_latency, run_ceiling
 from bench.context import DEFAULT_AMQP_URL, ROOT, Context, Options
 from bench.driver import END_EVENTS
 from bench.infra import Servers, server_versions
-from bench.project import RowSpec, latency_phase, rss_phase, run_row, step_timeouts
+from bench.project import (
+    RowSpec,
+    latency_phase,
+    percentiles,
+    rss_phase,
+    run_row,
+    step_timeouts,
+)
 
 ALL_ROWS = (
     "ceiling",
@@ -285,6 +292,7 @@ async def once_per_invocation(ctx: Context, record: dict[str, Any]) -> None:
             latency = await guarded("latency", functools.partial(latency_phase, ctx, peak / 2))
             if latency:
                 record["latency"] = latency
+                latency["floor"] = await latency_floor(ctx, rows, latency["target_rate"])
         else:
             record["notes"].append("latency phase skipped: no PostgreSQL row measured")
     if "rss" in options.rows:
@@ -293,6 +301,26 @@ async def once_per_invocation(ctx: Context, record: dict[str, Any]) -> None:
             result = await guarded(f"rss {store}", functools.partial(rss_phase, ctx, store))
             if result:
                 record["rss"].append(result)
+
+
+async def latency_floor(
+    ctx: Context, rows: dict[str, dict[str, Any]], project_rate: float
+) -> list[dict[str, Any]]:
+    """The ceiling (with timers) open loop at half its own peak, and at the project's rate:
+    reply -> next request, the floor of the project's reply -> next command."""
+    peak = rows.get("ceiling+timer", {}).get("median", {}).get("sagas_per_s")
+    rates = [("the project's rate", project_rate)]
+    if peak:  # else no ceiling+timer row was measured: its half load is unknown
+        rates.insert(0, ("the ceiling's half load", peak / 2))
+    floor: list[dict[str, Any]] = []
+    for label, rate in rates:
+        result = await guarded(
+            f"latency floor at {rate:.1f}/s", functools.partial(ceiling_latency, ctx, rate)
+        )
+        if result:
+            gaps = result.pop("gaps_ms")
+            floor.append({"label": label, "pairs": len(gaps), "ms": percentiles(gaps), **result})
+    return floor
 
 
 def render(record: dict[str, Any]) -> str:

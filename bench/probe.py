@@ -14,6 +14,13 @@ per step (by destination: commands, replies, timers into the delay ladder, lifec
 
 The garbage collector's runs and pauses are counted by generation (``gc 2 runs``, ...).
 
+With ``$BENCH_STAGES`` set, the orchestrator's stages are timed too (wall time, what the event
+loop's other work adds included): handling a reply, the saga store's ``load`` and ``save``
+(the save's wait for a batch included), one batched write of the store, and publishing a
+transition's messages with their confirms. On each ``SIGUSR1`` their percentiles since the last
+one go to ``$BENCH_PROBE_FILE`` with ``.stages.json`` added (so a run can leave its warm-up
+out).
+
 With ``$BENCH_TRACEMALLOC`` set to a path, the daemon also traces its allocations, and each
 ``SIGUSR2`` writes the biggest live allocation sites to ``PATH.N.txt`` (what the RSS phase
 uses to show where memory per saga in flight goes).
@@ -123,6 +130,62 @@ def _counting_statements(original: Callable[..., Awaitable[Any]]) -> Callable[..
     return counted
 
 
+_STAGES: dict[str, list[float]] = {}
+STAGE_SUFFIX = ".stages.json"
+
+
+def time_stages() -> None:
+    """Time the orchestrator's stages (see the module docstring) in milliseconds."""
+    from orchestrator.outbox import OutboxPublisher
+    from orchestrator.runtime import Orchestrator
+    from orchestrator.stores.postgres import PostgresStore
+
+    stages = [
+        (Orchestrator, "on_reply", "reply handled"),
+        (PostgresStore, "load", "store load"),
+        (PostgresStore, "save", "store save"),
+        (PostgresStore, "_write", "store batch write"),
+        (OutboxPublisher, "_send", "publish and confirms"),
+    ]
+    for owner, name, stage in stages:
+        setattr(owner, name, _timed(getattr(owner, name), _STAGES.setdefault(stage, [])))
+
+
+def _timed(original: Callable[..., Awaitable[Any]], into: list[float]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            into.append((time.perf_counter() - started) * 1000)
+
+    return timed
+
+
+def stage_percentiles() -> dict[str, dict[str, float]]:
+    """p50, p90 and p99 (ms) and the count of each timed stage."""
+    figures: dict[str, dict[str, float]] = {}
+    for stage, values in _STAGES.items():
+        ordered = sorted(values)
+        if ordered:
+            figures[stage] = {"n": len(ordered)} | {
+                f"p{p}": ordered[min(len(ordered) - 1, len(ordered) * p // 100)]
+                for p in (50, 90, 99)
+            }
+    return figures
+
+
+def dump_stages(path: Path) -> None:
+    """Write the stages' percentiles beside the counts (``path`` + ``.stages.json``), then
+    start them afresh."""
+    partial = Path(f"{path}{STAGE_SUFFIX}.tmp")
+    partial.write_text(json.dumps(stage_percentiles()))
+    for values in _STAGES.values():
+        values.clear()
+    partial.replace(Path(f"{path}{STAGE_SUFFIX}"))
+
+
 def dump(path: Path) -> None:
     """Write the counts to ``path`` atomically."""
     snapshot = _COUNTS.copy()  # a C-level copy: safe while the event loop thread counts
@@ -164,9 +227,12 @@ def main() -> int:
 
     install()
     time_collections()
+    target = os.environ.get("BENCH_PROBE_FILE")
+    if target and os.environ.get("BENCH_STAGES"):
+        time_stages()
+        signal.signal(signal.SIGUSR1, lambda _signum, _frame: dump_stages(Path(target)))
     if prefix := os.environ.get("BENCH_TRACEMALLOC"):
         trace_allocations(prefix)
-    target = os.environ.get("BENCH_PROBE_FILE")
     if target:
         path = Path(target)
         stop = threading.Event()

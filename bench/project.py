@@ -39,7 +39,7 @@ from typing import Any
 
 from bench import probe, procstat
 from bench.context import ROOT, Context
-from bench.daemons import SagaCluster, metric_sum
+from bench.daemons import SagaCluster, SagaDaemon, metric_sum
 from bench.driver import Driver, RunResult, TapRecord
 from bench.infra import PgStats, fresh_database, fresh_mongo_database, fresh_vhost, unique_name
 
@@ -396,11 +396,13 @@ def _timers_handled(snapshot: dict[str, Any]) -> float:
 
 async def latency_phase(ctx: Context, rate: float) -> dict[str, Any]:
     """Open-loop arrivals at ``rate`` sagas/s on the PostgreSQL row; reply -> next command."""
-    spec = RowSpec("latency", "postgres")
+    spec = RowSpec("latency", "postgres", env={"BENCH_STAGES": "1"})
     async with world(ctx, spec, "latency") as w:
         await w.driver.open()
         if ctx.options.warmup:
             await w.driver.closed_loop(ctx.options.warmup, ctx.options.in_flight, within=300)
+        orchestrator = w.cluster.orchestrators[0]
+        await stage_times(orchestrator)  # the warm-up's, left out
         await w.driver.tap()
         w.driver.taps.clear()
         result = await w.driver.open_loop(
@@ -408,7 +410,9 @@ async def latency_phase(ctx: Context, rate: float) -> dict[str, Any]:
         )
         await asyncio.sleep(0.5)
         gaps = reply_to_next_command(w.driver.taps)
+        stages = await stage_times(orchestrator)
     return {
+        "orchestrator_stages_ms": stages,
         "target_rate": rate,
         "achieved_rate": result.started / ctx.options.latency_seconds,
         "sagas": result.finished,
@@ -416,6 +420,25 @@ async def latency_phase(ctx: Context, rate: float) -> dict[str, Any]:
         "pairs": len(gaps["total"]),
         "ms": {name: percentiles(values) for name, values in gaps.items()},
     }
+
+
+async def stage_times(daemon: SagaDaemon, within: float = 60.0) -> dict[str, Any]:
+    """The orchestrator's stage percentiles since the last call (see :mod:`bench.probe`)."""
+    path = Path(f"{daemon.probe_file}{probe.STAGE_SUFFIX}")
+    return await asyncio.to_thread(_signalled_file, daemon.pid, path, within)
+
+
+def _signalled_file(pid: int, path: Path, within: float) -> dict[str, Any]:
+    """Send ``SIGUSR1`` and read the JSON file the process writes from its handler."""
+    path.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + within
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} wrote no {path.name} within {within:.0f} s")
+        time.sleep(0.05)
+    figures: dict[str, Any] = json.loads(path.read_text())
+    return figures
 
 
 def reply_to_next_command(taps: list[TapRecord]) -> dict[str, list[float]]:

@@ -219,10 +219,23 @@ def latency_table(latency: dict[str, Any]) -> str:
         f"{'ms':<22}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}",
     ]
     for name, values in latency["ms"].items():
+        lines.append(_percentile_line(name, values))
+    if stages := latency.get("orchestrator_stages_ms"):
+        lines.append("the orchestrator's stages (wall time, bench.probe)")
+        for name, values in stages.items():
+            lines.append(f"{_percentile_line(name, values | {'max': None})}  n={values['n']}")
+    for floor in latency.get("floor", []):
         lines.append(
-            f"{name:<22}" + "".join(f"{_fmt(values[p]):>8}" for p in ("p50", "p90", "p99", "max"))
+            f"floor: the ceiling (with timers) open loop at {floor['target_rate']:.1f} sagas/s, "
+            f"{floor['label']} (achieved {floor['achieved_rate']:.1f}), {floor['pairs']} "
+            "reply->request pairs"
         )
+        lines.append(_percentile_line("total", floor["ms"]))
     return "\n".join(lines)
+
+
+def _percentile_line(name: str, values: dict[str, float | None]) -> str:
+    return f"{name:<22}" + "".join(f"{_fmt(values[p]):>8}" for p in ("p50", "p90", "p99", "max"))
 
 
 def rss_table(results: list[dict[str, Any]]) -> str:
