@@ -51,7 +51,11 @@ How each figure is measured
   latency     open-loop Poisson arrivals at half the PostgreSQL row's median sagas/s. Tap
               queues bound to saga.replies and saga.commands see every message; total = the
               participant's reply timestamp (sent_at, set just before publishing) to the next
-              command of that saga reaching the broker.
+              command of that saga reaching the harness through its tap queue. Stages: the
+              orchestrator's own wall time per stage over the same window (bench.probe with
+              BENCH_STAGES). Floor: the ceiling with timers, open loop at half its own median
+              and at the project's rate; a request carries the send time of the reply that
+              caused it, and the responder that receives it measures the gap (no store).
   RSS         VmRSS of the orchestrator from /proc/<pid>/status after N sagas are parked on a
               first step that never answers (timeouts set to one day).
 """
