@@ -17,8 +17,8 @@ The garbage collector's runs and pauses are counted by generation (``gc 2 runs``
 With ``$BENCH_STAGES`` set, the orchestrator's stages are timed too (wall time, what the event
 loop's other work adds included): handling a reply, the saga store's ``load`` and ``save``
 (the save's wait for a batch included), one batched write of the store, and publishing a
-transition's messages with their confirms. On each ``SIGUSR1`` their percentiles since the last
-one go to ``$BENCH_PROBE_FILE`` with ``.stages.json`` added (so a run can leave its warm-up
+transition's messages with their confirms. On each ``SIGUSR1`` their times since the last one
+go to ``$BENCH_PROBE_FILE`` with ``.stages.json`` added (so a run can leave its warm-up
 out).
 
 With ``$BENCH_TRACEMALLOC`` set to a path, the daemon also traces its allocations, and each
@@ -163,24 +163,11 @@ def _timed(original: Callable[..., Awaitable[Any]], into: list[float]) -> Callab
     return timed
 
 
-def stage_percentiles() -> dict[str, dict[str, float]]:
-    """p50, p90 and p99 (ms) and the count of each timed stage."""
-    figures: dict[str, dict[str, float]] = {}
-    for stage, values in _STAGES.items():
-        ordered = sorted(values)
-        if ordered:
-            figures[stage] = {"n": len(ordered)} | {
-                f"p{p}": ordered[min(len(ordered) - 1, len(ordered) * p // 100)]
-                for p in (50, 90, 99)
-            }
-    return figures
-
-
 def dump_stages(path: Path) -> None:
-    """Write the stages' percentiles beside the counts (``path`` + ``.stages.json``), then
-    start them afresh."""
+    """Write the stages' times (ms) since the last call beside the counts (``path`` +
+    ``.stages.json``), then start them afresh."""
     partial = Path(f"{path}{STAGE_SUFFIX}.tmp")
-    partial.write_text(json.dumps(stage_percentiles()))
+    partial.write_text(json.dumps(_STAGES))
     for values in _STAGES.values():
         values.clear()
     partial.replace(Path(f"{path}{STAGE_SUFFIX}"))

@@ -425,7 +425,12 @@ async def latency_phase(ctx: Context, rate: float) -> dict[str, Any]:
 async def stage_times(daemon: SagaDaemon, within: float = 60.0) -> dict[str, Any]:
     """The orchestrator's stage percentiles since the last call (see :mod:`bench.probe`)."""
     path = Path(f"{daemon.probe_file}{probe.STAGE_SUFFIX}")
-    return await asyncio.to_thread(_signalled_file, daemon.pid, path, within)
+    times = await asyncio.to_thread(_signalled_file, daemon.pid, path, within)
+    return {
+        stage: {"n": len(values), **percentiles(values)}
+        for stage, values in times.items()
+        if values
+    }
 
 
 def _signalled_file(pid: int, path: Path, within: float) -> dict[str, Any]:

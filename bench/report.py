@@ -227,7 +227,7 @@ def latency_table(latency: dict[str, Any]) -> str:
     if stages := latency.get("orchestrator_stages_ms"):
         lines.append("the orchestrator's stages (wall time, bench.probe)")
         for name, values in stages.items():
-            lines.append(f"{_percentile_line(name, values | {'max': None})}  n={values['n']}")
+            lines.append(f"{_percentile_line(name, values)}  n={values['n']}")
     for floor in latency.get("floor", []):
         lines.append(
             f"floor: the ceiling (with timers) open loop at {floor['target_rate']:.1f} sagas/s, "
