@@ -194,27 +194,23 @@ class Requester:
         last to end; return how many started."""
         self.open_loop = True
         self.done.clear()
-        self.remaining = int(rate * seconds) + 1  # the last saga cannot set done too early
+        self.remaining = sys.maxsize  # no end while sagas start: none can set done too early
+        first = self.counter
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
-        started = 0
         starts: set[asyncio.Task[None]] = set()
         next_at = loop.time()
         while (next_at := next_at + random.expovariate(rate)) < end:
             await asyncio.sleep(max(0.0, next_at - loop.time()))
-            self.remaining -= 1
-            self.running += 1
-            self.counter += 1
-            started += 1
-            task = asyncio.create_task(self.send(f"s{self.counter}", 0))
+            task = asyncio.create_task(self.begin())
             starts.add(task)
             task.add_done_callback(starts.discard)
-        self.remaining = 0
         if starts:
             await asyncio.wait(set(starts))
+        self.remaining = 0
         if self.running:
             await self.done.wait()
-        return started
+        return self.counter - first
 
 
 async def request(  # noqa: PLR0917  # the command line's arguments, one by one
